@@ -1,8 +1,9 @@
 """Preference losses of SPEC §2, written over sequence log-probs.
 
 Every loss is ℓ(u) of a margin u built from the policy's (and usually the reference's) sequence
-log-probs. `preference_loss` builds the margin (plain, length-weighted or DPOP-shifted), applies
-ℓ, and adds the optional SFT term −λ·ln π(y+|x) of CPO/RPO (paper eq. 4).
+log-probs. `preference_loss` builds the margin (plain, or weighted by λ± as in paper eq. 5, of
+which SimPO and DPOP are presets), applies ℓ, and adds the optional SFT term −λ·ln π(y+|x) of
+CPO/RPO (paper eq. 4).
 
 All arrays are `[batch]`. Sequence log-probs are sums over response tokens (SPEC §1); the lengths
 are response token counts, used only by the length-normalised variants.
@@ -28,14 +29,17 @@ GPO_FUNCTIONS: dict[str, Callable[[Array], Array]] = {
     "savage": lambda r: jax.nn.sigmoid(-r) ** 2,
 }
 
-LOSS_NAMES = ("dpo", "ipo", "slic", "rebel", "gpo", "simpo", "dpop")
+LOSS_NAMES = ("dpo", "ipo", "slic", "rebel", "gpo", "weighted", "simpo", "dpop")
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
     """Which ℓ to use and its hyperparameters (paper values as defaults).
 
-    name: one of LOSS_NAMES. `simpo` and `dpop` are presets of the weighted form (paper eq. 5).
+    name: one of LOSS_NAMES. `weighted` is DPO's ℓ of the weighted margin of paper eq. 5,
+        β(λ+·(ln π(y+) − ln π_ref(y+)) − λ−·(ln π(y−) − ln π_ref(y−))), with constant λ±;
+        `simpo` (λ± = 1/|y±|, no reference, target margin γ) and `dpop` (λ+ = 1 + λ_DPOP while
+        ln π(y+) is below its reference value, λ− = 1) are its presets.
     sft_lambda: coefficient λ of the SFT term −λ·ln π(y+|x) (CPO/RPO); 0 disables it.
     """
 
@@ -46,6 +50,8 @@ class LossConfig:
     delta: float = 1.0  # SLiC margin
     eta: float = 1.0  # REBEL
     gpo_f: str = "logistic"
+    weight_chosen: float = 1.0  # λ+ of the `weighted` loss
+    weight_rejected: float = 1.0  # λ− of the `weighted` loss
     simpo_gamma: float = 0.5  # SimPO target reward margin γ
     dpop_lambda: float = 50.0  # DPOP penalty weight
     sft_lambda: float = 0.0
@@ -81,11 +87,12 @@ def preference_loss(
     """
     name = cfg.name
     needs_ref = name not in ("slic", "simpo")
+    length_normalised = name == "simpo" or (name == "ipo" and cfg.ipo_length_average)
     if needs_ref and (ref_chosen is None or ref_rejected is None):
         raise ValueError(f"loss {name!r} needs reference log-probs")
     if name == "rebel" and (reward_chosen is None or reward_rejected is None):
         raise ValueError("loss 'rebel' needs reward_chosen and reward_rejected")
-    if (name == "simpo" or cfg.ipo_length_average or cfg.sft_length_average) and (
+    if (length_normalised or (cfg.sft_lambda and cfg.sft_length_average)) and (
         chosen_len is None or rejected_len is None
     ):
         raise ValueError(f"loss {name!r} with length normalisation needs chosen_len/rejected_len")
@@ -97,10 +104,14 @@ def preference_loss(
     else:
         ref_c, ref_r = ref_chosen, ref_rejected
 
-    if name == "simpo":
-        # Weighted form with λ± = 1/|y±|, reference-free (Meng et al. 2024; TRL "simpo").
-        margin = pc / chosen_len - pr / rejected_len
-        losses = jax.nn.softplus(-(cfg.beta * margin - cfg.simpo_gamma))
+    if name in ("weighted", "simpo", "dpop"):
+        lam_c, lam_r = _weights(cfg, policy_chosen, ref_chosen, chosen_len, rejected_len)
+        if name == "simpo":  # reference-free (Meng et al. 2024; TRL "simpo")
+            margin = lam_c * pc - lam_r * pr
+        else:
+            margin = lam_c * (pc - ref_c) - lam_r * (pr - ref_r)
+        gamma = cfg.simpo_gamma if name == "simpo" else 0.0
+        losses = jax.nn.softplus(-(cfg.beta * margin - gamma))
     elif name == "slic":
         margin = pc - pr
         losses = jax.nn.relu(cfg.delta - margin)
@@ -112,12 +123,9 @@ def preference_loss(
             losses = (margin - 1.0 / (2.0 * cfg.tau)) ** 2
         elif name == "rebel":
             losses = (margin / cfg.eta - (reward_chosen - reward_rejected)) ** 2
-        elif name == "gpo":
+        else:  # gpo
             f = gpo_f if gpo_f is not None else GPO_FUNCTIONS[cfg.gpo_f]
             losses = f(cfg.beta * margin)
-        else:  # dpop: the preferred log-prob gets an extra weight only below its reference value
-            penalty = jax.nn.relu(ref_chosen - policy_chosen)
-            losses = jax.nn.softplus(-cfg.beta * (margin - cfg.dpop_lambda * penalty))
 
     if cfg.sft_lambda:
         nll = -policy_chosen / chosen_len if cfg.sft_length_average else -policy_chosen
@@ -128,3 +136,15 @@ def preference_loss(
         metrics["reward_chosen"] = cfg.beta * (policy_chosen - ref_chosen)
         metrics["reward_rejected"] = cfg.beta * (policy_rejected - ref_rejected)
     return losses, metrics
+
+
+def _weights(cfg: LossConfig, policy_chosen, ref_chosen, chosen_len, rejected_len):
+    """λ+ and λ− of the weighted form (paper eq. 5), each a scalar or `[batch]`."""
+    if cfg.name == "simpo":
+        return 1.0 / chosen_len, 1.0 / rejected_len
+    if cfg.name == "dpop":
+        # Paper footnote 10: the extra weight is active only below the initial (reference) value.
+        # The indicator carries no gradient, so this equals DPOP's −λ·max(0, ln π_ref − ln π) term.
+        below = jax.lax.stop_gradient((policy_chosen < ref_chosen).astype(policy_chosen.dtype))
+        return 1.0 + cfg.dpop_lambda * below, 1.0
+    return cfg.weight_chosen, cfg.weight_rejected
