@@ -1,0 +1,98 @@
+"""Pure-functional JAX language models loaded from Hugging Face safetensors checkpoints.
+
+    lm = models.from_pretrained("smollm2-135m-instruct")        # or a checkpoint directory
+    out = jax.jit(lm.forward)(lm.params, input_ids, attention_mask)
+    out.logits  # [batch, seq, vocab] float32;  out.hidden  # [batch, seq, d_model]
+
+All functions on `LanguageModel` are `functools.partial`s over the (static, hashable)
+config, so they are pure in `params` and can be jitted, differentiated and sharded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+
+from ld_jax.errors import LdJaxError
+from ld_jax.models import core, loading
+from ld_jax.models.core import ModelConfig, Output, Params, RopeConfig
+from ld_jax.models.loading import from_hf_config
+
+__all__ = [
+    "LanguageModel",
+    "ModelConfig",
+    "Output",
+    "RopeConfig",
+    "forward",
+    "from_hf_config",
+    "from_pretrained",
+    "hidden_states",
+    "logits_from_hidden",
+    "unembedding",
+]
+
+
+def hidden_states(config: ModelConfig, params: Params, input_ids, attention_mask) -> jax.Array:
+    """input_ids, attention_mask [batch, seq] int32 -> [batch, seq, d_model] in the compute
+    dtype: the final hidden states after the final norm (the LM-head input, SPEC's h)."""
+    params = core.cast_params(params, config.dtype)
+    return loading.FAMILIES[config.family].hidden_states(config, params, input_ids, attention_mask)
+
+
+def forward(config: ModelConfig, params: Params, input_ids, attention_mask) -> Output:
+    """input_ids, attention_mask [batch, seq] -> Output(logits [batch, seq, vocab] float32,
+    hidden [batch, seq, d_model])."""
+    hidden = hidden_states(config, params, input_ids, attention_mask)
+    return Output(logits=logits_from_hidden(config, params, hidden), hidden=hidden)
+
+
+unembedding = core.unembedding
+logits_from_hidden = core.logits_from_hidden
+
+
+@dataclass(frozen=True)
+class LanguageModel:
+    """A loaded checkpoint: config, parameters, tokenizer and the pure functions bound to the
+    config. Use `with_options(remat=True, dtype="bfloat16")` for another run configuration."""
+
+    config: ModelConfig
+    params: Params
+    tokenizer: Any
+    forward: Callable[..., Output]
+    hidden_states: Callable[..., jax.Array]
+    unembedding: Callable[[Params], jax.Array]
+    logits_from_hidden: Callable[..., jax.Array]
+
+    @classmethod
+    def build(cls, config: ModelConfig, params: Params, tokenizer=None) -> "LanguageModel":
+        bind = functools.partial
+        return cls(
+            config=config,
+            params=params,
+            tokenizer=tokenizer,
+            forward=bind(forward, config),
+            hidden_states=bind(hidden_states, config),
+            unembedding=bind(unembedding, config),
+            logits_from_hidden=bind(logits_from_hidden, config),
+        )
+
+    def with_options(self, **changes) -> "LanguageModel":
+        """Same parameters, config fields replaced (e.g. remat=True)."""
+        return LanguageModel.build(dataclasses.replace(self.config, **changes), self.params, self.tokenizer)
+
+
+def from_pretrained(path_or_name: str, dtype: str = "float32", **options) -> LanguageModel:
+    """Load a HF-format checkpoint directory (or a known model name, pulled on first use).
+
+    `dtype` ("float32" or "bfloat16") is both the parameter and the compute dtype; `options`
+    set run fields of ModelConfig such as `remat=True`."""
+    if dtype not in loading.DTYPES:
+        raise LdJaxError(f"dtype {dtype!r} not supported; use one of {', '.join(loading.DTYPES)}")
+    path = loading.resolve(path_or_name)
+    config = dataclasses.replace(loading.read_config(path), dtype=dtype, **options)
+    params = loading.load_params(path, config, dtype)
+    return LanguageModel.build(config, params, loading.load_tokenizer(path, config))

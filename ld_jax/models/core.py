@@ -1,0 +1,327 @@
+"""Shared pure building blocks of the decoder-only families: config record, norms, RoPE,
+masked attention, gated MLP, and the layer scan that every family runs.
+
+Parameters are plain nested dicts. Per-layer parameters are stacked on a leading `[n_layers]`
+axis so that one `jax.lax.scan` runs all layers (compile time does not grow with depth).
+Linear weights are stored `[in, out]` (the transpose of torch's `nn.Linear.weight`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ld_jax.errors import LdJaxError
+
+Params = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding of one layer type. `kind` is transformers' `rope_type`."""
+
+    theta: float
+    kind: str = "default"  # default | linear | llama3
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one checkpoint, read from its config.json (see `loading.from_hf_config`).
+
+    `layer_types[i]` is "full" or "sliding". Sliding layers see keys with
+    `q_index - k_index < sliding_window` and use `rope_local`; full layers use `rope`.
+    `remat` and `dtype` are run options, not architecture: change them with
+    `dataclasses.replace`. `dtype` is the compute dtype of activations and matmuls; norms,
+    softmax and logits are computed in float32 whatever it is.
+    """
+
+    family: str  # llama | gemma | gemma2 | gemma3 | olmo | olmo2
+    model_type: str  # as in config.json
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    norm_eps: float
+    activation: str  # silu | gelu_tanh
+    tie_embeddings: bool
+    rope: RopeConfig
+    layer_types: tuple[str, ...]
+    attn_scale: float  # multiplies q.k
+    rope_local: RopeConfig | None = None
+    sliding_window: int | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    clip_qkv: float | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    remat: bool = False
+    dtype: str = "float32"
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+class Output(NamedTuple):
+    logits: jax.Array  # [batch, seq, vocab] float32
+    hidden: jax.Array  # [batch, seq, d_model] after the final norm
+
+
+class LayerContext(NamedTuple):
+    """What a decoder block needs besides its parameters, for one layer of the scan."""
+
+    cos: jax.Array  # [batch, seq, head_dim] float32
+    sin: jax.Array  # [batch, seq, head_dim] float32
+    mask: jax.Array  # [batch, seq_q, seq_k] bool, True = may attend
+
+
+# ---------------------------------------------------------------- config helpers
+
+
+def rope_config(params: dict, what: str) -> RopeConfig:
+    """transformers v5 `rope_parameters` (one layer type) -> RopeConfig."""
+    kind = params.get("rope_type", "default")
+    if kind not in ("default", "linear", "llama3"):
+        raise LdJaxError(f"{what}: rope_type {kind!r} is not supported (default, linear, llama3)")
+    return RopeConfig(
+        theta=float(params["rope_theta"]),
+        kind=kind,
+        factor=float(params.get("factor", 1.0)),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_position=int(params.get("original_max_position_embeddings", 8192)),
+    )
+
+
+def activation_name(hf_name: str) -> str:
+    names = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+    if hf_name not in names:
+        raise LdJaxError(f"hidden activation {hf_name!r} is not supported ({', '.join(names)})")
+    return names[hf_name]
+
+
+def common_fields(hf, family: str) -> dict:
+    """ModelConfig fields that every family reads the same way from a transformers config."""
+    if getattr(hf, "attention_bias", False) or getattr(hf, "mlp_bias", False):
+        raise LdJaxError(f"{hf.model_type}: attention/MLP biases are not supported")
+    eos = hf.eos_token_id
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    return dict(
+        family=family,
+        model_type=hf.model_type,
+        vocab_size=hf.vocab_size,
+        d_model=hf.hidden_size,
+        n_layers=hf.num_hidden_layers,
+        n_heads=hf.num_attention_heads,
+        n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
+        head_dim=head_dim,
+        d_ff=hf.intermediate_size,
+        tie_embeddings=bool(hf.tie_word_embeddings),
+        attn_scale=head_dim**-0.5,
+        bos_token_id=hf.bos_token_id,
+        eos_token_ids=tuple(eos) if isinstance(eos, list | tuple) else (() if eos is None else (eos,)),
+        pad_token_id=hf.pad_token_id,
+    )
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, plus_one: bool = False) -> jax.Array:
+    """x [..., d] -> same shape and dtype; statistics and scaling in float32.
+
+    Gemma stores the scale as an offset from one (`x * (1 + w)`), Llama and OLMo 2 as `x * w`.
+    """
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    scale = weight.astype(jnp.float32)
+    return (normed * (1.0 + scale if plus_one else scale)).astype(x.dtype)
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-5) -> jax.Array:
+    """Non-parametric LayerNorm (OLMo-1B): x [..., d] -> same shape, computed in float32."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def inv_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
+    """RoPE inverse frequencies [head_dim // 2] float32, as transformers' ROPE_INIT_FUNCTIONS."""
+    inv = 1.0 / (rope.theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if rope.kind == "linear":
+        inv = inv / rope.factor
+    elif rope.kind == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
+        low_wavelen = rope.original_max_position / rope.low_freq_factor
+        high_wavelen = rope.original_max_position / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / rope.factor, inv)
+        smooth = (rope.original_max_position / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """positions [batch, seq] int, inv_freq [head_dim/2] -> cos, sin [batch, seq, head_dim] f32."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [batch, seq, heads, head_dim] rotated in float32 (rotate-half convention of HF)."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+
+
+def attention(q, k, v, mask, scale: float, softcap: float | None = None) -> jax.Array:
+    """Grouped-query attention.
+
+    q [batch, seq, n_heads, head_dim]; k, v [batch, seq_k, n_kv_heads, head_dim];
+    mask [batch, seq, seq_k] bool -> [batch, seq, n_heads, head_dim].
+    Query head h reads key/value head h // (n_heads // n_kv_heads), as transformers' repeat_kv.
+    """
+    b, s, n_heads, hd = q.shape
+    n_kv = k.shape[2]
+    q = q.reshape(b, s, n_kv, n_heads // n_kv, hd)
+    scores = jnp.einsum("bskgh,btkh->bkgst", q, k, preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
+    # A finite floor, not -inf: padded query rows with no visible key must not produce NaN.
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgst,btkh->bskgh", probs, v)
+    return out.reshape(b, s, n_heads, hd)
+
+
+def gated_mlp(x: jax.Array, p: Params, activation: str) -> jax.Array:
+    """x [batch, seq, d_model] -> [batch, seq, d_model]: down(act(gate(x)) * up(x))."""
+    gate = x @ p["w_gate"]
+    act = jax.nn.silu(gate) if activation == "silu" else jax.nn.gelu(gate, approximate=True)
+    return (act * (x @ p["w_up"])) @ p["w_down"]
+
+
+def split_heads(t: jax.Array, head_dim: int) -> jax.Array:
+    """[batch, seq, heads * head_dim] -> [batch, seq, heads, head_dim]."""
+    return t.reshape(*t.shape[:-1], -1, head_dim)
+
+
+def attend(q, k, v, p: Params, ctx: LayerContext, config: ModelConfig) -> jax.Array:
+    """Flat projections q [batch, seq, q_dim], k, v [batch, seq, kv_dim] -> attention output
+    after RoPE and o_proj: [batch, seq, d_model]."""
+    q, k, v = (split_heads(t, config.head_dim) for t in (q, k, v))
+    q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+    out = attention(q, k, v, ctx.mask, config.attn_scale, config.attn_softcap)
+    return out.reshape(*out.shape[:2], -1) @ p["wo"]
+
+
+# ---------------------------------------------------------------- masks and the layer scan
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """[batch, seq] 0/1 -> position ids [batch, seq]: cumsum - 1, clipped at 0 (left or right
+    padding both give 0, 1, 2, ... on the real tokens)."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def attention_masks(attention_mask: jax.Array, sliding_window: int | None):
+    """[batch, seq] 0/1 -> (full, sliding) [batch, seq, seq] bool masks; sliding is None when
+    the model has no sliding layers. Causal and window are in token indices, as transformers;
+    real tokens are contiguous in a padded row, so this equals distances in positions."""
+    s = attention_mask.shape[-1]
+    q_idx = jnp.arange(s)[:, None]
+    k_idx = jnp.arange(s)[None, :]
+    key_ok = attention_mask.astype(bool)[:, None, :]
+    full = (k_idx <= q_idx)[None] & key_ok
+    if sliding_window is None:
+        return full, None
+    return full, full & (q_idx - k_idx < sliding_window)[None]
+
+
+def cast_params(params: Params, dtype) -> Params:
+    """All parameters in the compute dtype (a no-op under jit when they already are); mixed
+    precision training keeps float32 master weights and differentiates through this cast."""
+    return jax.tree.map(lambda p: p.astype(dtype), params)
+
+
+Block = Callable[[ModelConfig, Params, jax.Array, LayerContext], jax.Array]
+
+
+def run_layers(config: ModelConfig, params: Params, x: jax.Array, attention_mask, block: Block):
+    """Scan `block` over the stacked layers.
+
+    x [batch, seq, d_model] embeddings -> [batch, seq, d_model] residual stream before the
+    final norm. Per-layer RoPE frequencies and the sliding/full flag are scanned arrays, so
+    Gemma 2/3's alternating layers need no Python branching.
+    """
+    positions = positions_from_mask(attention_mask)
+    full_mask, sliding_mask = attention_masks(attention_mask, config.sliding_window)
+    local = config.rope_local or config.rope
+    is_sliding = np.array([t == "sliding" for t in config.layer_types])
+    inv_freq = np.stack(
+        [inv_frequencies(local if sl else config.rope, config.head_dim) for sl in is_sliding]
+    )  # [n_layers, head_dim/2]
+
+    def body(h, xs):
+        layer_params, layer_inv_freq, layer_is_sliding = xs
+        cos, sin = rope_tables(positions, layer_inv_freq)
+        mask = full_mask if sliding_mask is None else jnp.where(layer_is_sliding, sliding_mask, full_mask)
+        return block(config, layer_params, h, LayerContext(cos, sin, mask)), None
+
+    if config.remat:
+        body = jax.checkpoint(body, prevent_cse=False)
+    x, _ = jax.lax.scan(body, x, (params["layers"], jnp.asarray(inv_freq), jnp.asarray(is_sliding)))
+    return x
+
+
+def embed(config: ModelConfig, params: Params, input_ids: jax.Array, scale: bool) -> jax.Array:
+    """input_ids [batch, seq] -> [batch, seq, d_model]; Gemma multiplies by sqrt(d_model),
+    rounded to the embedding dtype first as transformers does."""
+    x = jnp.take(params["embed"], input_ids, axis=0)
+    if scale:
+        x = x * jnp.asarray(math.sqrt(config.d_model), dtype=x.dtype)
+    return x
+
+
+def unembedding(config: ModelConfig, params: Params) -> jax.Array:
+    """W [vocab, d_model]: the tied embedding or the separate LM head."""
+    return params["embed"] if config.tie_embeddings else params["lm_head"]
+
+
+def logits_from_hidden(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
+    """hidden [..., d_model] -> logits [..., vocab] float32, with Gemma 2/3 final softcapping.
+
+    Callers may pass a slice of positions (or of W via their own matmul) to bound memory."""
+    w = unembedding(config, params).astype(hidden.dtype)
+    logits = jnp.einsum("...d,vd->...v", hidden, w, preferred_element_type=jnp.float32)
+    if config.final_softcap is not None:
+        logits = config.final_softcap * jnp.tanh(logits / config.final_softcap)
+    return logits

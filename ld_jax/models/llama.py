@@ -1,0 +1,56 @@
+"""Llama (Llama-2/3, SmolLM2, TinyLlama): pre-RMSNorm blocks, SwiGLU MLP, RoPE (incl. the
+Llama-3.1 "llama3" scaling). Mirrors transformers' modeling_llama.py."""
+
+from __future__ import annotations
+
+import jax
+
+from ld_jax.models import core
+from ld_jax.models.core import LayerContext, ModelConfig, Params
+
+# Our parameter path -> (HF tensor name, HF shape as ModelConfig fields). "{i}" is the layer
+# index; paths under "layers/" are stacked on a leading [n_layers] axis, and their 2-D tensors
+# are torch Linear weights [out, in], stored transposed as [in, out].
+WEIGHTS = {
+    "embed": ("model.embed_tokens.weight", ("vocab_size", "d_model")),
+    "final_norm": ("model.norm.weight", ("d_model",)),
+    "lm_head": ("lm_head.weight", ("vocab_size", "d_model")),
+    "layers/attn_norm": ("model.layers.{i}.input_layernorm.weight", ("d_model",)),
+    "layers/wq": ("model.layers.{i}.self_attn.q_proj.weight", ("q_dim", "d_model")),
+    "layers/wk": ("model.layers.{i}.self_attn.k_proj.weight", ("kv_dim", "d_model")),
+    "layers/wv": ("model.layers.{i}.self_attn.v_proj.weight", ("kv_dim", "d_model")),
+    "layers/wo": ("model.layers.{i}.self_attn.o_proj.weight", ("d_model", "q_dim")),
+    "layers/mlp_norm": ("model.layers.{i}.post_attention_layernorm.weight", ("d_model",)),
+    "layers/w_gate": ("model.layers.{i}.mlp.gate_proj.weight", ("d_ff", "d_model")),
+    "layers/w_up": ("model.layers.{i}.mlp.up_proj.weight", ("d_ff", "d_model")),
+    "layers/w_down": ("model.layers.{i}.mlp.down_proj.weight", ("d_model", "d_ff")),
+}
+
+
+def weights(config: ModelConfig) -> dict:
+    return {k: v for k, v in WEIGHTS.items() if k != "lm_head" or not config.tie_embeddings}
+
+
+def config_from_hf(hf) -> ModelConfig:
+    return ModelConfig(
+        **core.common_fields(hf, "llama"),
+        norm_eps=hf.rms_norm_eps,
+        activation=core.activation_name(hf.hidden_act),
+        rope=core.rope_config(hf.rope_parameters, hf.model_type),
+        layer_types=("full",) * hf.num_hidden_layers,
+    )
+
+
+def block(config: ModelConfig, p: Params, x: jax.Array, ctx: LayerContext) -> jax.Array:
+    """One decoder layer: x [batch, seq, d_model] -> [batch, seq, d_model]."""
+    h = core.rms_norm(x, p["attn_norm"], config.norm_eps)
+    x = x + core.attend(h @ p["wq"], h @ p["wk"], h @ p["wv"], p, ctx, config)
+    h = core.rms_norm(x, p["mlp_norm"], config.norm_eps)
+    return x + core.gated_mlp(h, p, config.activation)
+
+
+def hidden_states(config: ModelConfig, params: Params, input_ids, attention_mask) -> jax.Array:
+    """input_ids, attention_mask [batch, seq] -> final hidden states [batch, seq, d_model]."""
+    x = core.embed(config, params, input_ids, scale=False)
+    x = core.run_layers(config, params, x, attention_mask, block)
+    return core.rms_norm(x, params["final_norm"], config.norm_eps)

@@ -1,0 +1,2 @@
+"""Placeholder: filled in by the real pull implementation below."""
+KNOWN: dict = {}
