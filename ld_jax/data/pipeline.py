@@ -1,0 +1,116 @@
+"""Batches of preference pairs through `grain`: deterministic shuffle by seed, padding, batching.
+
+A batch is a dict of NumPy arrays whose leading axis is the pair axis `B`, so one sharding rule
+fits every entry. Axis 1 of the sequence arrays is (chosen, rejected), which lets the model run
+both in one forward pass after a free reshape to `[2B, S]`:
+
+    input_ids      int32   [B, 2, S]   prompt + response, padded with `pad_id`
+    attention_mask int32   [B, 2, S]   1 on real tokens
+    response_mask  int32   [B, 2, S]   1 on response tokens (the ones whose log-prob counts)
+    rewards        float32 [B, 2]      r(x, y±) from the data (0 where the data has none)
+    valid          float32 [B]         0 for the rows that pad the last batch of an epoch
+    index          int32   [B]         the record index, −1 on padding rows
+    ref_logps      float32 [B, 2]      ln π_ref(y±|x), when reference log-probs are given
+
+The dataset is a `grain.MapDataset`, so `ds[k]` is batch k: resuming at step k reads the same
+batches as an uninterrupted run. Each epoch is shuffled anew from the seed; the last batch of an
+epoch is padded to full size (valid = 0) so that every pair is used and shapes stay static.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import grain
+import numpy as np
+
+from ld_jax.data.formatting import TokenizedPair
+from ld_jax.errors import LdJaxError
+
+
+def make_batches(
+    pairs: Sequence[TokenizedPair],
+    batch_size: int,
+    *,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int = 1,
+    ref_logps: np.ndarray | None = None,
+    pad_id: int = 0,
+    pad_to_multiple: int = 64,
+    seq_len: int | None = None,
+    padding_side: str = "right",
+) -> grain.MapDataset:
+    """A dataset of `num_epochs * ceil(len(pairs) / batch_size)` batches.
+
+    ref_logps: `[len(pairs), 2]` reference log-probs of (chosen, rejected), in `pairs` order.
+    seq_len: pad every batch to this length; otherwise to the batch's longest pair rounded up to
+        `pad_to_multiple`, which bounds the number of distinct shapes the step compiles for.
+    """
+    if not pairs:
+        raise LdJaxError("no preference pairs to batch")
+    if batch_size < 1:
+        raise LdJaxError(f"batch_size must be >= 1, got {batch_size}")
+    if padding_side not in ("right", "left"):
+        raise LdJaxError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    if ref_logps is not None and np.shape(ref_logps) != (len(pairs), 2):
+        raise LdJaxError(f"ref_logps must have shape ({len(pairs)}, 2), got {np.shape(ref_logps)}")
+    longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
+    if seq_len is not None and longest > seq_len:
+        raise LdJaxError(f"seq_len={seq_len} is shorter than the longest pair ({longest} tokens)")
+
+    examples = [
+        (p, None if ref_logps is None else np.asarray(ref_logps[i], np.float32))
+        for i, p in enumerate(pairs)
+    ]
+    ds = grain.MapDataset.source(examples)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)  # followed by repeat: a new permutation every epoch
+
+    def batch_fn(batch):
+        return collate(batch, batch_size, pad_id, pad_to_multiple, seq_len, padding_side)
+
+    return ds.batch(batch_size, batch_fn=batch_fn).repeat(num_epochs)
+
+
+def steps_per_epoch(num_pairs: int, batch_size: int) -> int:
+    return math.ceil(num_pairs / batch_size)
+
+
+def collate(
+    examples: Sequence[tuple[TokenizedPair, np.ndarray | None]],
+    batch_size: int,
+    pad_id: int = 0,
+    pad_to_multiple: int = 64,
+    seq_len: int | None = None,
+    padding_side: str = "right",
+) -> dict[str, np.ndarray]:
+    """Pad up to `batch_size` (pair, ref log-probs) examples into one batch (module docstring)."""
+    lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p, _ in examples]
+    if seq_len is None:
+        seq_len = pad_to_multiple * math.ceil(max(lengths) / pad_to_multiple)
+    ids = np.full((batch_size, 2, seq_len), pad_id, np.int32)
+    attention = np.zeros((batch_size, 2, seq_len), np.int32)
+    response = np.zeros((batch_size, 2, seq_len), np.int32)
+    rewards = np.zeros((batch_size, 2), np.float32)
+    valid = np.zeros(batch_size, np.float32)
+    index = np.full(batch_size, -1, np.int32)
+    for b, (p, _) in enumerate(examples):
+        for j, reply in enumerate((p.chosen_ids, p.rejected_ids)):
+            n = len(p.prompt_ids) + len(reply)
+            start = 0 if padding_side == "right" else seq_len - n
+            ids[b, j, start : start + n] = p.prompt_ids + reply
+            attention[b, j, start : start + n] = 1
+            response[b, j, start + len(p.prompt_ids) : start + n] = 1
+        rewards[b] = (p.reward_chosen or 0.0, p.reward_rejected or 0.0)
+        valid[b], index[b] = 1.0, p.index
+    batch = dict(
+        input_ids=ids, attention_mask=attention, response_mask=response,
+        rewards=rewards, valid=valid, index=index,
+    )  # fmt: skip
+    if examples and examples[0][1] is not None:
+        ref = np.zeros((batch_size, 2), np.float32)
+        ref[: len(examples)] = np.stack([r for _, r in examples])
+        batch["ref_logps"] = ref
+    return batch
