@@ -234,10 +234,15 @@ def split_heads(t: jax.Array, head_dim: int) -> jax.Array:
     return t.reshape(*t.shape[:-1], -1, head_dim)
 
 
-def attend(q, k, v, p: Params, ctx: LayerContext, config: ModelConfig) -> jax.Array:
-    """Flat projections q [batch, seq, q_dim], k, v [batch, seq, kv_dim] -> attention output
-    after RoPE and o_proj: [batch, seq, d_model]."""
+def attend(q, k, v, p: Params, ctx: LayerContext, config: ModelConfig, head_norm=None) -> jax.Array:
+    """Self-attention sublayer after the projections.
+
+    q [batch, seq, q_dim], k, v [batch, seq, kv_dim] -> [batch, seq, d_model] (after o_proj).
+    `head_norm(q, k)` (Gemma 3's per-head q/k norms) runs on [batch, seq, heads, head_dim]
+    before RoPE."""
     q, k, v = (split_heads(t, config.head_dim) for t in (q, k, v))
+    if head_norm is not None:
+        q, k = head_norm(q, k)
     q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
     out = attention(q, k, v, ctx.mask, config.attn_scale, config.attn_softcap)
     return out.reshape(*out.shape[:2], -1) @ p["wo"]

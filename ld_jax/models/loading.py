@@ -15,13 +15,21 @@ import numpy as np
 from safetensors import safe_open
 
 from ld_jax.errors import LdJaxError
-from ld_jax.models import llama
+from ld_jax.models import gemma, llama, olmo
 from ld_jax.models.core import ModelConfig, Params
 
 # config.json `model_type` -> family module (gemma3 is the multimodal wrapper; we take its text_config).
-MODEL_TYPES = {"llama": llama}
+MODEL_TYPES = {
+    "llama": llama,
+    "gemma": gemma,
+    "gemma2": gemma,
+    "gemma3_text": gemma,
+    "gemma3": gemma,
+    "olmo": olmo,
+    "olmo2": olmo,
+}
 # ModelConfig.family -> module holding its weight table and forward.
-FAMILIES = {"llama": llama}
+FAMILIES = {"llama": llama, "gemma": gemma, "gemma2": gemma, "gemma3": gemma, "olmo": olmo, "olmo2": olmo}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
@@ -91,15 +99,17 @@ def _safetensors_files(path: Path) -> list[Path]:
 
 
 def _read_tensors(path: Path, renames: dict[str, str], wanted: set[str]) -> dict[str, np.ndarray]:
-    """HF tensor name -> host array (bf16 kept as ml_dtypes.bfloat16) for the wanted names."""
+    """HF tensor name -> host array for the wanted names. numpy has no bfloat16, so those
+    tensors come through safetensors' flax reader (as ml_dtypes.bfloat16 arrays)."""
     tensors = {}
     for file in _safetensors_files(path):
         try:
-            with safe_open(file, framework="flax") as f:
+            with safe_open(file, framework="numpy") as f, safe_open(file, framework="flax") as f_bf16:
                 for stored in f.keys():
                     name = _rename(stored, renames)
                     if name in wanted:
-                        tensors[name] = np.asarray(f.get_tensor(stored))
+                        bf16 = f.get_slice(stored).get_dtype() == "BF16"
+                        tensors[name] = np.asarray(f_bf16.get_tensor(stored)) if bf16 else f.get_tensor(stored)
         except Exception as e:  # safetensors raises several types for a damaged file
             raise LdJaxError(f"{file}: corrupted or unreadable safetensors file: {_one_line(e)}") from e
     return tensors
@@ -132,15 +142,16 @@ def load_params(path: Path, config: ModelConfig, dtype: str = "float32") -> Para
     params: Params = {"layers": {}}
     for leaf, (_, shape_fields) in table.items():
         expected = tuple(getattr(config, f) for f in shape_fields)
-        arrays = []
         for name in names[leaf]:
-            t = tensors.pop(name)
-            if t.shape != expected:
-                raise LdJaxError(f"{path}: tensor {name} has shape {t.shape}, expected {expected}")
-            arrays.append(t.T if leaf.startswith("layers/") and t.ndim == 2 else t)
-        value = np.stack(arrays) if leaf.startswith("layers/") else arrays[0]
-        node, key = (params["layers"], leaf[len("layers/") :]) if leaf.startswith("layers/") else (params, leaf)
-        node[key] = jnp.asarray(value.astype(np_dtype))
+            if tensors[name].shape != expected:
+                raise LdJaxError(f"{path}: tensor {name} has shape {tensors[name].shape}, expected {expected}")
+        if not leaf.startswith("layers/"):
+            params[leaf] = jnp.asarray(tensors.pop(names[leaf][0]).astype(np_dtype, copy=False))
+            continue
+        stacked = np.stack([tensors.pop(n) for n in names[leaf]]).astype(np_dtype, copy=False)
+        # torch Linear [out, in] -> [in, out]; transposing on the device is much faster than numpy.
+        value = jnp.asarray(stacked)
+        params["layers"][leaf[len("layers/") :]] = jnp.swapaxes(value, 1, 2) if value.ndim == 3 else value
     return params
 
 

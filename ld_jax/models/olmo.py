@@ -1,0 +1,86 @@
+"""OLMo (original OLMo-1B, HF model_type "olmo") and OLMo 2 ("olmo2").
+
+OLMo: pre-norm blocks with a LayerNorm that has no weight or bias (eps 1e-5, fixed), SwiGLU,
+optional clipping of the q/k/v projections to [-clip_qkv, clip_qkv].
+OLMo 2: no input norms; RMSNorm *after* attention and after the MLP (inside the residual
+branch) and RMSNorm of q and k over the whole projection (all heads at once).
+Mirrors transformers' modeling_olmo.py and modeling_olmo2.py."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ld_jax.models import core
+from ld_jax.models.core import LayerContext, ModelConfig, Params
+
+_LAYER = "model.layers.{i}."
+# Our parameter path -> (HF tensor name, HF shape as ModelConfig fields); conventions as in
+# llama.WEIGHTS. OLMo-1B has no norm parameters at all.
+_PROJECTIONS = {
+    "embed": ("model.embed_tokens.weight", ("vocab_size", "d_model")),
+    "lm_head": ("lm_head.weight", ("vocab_size", "d_model")),
+    "layers/wq": (_LAYER + "self_attn.q_proj.weight", ("q_dim", "d_model")),
+    "layers/wk": (_LAYER + "self_attn.k_proj.weight", ("kv_dim", "d_model")),
+    "layers/wv": (_LAYER + "self_attn.v_proj.weight", ("kv_dim", "d_model")),
+    "layers/wo": (_LAYER + "self_attn.o_proj.weight", ("d_model", "q_dim")),
+    "layers/w_gate": (_LAYER + "mlp.gate_proj.weight", ("d_ff", "d_model")),
+    "layers/w_up": (_LAYER + "mlp.up_proj.weight", ("d_ff", "d_model")),
+    "layers/w_down": (_LAYER + "mlp.down_proj.weight", ("d_model", "d_ff")),
+}
+WEIGHTS = {
+    "olmo": _PROJECTIONS,
+    "olmo2": {
+        **_PROJECTIONS,
+        "final_norm": ("model.norm.weight", ("d_model",)),
+        "layers/q_norm": (_LAYER + "self_attn.q_norm.weight", ("q_dim",)),
+        "layers/k_norm": (_LAYER + "self_attn.k_norm.weight", ("kv_dim",)),
+        "layers/post_attn_norm": (_LAYER + "post_attention_layernorm.weight", ("d_model",)),
+        "layers/post_mlp_norm": (_LAYER + "post_feedforward_layernorm.weight", ("d_model",)),
+    },
+}
+_OLMO_LAYER_NORM_EPS = 1e-5  # hard-coded in OLMo-1B
+
+
+def weights(config: ModelConfig) -> dict:
+    table = WEIGHTS[config.family]
+    return {k: v for k, v in table.items() if k != "lm_head" or not config.tie_embeddings}
+
+
+def config_from_hf(hf) -> ModelConfig:
+    family = hf.model_type  # "olmo" or "olmo2"
+    return ModelConfig(
+        **core.common_fields(hf, family),
+        norm_eps=_OLMO_LAYER_NORM_EPS if family == "olmo" else hf.rms_norm_eps,
+        activation=core.activation_name(hf.hidden_act),
+        rope=core.rope_config(hf.rope_parameters, hf.model_type),
+        layer_types=("full",) * hf.num_hidden_layers,
+        clip_qkv=hf.clip_qkv if family == "olmo" else None,
+    )
+
+
+def _olmo_block(config: ModelConfig, p: Params, x: jax.Array, ctx: LayerContext) -> jax.Array:
+    h = core.layer_norm(x, config.norm_eps)
+    q, k, v = h @ p["wq"], h @ p["wk"], h @ p["wv"]
+    if config.clip_qkv is not None:
+        q, k, v = (jnp.clip(t, -config.clip_qkv, config.clip_qkv) for t in (q, k, v))
+    x = x + core.attend(q, k, v, p, ctx, config)
+    return x + core.gated_mlp(core.layer_norm(x, config.norm_eps), p, config.activation)
+
+
+def _olmo2_block(config: ModelConfig, p: Params, x: jax.Array, ctx: LayerContext) -> jax.Array:
+    eps = config.norm_eps
+    q = core.rms_norm(x @ p["wq"], p["q_norm"], eps)
+    k = core.rms_norm(x @ p["wk"], p["k_norm"], eps)
+    x = x + core.rms_norm(core.attend(q, k, x @ p["wv"], p, ctx, config), p["post_attn_norm"], eps)
+    return x + core.rms_norm(core.gated_mlp(x, p, config.activation), p["post_mlp_norm"], eps)
+
+
+def hidden_states(config: ModelConfig, params: Params, input_ids, attention_mask) -> jax.Array:
+    """input_ids, attention_mask [batch, seq] -> final hidden states [batch, seq, d_model]."""
+    x = core.embed(config, params, input_ids, scale=False)
+    if config.family == "olmo":
+        x = core.run_layers(config, params, x, attention_mask, _olmo_block)
+        return core.layer_norm(x, config.norm_eps)
+    x = core.run_layers(config, params, x, attention_mask, _olmo2_block)
+    return core.rms_norm(x, params["final_norm"], config.norm_eps)
