@@ -103,8 +103,52 @@ def _filter(args) -> int:
     return 0
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="preference training (DPO, IPO, ...) with metrics, checkpoints and resume")
+    p.add_argument("--config", required=True, help="YAML file of TrainConfig, e.g. configs/dpo_tiny_cpu.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optimizer.lr=1e-6 loss.name=ipo")
+    p.set_defaults(func=_train)
+
+
+def _train(args) -> int:
+    from ld_jax import distributed
+    from ld_jax.config import load_config
+    from ld_jax.train.loop import TrainConfig, train
+
+    distributed.initialize_from_env()
+    result = train(load_config(TrainConfig, args.config, args.overrides))
+    s = result.summary
+    if "likelihood_displacement" in s:
+        print(
+            f"likelihood displacement: {'yes' if s['likelihood_displacement'] else 'no'} (loss "
+            f"{s['loss_init']:.4f} -> {s['loss_final']:.4f}, mean ln p(y+) change "
+            f"{s['mean_chosen_logp_change']:+.4f})"
+        )
+    print(result.output_dir / "summary.json")
+    return 0
+
+
+def _add_persona(sub) -> None:
+    p = sub.add_parser("persona", help="E1: likelihood displacement with single-token responses (paper Table 1)")
+    p.add_argument("--config", required=True, help="YAML file of PersonaConfig, e.g. configs/persona_demo.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. seeds=10 loss.name=ipo out_dir=results/x")
+    p.set_defaults(func=_persona)
+
+
+def _persona(args) -> int:
+    from ld_jax.config import load_config
+    from ld_jax.experiments.persona import PersonaConfig, run_persona
+
+    cfg = load_config(PersonaConfig, args.config, args.overrides)
+    result = run_persona(cfg)
+    print()
+    print(result["table1_md"])
+    print(f"lr {result['lr']:g}; tables, plots and results.json in {cfg.out_dir}/ ({result['seconds']:.0f} s)")
+    return 0
+
+
 # Subcommands register here, in the order `ld-jax --help` lists them.
-_REGISTRY = [_add_models, _add_ches, _add_filter]
+_REGISTRY = [_add_models, _add_ches, _add_filter, _add_train, _add_persona]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,54 @@
+"""Orbax checkpoints of the training state plus a small JSON record of the loop's position.
+
+A checkpoint at step k holds the state after k batches; the data pipeline is random-access by
+batch index, so resuming at k reads exactly the batches an uninterrupted run would have read.
+Saves are asynchronous (orbax copies the arrays off the devices before `save` returns, so the
+next step may donate them); only complete checkpoints are ever listed, so a run killed during a
+save resumes from the previous one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from ld_jax.errors import LdJaxError
+
+
+class Checkpoints:
+    def __init__(self, directory: str | Path, keep: int = 2):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        self.directory = Path(directory).absolute()
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state, meta: dict) -> None:
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        self._manager.save(step, args=args)
+
+    def restore(self, step: int, state_like, shardings):
+        """The state at `step`, laid out as `shardings`, and its JSON record.
+
+        state_like: a pytree of arrays or ShapeDtypeStructs with the state's structure."""
+        target = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_like, shardings
+        )
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+        try:
+            restored = self._manager.restore(step, args=args)
+        except Exception as e:  # noqa: BLE001 - orbax raises many types for a foreign checkpoint
+            raise LdJaxError(
+                f"cannot resume from {self.directory} step {step} (a different model or "
+                f"optimizer?): {' '.join(str(e).split())[:300]}"
+            ) from e
+        return restored.state, restored.meta
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()

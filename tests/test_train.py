@@ -1,0 +1,248 @@
+"""The training step against PyTorch autograd, its options, and the loop: metrics, reference
+cache, resume after a kill, the NaN guard, bad input and the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from test_logprobs import random_pairs, save_tiny_llama
+
+from ld_jax import cli, logprobs, models
+from ld_jax.data import pipeline
+from ld_jax.errors import LdJaxError
+from ld_jax.losses import LossConfig
+from ld_jax.models import llama
+from ld_jax.train import loop, sharding
+from ld_jax.train.checkpoint import Checkpoints
+from ld_jax.train.optim import OptimizerConfig, make_optimizer
+from ld_jax.train.state import init_state
+from ld_jax.train.step import compile_step
+
+BETA = 0.5
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = save_tiny_llama(tmp_path_factory.mktemp("llama"))
+    return path, models.from_pretrained(str(path))
+
+
+def _batch(n=6, seed=5, batch_size=8):
+    batch = pipeline.make_batches(random_pairs(n, seed=seed), batch_size, shuffle=False, pad_to_multiple=8)[0]
+    rng = np.random.default_rng(seed)
+    batch["ref_logps"] = (-rng.uniform(10, 40, (batch_size, 2))).astype(np.float32)
+    return batch
+
+
+def _copy(tree):
+    return jax.tree.map(lambda x: x.copy(), tree)
+
+
+def _one_step(lm, batch, opt_cfg, loss_cfg=LossConfig("dpo", beta=BETA), **step_options):
+    mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
+    optimizer = make_optimizer(opt_cfg)
+    state = init_state(_copy(lm.params), optimizer)  # the step donates the state
+    shardings = sharding.tree_shardings(state, mesh, sharding.rules_for(lm.config.family))
+    step = compile_step(lm, loss_cfg, optimizer, mesh, shardings, batch, **step_options)
+    state, metrics = step(jax.device_put(state, shardings), batch)
+    return jax.device_get(state), jax.device_get(metrics)
+
+
+def _torch_dpo_grads(path, batch):
+    """DPO loss (Rafailov et al. eq. 7, mean over valid pairs) and its gradients by torch autograd
+    on transformers' model, in our parameter layout."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+    b, _, s = batch["input_ids"].shape
+    ids = torch.tensor(batch["input_ids"].reshape(-1, s), dtype=torch.long)
+    logits = model(input_ids=ids, attention_mask=torch.tensor(batch["attention_mask"].reshape(-1, s))).logits
+    lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+    lp = (lp * torch.tensor(batch["response_mask"].reshape(-1, s))[:, 1:]).sum(-1).reshape(b, 2)
+    ref = torch.tensor(batch["ref_logps"])
+    valid = torch.tensor(batch["valid"])
+    losses = -F.logsigmoid(BETA * ((lp[:, 0] - ref[:, 0]) - (lp[:, 1] - ref[:, 1])))
+    loss = (losses * valid).sum() / valid.sum()
+    loss.backward()
+    named = dict(model.named_parameters())
+    grads = {"layers": {}}
+    for leaf, (hf_name, _) in llama.WEIGHTS.items():
+        if leaf.startswith("layers/"):
+            g = [named[hf_name.format(i=i)].grad.numpy() for i in range(model.config.num_hidden_layers)]
+            grads["layers"][leaf[7:]] = np.stack([x.T if x.ndim == 2 else x for x in g])
+        else:
+            grads[leaf] = named[hf_name].grad.numpy()
+    return float(loss.detach()), grads
+
+
+def test_step_loss_and_gradient_match_torch_autograd(tiny):
+    path, lm = tiny
+    batch = _batch()
+    state, metrics = _one_step(lm, batch, OptimizerConfig(name="sgd", lr=1.0))
+    loss, grads = _torch_dpo_grads(path, batch)
+    assert abs(metrics["loss"] - loss) < 1e-5
+    ours = jax.tree.map(lambda p0, p1: np.asarray(p0) - np.asarray(p1), lm.params, state.params)
+    for path_, g in jax.tree_util.tree_leaves_with_path(grads):
+        mine = ours["layers"][path_[1].key] if path_[0].key == "layers" else ours[path_[0].key]
+        np.testing.assert_allclose(mine, g, atol=2e-6, rtol=1e-3, err_msg=str(path_))
+    total = math.sqrt(sum(float((g**2).sum()) for g in jax.tree.leaves(grads)))
+    assert abs(metrics["grad_norm"] - total) < 1e-4 * total
+
+
+def test_remat_and_chunked_head_do_not_change_the_step(tiny):
+    _, lm = tiny
+    batch = _batch()
+    opt = OptimizerConfig(name="sgd", lr=1.0)  # the update is the gradient itself
+    base, m0 = _one_step(lm, batch, opt)
+    for model, options in ((lm.with_options(remat=True), {}), (lm, {"seq_chunk": 5})):
+        state, m = _one_step(model, batch, opt, **options)
+        assert abs(m["loss"] - m0["loss"]) < 1e-6
+        for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(base.params)):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_bf16_compute_keeps_fp32_master_weights(tiny):
+    _, lm = tiny
+    batch = _batch()
+    opt = OptimizerConfig(name="sgd", lr=1.0)
+    s32, m32 = _one_step(lm, batch, opt)
+    s16, m16 = _one_step(lm.with_options(dtype="bfloat16"), batch, opt)
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(s16.params))
+    assert abs(m16["loss"] - m32["loss"]) < 0.05 * abs(m32["loss"])
+    # the update is a bf16 gradient applied to fp32 weights: not representable in bf16
+    wq = np.asarray(s16.params["layers"]["wq"])
+    assert not np.array_equal(wq, wq.astype(jax.numpy.bfloat16).astype(np.float32))
+
+
+def test_multisteps_accumulation_equals_one_big_batch(tiny):
+    _, lm = tiny
+    big = _batch(n=8, batch_size=8)
+    halves = [{k: v[i::2] if v.ndim else v for k, v in big.items()} for i in (0, 1)]
+    one, _ = _one_step(lm, big, OptimizerConfig(name="sgd", lr=1.0))
+    mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
+    optimizer = make_optimizer(OptimizerConfig(name="sgd", lr=1.0, grad_accum_steps=2))
+    state = init_state(_copy(lm.params), optimizer)
+    shardings = sharding.tree_shardings(state, mesh, sharding.rules_for("llama"))
+    step = compile_step(lm, LossConfig("dpo", beta=BETA), optimizer, mesh, shardings, halves[0])
+    state = jax.device_put(state, shardings)
+    for half in halves:
+        state, _ = step(state, half)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(one.params)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+
+
+def _cfg(out, **kw):
+    base = dict(
+        output_dir=str(out), batch_size=4, num_epochs=2, seed=3, progress=False,
+        loss=LossConfig("dpo", beta=BETA), optimizer=OptimizerConfig(name="rmsprop", lr=3e-3),
+    )  # fmt: skip
+    return loop.TrainConfig(**{**base, **kw})
+
+
+PAIRS = random_pairs(10, seed=7)  # 3 batches of 4 per epoch, the last one padded
+
+
+def test_loop_writes_metrics_summary_and_reuses_the_reference_cache(tiny, tmp_path, monkeypatch):
+    _, lm = tiny
+    result = loop.train(_cfg(tmp_path), model=lm, pairs=PAIRS)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 7)) and lines == result.metrics
+    for key in ("loss", "chosen_logp_change", "rejected_logp_change", "reward_accuracy", "grad_norm", "tokens_per_s"):
+        assert all(np.isfinite(r[key]) for r in lines), key
+    assert abs(lines[0]["loss"] - math.log(2)) < 1e-6  # policy == reference at step 1
+    assert lines[0]["chosen_logp_change"] == 0.0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    change = result.final_logps - result.init_logps
+    assert summary["mean_chosen_logp_change"] == pytest.approx(change[:, 0].mean(), abs=1e-6)
+    assert summary["likelihood_displacement"] == (summary["loss_decreased"] and change[:, 0].mean() < 0)
+    assert abs(summary["loss_init"] - math.log(2)) < 1e-6 and summary["loss_decreased"]
+
+    # the reference log-probs equal a direct computation with the initial weights
+    seqs = pipeline.make_batches(PAIRS, 10, shuffle=False)[0]
+    direct = jax.jit(lambda p, b: logprobs.pair_logprobs(lm, p, b)[0])(lm.params, seqs)
+    np.testing.assert_allclose(result.init_logps, np.asarray(direct), atol=1e-4)
+    (cache,) = tmp_path.glob("ref_logps-*.npz")
+
+    calls = []
+    monkeypatch.setattr(loop, "_dataset_logps", lambda *a: calls.append(1) or result.final_logps)
+    loop.train(_cfg(tmp_path / "again", final_eval=False), model=lm, pairs=PAIRS)  # new dir: computes
+    assert len(calls) == 1
+    (tmp_path / "again" / "checkpoints").rename(tmp_path / "again" / "old")  # no resume
+    loop.train(_cfg(tmp_path / "again", final_eval=False), model=lm, pairs=PAIRS)  # same key: cached
+    assert len(calls) == 1 and cache.name in {p.name for p in (tmp_path / "again").glob("*.npz")}
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny, tmp_path):
+    _, lm = tiny
+    full = loop.train(_cfg(tmp_path / "full", checkpoint_every=2, final_eval=False), model=lm, pairs=PAIRS)
+
+    def kill_after_step_3(step, params, record):
+        if step == 3:
+            raise Killed  # after step 3's metrics, before its (unscheduled) checkpoint
+
+    cfg = _cfg(tmp_path / "killed", checkpoint_every=2, final_eval=False)
+    with pytest.raises(Killed):
+        loop.train(cfg, model=lm, pairs=PAIRS, callback=kill_after_step_3)
+    resumed = loop.train(cfg, model=lm, pairs=PAIRS)
+    assert [r["step"] for r in resumed.metrics] == list(range(1, 7))
+    for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(full.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+    # the resumed steps saw the same batches and produced the same losses
+    assert [r["loss"] for r in resumed.metrics] == pytest.approx([r["loss"] for r in full.metrics], abs=1e-6)
+    lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == list(range(1, 7))
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
+    _, lm = tiny
+    cfg = _cfg(tmp_path, checkpoint_every=2, final_eval=False, batch_size=2, num_epochs=1)
+    loop.train(dataclasses.replace(cfg, max_steps=0), model=lm, pairs=PAIRS)  # writes the cache
+    (cache,) = tmp_path.glob("ref_logps-*.npz")
+    ds = pipeline.make_batches(PAIRS, 2, seed=cfg.seed)
+    poisoned = int(ds[3]["index"][0])  # a pair of the 4th batch (step 4) of the only epoch
+    ref = np.load(cache)["logps"]
+    ref[[p.index for p in PAIRS].index(poisoned), 0] = np.nan
+    np.savez(cache, logps=ref)
+    shutil.rmtree(tmp_path / "checkpoints")
+    (tmp_path / "metrics.jsonl").unlink(missing_ok=True)
+    with pytest.raises(LdJaxError, match=r"non-finite loss \(nan\).*at step 4; .*last good checkpoint is step 2"):
+        loop.train(cfg, model=lm, pairs=PAIRS)
+    assert Checkpoints(tmp_path / "checkpoints").latest_step() == 2
+
+
+def test_cli_train_runs_a_yaml_config_and_reports_bad_input(tiny, tmp_path, capsys):
+    path, _ = tiny
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(
+        json.dumps({"prompt": f"Say {w}", "chosen": w, "rejected": w[::-1] + "!"}) + "\n"
+        for w in ("yes", "no", "maybe", "sure", "never", "fine")
+    ))  # fmt: skip
+    args = [
+        "train", "--config", "configs/dpo_tiny_cpu.yaml", f"model={path}", f"data.source={data}",
+        f"output_dir={tmp_path / 'run'}", "progress=false",
+    ]  # fmt: skip
+    assert cli.main(args) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["pairs"] == 6 and "likelihood_displacement" in summary
+    assert "likelihood displacement" in capsys.readouterr().out
+
+    assert cli.main(args + ["loss.name=kto"]) == 2
+    assert "unknown loss 'kto'" in capsys.readouterr().err
+    data.write_text('{"prompt": "a", "chosen": "", "rejected": ""}\n{"prompt": "a"\n')
+    assert cli.main(args + [f"output_dir={tmp_path / 'bad'}"]) == 2
+    assert "line 2: malformed JSON" in capsys.readouterr().err
