@@ -147,8 +147,49 @@ def _persona(args) -> int:
     return 0
 
 
+def _add_flow(sub) -> None:
+    p = sub.add_parser("flow", help="unconstrained features gradient flow: verify the theorems, simulate scenarios")
+    fsub = p.add_subparsers(dest="flow_command", required=True)
+    v = fsub.add_parser("verify", help="closed forms of Theorems 4-9 and Propositions 1-2 against autodiff")
+    v.add_argument("--instances", type=int, default=1000, help="random instances per theorem")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--horizon", type=float, default=0.5, help="flow length in units of 1/|l'(0)|")
+    v.add_argument("--out", default="results/flow", help="directory for verify.json and verify.md")
+    v.add_argument("--no-claims", action="store_true", help="skip the qualitative claims and the GD table")
+    v.set_defaults(func=_flow_verify)
+    s = fsub.add_parser("simulate", help="integrate one scenario and plot ln pi(y+), ln pi(y-), top gainers")
+    s.add_argument("--config", required=True, help="YAML file of SimulateConfig, e.g. configs/flow_no_vs_never.yaml")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. t1=200 loss.name=ipo")
+    s.set_defaults(func=_flow_simulate)
+
+
+def _flow_verify(args) -> int:
+    import jax
+
+    from ld_jax.flow import verify
+
+    if args.instances < 1 or args.horizon <= 0:
+        raise LdJaxError("--instances must be >= 1 and --horizon > 0")
+    with jax.enable_x64(True):  # the flow is checked in float64; other modules stay fp32
+        verify.run(args.instances, args.seed, args.horizon, args.out, with_claims=not args.no_claims)
+    return 0
+
+
+def _flow_simulate(args) -> int:
+    import jax
+
+    from ld_jax.config import load_config
+    from ld_jax.flow.simulate import SimulateConfig, simulate
+
+    cfg = load_config(SimulateConfig, args.config, args.overrides)
+    with jax.enable_x64(True):
+        result = simulate(cfg)
+    print(f"top gaining tokens: {', '.join(result['top_gainers'])}; trajectory.json, summary.md, flow.png in {cfg.out_dir}/")
+    return 0
+
+
 # Subcommands register here, in the order `ld-jax --help` lists them.
-_REGISTRY = [_add_models, _add_ches, _add_filter, _add_train, _add_persona]
+_REGISTRY = [_add_models, _add_ches, _add_filter, _add_train, _add_persona, _add_flow]
 
 
 def build_parser() -> argparse.ArgumentParser:

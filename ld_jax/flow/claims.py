@@ -109,18 +109,21 @@ def mass_ranking(rng: np.random.Generator, instances: int = 500, vocab: int = 12
     return {"instances": instances, "min_spearman": float(rho.min()), "mean_spearman": float(rho.mean())}
 
 
-def ches_population(rng: np.random.Generator, instances: int, length: int = 4, vocab: int = 12, dim: int = 8):
-    """Multi-token instances whose y− resembles y+ to a random degree ω ~ U(0, 1): y−_k = y+_k
-    with probability ω (k ≥ 2; y−_1 ≠ y+_1), and h_{x,y−<k} = ω h_{x,y+<k} + √(1−ω²)·noise.
+def ches_population(
+    rng: np.random.Generator, instances: int, length: int = 4, vocab: int = 12, dim: int = 8,
+    omega: float | None = None,
+):  # fmt: skip
+    """Multi-token instances whose y− resembles y+ to a degree ω (default ω ~ U(0, 1.5)):
+    y−_k = y+_k with probability min(ω, 1) (k ≥ 2; y−_1 ≠ y+_1), and
+    h_{x,y−<k} = ω h_{x,y+<k} + √max(0, 1−ω²)·noise, so ω > 1 gives y− longer, aligned states.
 
     Hidden embeddings are ~10x longer than token unembeddings, as for real LMs after the final
-    norm; with equal scales the W-gradient terms that CHES summarises are weaker (Spearman about
-    −0.37 instead of −0.63 at seed 0).
+    norm; with equal scales the W-gradient terms that CHES summarises are weaker.
     """
     params, problem = state.single_sample(
         rng, instances, vocab, dim, length, length, w_scale=(0.1, 0.3), h_scale=(1.0, 3.0)
     )
-    omega = rng.uniform(0, 1, (instances, 1))
+    omega = rng.uniform(0, 1.5, (instances, 1)) if omega is None else np.full((instances, 1), omega)
     plus, minus = np.asarray(problem.plus_tokens[:, 0]), np.array(problem.minus_tokens[:, 0])
     same = rng.random(minus.shape) < omega
     same[:, 0] = False
@@ -131,7 +134,7 @@ def ches_population(rng: np.random.Generator, instances: int, length: int = 4, v
         (1, 2), keepdims=True
     )
     w = omega[:, :, None]
-    h[:, later_minus] = w * h[:, later_plus] + np.sqrt(1 - w**2) * noise
+    h[:, later_minus] = w * h[:, later_plus] + np.sqrt(np.maximum(0.0, 1 - w**2)) * noise
     params = {"W": params["W"], "h": jnp.asarray(h)}
     problem = dataclasses.replace(problem, minus_tokens=jnp.asarray(minus[:, None]))
     return params, jax.vmap(state.with_reference)(params, problem)

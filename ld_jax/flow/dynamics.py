@@ -84,7 +84,7 @@ def rate(q: Callable[[Params], Array], params: Params, problem: Problem, spec: L
     return jax.jvp(q, (params,), (velocity(params, problem, spec),))[1]
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "n_save", "rtol", "atol", "max_steps"))
+@functools.partial(jax.jit, static_argnames=("spec", "n_save", "rtol", "atol", "max_steps", "progress"))
 def integrate(
     params: Params,
     problem: Problem,
@@ -94,11 +94,13 @@ def integrate(
     rtol: float = 1e-10,
     atol: float = 1e-10,
     max_steps: int = 100_000,
+    progress: bool = False,
 ) -> tuple[Array, Params]:
     """Gradient flow from θ(0) = params to t1 with adaptive Tsit5.
 
     Returns the save times `[n_save]` (t = 0 and evenly spaced up to t1) and θ at those times,
     a pytree with a leading `[n_save]` axis. `t1` may differ per instance under vmap.
+    `progress` shows diffrax's tqdm bar (single instances only).
     """
     ts = jnp.linspace(0.0, 1.0, n_save) * t1
     term = diffrax.ODETerm(lambda t, y, args: velocity(y, problem, spec))
@@ -112,6 +114,7 @@ def integrate(
         saveat=diffrax.SaveAt(ts=ts),
         stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
         max_steps=max_steps,
+        progress_meter=diffrax.TqdmProgressMeter() if progress else diffrax.NoProgressMeter(),
     )
     return sol.ts, sol.ys
 
