@@ -133,6 +133,29 @@ def test_sharded_and_bf16_checkpoints_load_the_same_weights(tmp_path):
     assert "dtype" in one_line_error(models.from_pretrained, str(tmp_path / "bf16"), dtype="float16")
 
 
+def test_multimodal_gemma3_checkpoint_loads_its_text_model(tmp_path):
+    """model_type "gemma3" wraps the text model: config under text_config, tensors under
+    model.language_model.*; ld_jax loads the text part and ignores the rest."""
+    text = dict(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("gemma3_text", **text)).save_pretrained(tmp_path / "text")
+    wrapped = tmp_path / "wrapped"
+    wrapped.mkdir()
+    tensors = load_file(tmp_path / "text" / "model.safetensors")
+    renamed = {k.replace("model.", "model.language_model.", 1): v for k, v in tensors.items()}
+    save_file({**renamed, "model.vision_tower.patch.weight": torch.zeros(3)}, wrapped / "model.safetensors")
+    (wrapped / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": text}))
+
+    plain, multimodal = (models.from_pretrained(str(p)) for p in (tmp_path / "text", wrapped))
+    assert multimodal.config == plain.config
+    assert models.from_hf_config(AutoConfig.for_model("gemma3_text", **text)) == plain.config
+    for a, b in zip(jax_leaves(plain.params), jax_leaves(multimodal.params)):
+        np.testing.assert_array_equal(a, b)
+
+
 def jax_leaves(tree):
     import jax
 

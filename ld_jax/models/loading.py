@@ -191,6 +191,9 @@ def describe(path_or_name: str) -> str:
         ("layers", f"{config.n_layers} x d_model {config.d_model}, d_ff {config.d_ff}"),
         ("attention", f"{config.n_heads} heads / {config.n_kv_heads} kv heads x {config.head_dim}"),
         ("vocab", f"{config.vocab_size} (tied embeddings: {config.tie_embeddings})"),
+        ("sliding", f"window {config.sliding_window} on {config.layer_types.count('sliding')} layers")
+        if config.sliding_window
+        else ("sliding", "none"),
         ("tokenizer", "yes" if any((path / f).is_file() for f in _TOKENIZER_FILES) else "none"),
     ]
     return "\n".join(f"{k:<11}{v}" for k, v in rows)
