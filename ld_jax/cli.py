@@ -153,7 +153,7 @@ def _add_flow(sub) -> None:
     v = fsub.add_parser("verify", help="closed forms of Theorems 4-9 and Propositions 1-2 against autodiff")
     v.add_argument("--instances", type=int, default=1000, help="random instances per theorem")
     v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--horizon", type=float, default=0.5, help="flow length in units of 1/|l'(0)|")
+    v.add_argument("--horizon", type=float, default=0.3, help="flow length in units of 1/|l'(0)|")
     v.add_argument("--out", default="results/flow", help="directory for verify.json and verify.md")
     v.add_argument("--no-claims", action="store_true", help="skip the qualitative claims and the GD table")
     v.set_defaults(func=_flow_verify)

@@ -137,15 +137,15 @@ def ches_population(
     h[:, later_minus] = w * h[:, later_plus] + np.sqrt(np.maximum(0.0, 1 - w**2)) * noise
     params = {"W": params["W"], "h": jnp.asarray(h)}
     problem = dataclasses.replace(problem, minus_tokens=jnp.asarray(minus[:, None]))
-    return params, jax.vmap(state.with_reference)(params, problem)
+    return params, state.with_references(params, problem)
 
 
 def ches_correlation(rng: np.random.Generator, instances: int = 1000) -> dict:
     """(c) Spearman(CHES, d/dt ln π(y+) at t = 0) over random multi-token instances."""
     params, problem = ches_population(rng, instances)
     rates = np.asarray(rate_y_plus(params, problem))
-    ches = np.asarray(jax.vmap(theorems.ches)(params, problem))
-    six = jax.vmap(lambda p, pr: theorems.theorem6(p, pr, DPO))(params, problem)
+    ches = np.asarray(jax.jit(jax.vmap(theorems.ches))(params, problem))
+    six = jax.jit(jax.vmap(lambda p, pr: theorems.theorem6(p, pr, DPO)))(params, problem)
     alphas = np.concatenate([np.asarray(six["alpha_minus"]).ravel(), np.asarray(six["alpha_plus"]).ravel()])
     return {
         "instances": instances,
@@ -174,7 +174,7 @@ def contradicting_sample(rng: np.random.Generator, instances: int = 1000, sample
 
     def rate_with(minus_tokens):
         pr = dataclasses.replace(problem, plus_tokens=jnp.asarray(plus), minus_tokens=jnp.asarray(minus_tokens))
-        return np.asarray(rate_y_plus(params, jax.vmap(state.with_reference)(params, pr)))
+        return np.asarray(rate_y_plus(params, state.with_references(params, pr)))
 
     r_contra, r_neutral = rate_with(contra), rate_with(neutral)
     h = np.asarray(params["h"])

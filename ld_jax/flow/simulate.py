@@ -103,13 +103,20 @@ def _contradict(problem: state.Problem) -> state.Problem:
     return problem
 
 
+@jax.jit
+def _observe(traj, problem):
+    """ln π(y±_0|x_0) `[T]`, ln π(·|x_0) `[T, V]` and CHES of sample 0 `[T]` along a trajectory."""
+    lp_plus, lp_minus = jax.vmap(lambda p: state.logprobs(p, problem))(traj)
+    prompt = jax.vmap(lambda p: state.next_token_logprobs(p, problem.plus_states[0, 0]))(traj)
+    return lp_plus[:, 0], lp_minus[:, 0], prompt, jax.vmap(lambda p: theorems.ches(p, problem))(traj)
+
+
 def simulate(cfg: SimulateConfig) -> dict:
     """Integrate the scenario's flow and write its JSON, Markdown summary and PNG."""
     params, problem, names = build(cfg)
     problem = state.with_reference(params, problem)
     ts, traj = dynamics.integrate(params, problem, cfg.loss, cfg.t1, n_save=cfg.n_save, progress=True)
-    lp_plus, lp_minus = (np.asarray(a[:, 0]) for a in jax.vmap(lambda p: state.logprobs(p, problem))(traj))
-    prompt = np.asarray(jax.vmap(lambda p: state.next_token_logprobs(p, problem.plus_states[0, 0]))(traj))
+    lp_plus, lp_minus, prompt, ches = (np.asarray(a) for a in _observe(traj, problem))
     y_plus, y_minus = int(problem.plus_tokens[0, 0]), int(problem.minus_tokens[0, 0])
     gain = prompt.max(0) - prompt[0]  # largest rise of ln π(z|x) over the run
     gain[[y_plus, y_minus]] = -np.inf
@@ -125,7 +132,7 @@ def simulate(cfg: SimulateConfig) -> dict:
         "top_gainers": [names[z] for z in top],
     }
     if cfg.scenario == "multi_token":
-        result["ches"] = np.asarray(jax.vmap(lambda p: theorems.ches(p, problem))(traj)).tolist()
+        result["ches"] = ches.tolist()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "trajectory.json").write_text(json.dumps(result) + "\n")

@@ -87,6 +87,9 @@ def with_reference(params: Params, problem: Problem) -> Problem:
 
 
 
+with_references = jax.jit(jax.vmap(with_reference))  # a population at once
+
+
 def take(tree, i: int):
     """Instance i of a population (any pytree with a leading `[instances]` axis)."""
     return jax.tree.map(lambda a: a[i], tree)
@@ -123,7 +126,7 @@ def population(params: dict, problem: dict, n_losses: int = 1) -> tuple[Params, 
                 "track_tokens": empty, "track_states": empty, "loss_id": np.arange(n) % n_losses}  # fmt: skip
     params = {k: jnp.asarray(v) for k, v in params.items()}
     problem = Problem(**{k: jnp.asarray(v) for k, v in (defaults | problem).items()})
-    return params, jax.vmap(with_reference)(params, problem)
+    return params, with_references(params, problem)
 
 
 def single_sample(

@@ -196,11 +196,10 @@ def proposition1(params: Params, problem: Problem, spec: LossSpec) -> dict[str, 
 def proposition2(params: Params, problem: Problem, spec: LossSpec) -> dict[str, Array]:
     """d/dt ln π(y+|x) = ρ E(θ) + γ ‖∇ ln π(y+|x)‖² under ℓ(λ+ ln π(y+) − λ− ln π(y−)).
 
-    For the `weighted` loss with constant λ±: μ′ = ℓ′ at the weighted margin, E uses ℓ′ at the
-    unweighted margin (the same loss with λ± = 1), ρ = λ− μ′/ℓ′, γ = (λ+ − λ−)(−μ′).
+    For the `weighted` loss with constant λ± (other losses read as λ± = 1): μ′ = ℓ′ at the
+    weighted margin, E uses ℓ′ at the unweighted margin (the same loss with λ± = 1),
+    ρ = λ− μ′/ℓ′, γ = (λ+ − λ−)(−μ′).
     """
-    if any(c.name != "weighted" for c in configs(spec)):
-        raise ValueError("proposition2 takes the 'weighted' loss with constant λ±")
     lam_plus = chosen(spec, problem, lambda c: c.weight_chosen)
     lam_minus = chosen(spec, problem, lambda c: c.weight_rejected)
     mu_prime = -loss_slopes(params, problem, spec)[1][0] / lam_minus

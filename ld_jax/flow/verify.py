@@ -32,22 +32,36 @@ VOCAB, DIM = 12, 8
 
 
 @dataclasses.dataclass(frozen=True)
+class Check:
+    """A closed form, the quantity q(θ) whose autodiff rate it must equal, and the losses (ids
+    into the setting's tuple) it holds for. `closed(params, problem, spec)` returns terms whose
+    `rate` (masked by `valid` if present) is compared with d/dt target(θ)."""
+
+    closed: Callable[..., dict[str, Array]]
+    target: Callable[[Params, Problem], Array]
+    loss_ids: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class Setting:
-    """A family of random instances, the losses they are split over, and the closed forms
-    checked on it.
+    """A family of random instances, the losses they are split over (instance i uses loss
+    i mod len(losses)), and the closed forms checked on it. Theorems of one setting share the
+    trajectories, so one compiled flow serves them all.
 
     sample: (rng, instances, n_losses) -> batched (params, problem).
-    checks: theorem name -> (closed form, target). The closed form maps (params, problem, spec)
-        to terms whose `rate` (masked by `valid` if present) must equal the autodiff rate of
-        target(params, problem) = q(θ).
     """
 
     sample: Callable[[np.random.Generator, int, int], tuple[Params, Problem]]
     losses: tuple[LossConfig, ...]
-    checks: dict[str, tuple[Callable, Callable[[Params, Problem], Array]]]
+    checks: dict[str, Check]
 
     def __hash__(self):  # static argument of jit; settings are module-level singletons
         return id(self)
+
+    def instances_for(self, per_check: int) -> int:
+        """How many instances to draw so that every check sees at least `per_check`."""
+        share = min(len(c.loss_ids) for c in self.checks.values()) / len(self.losses)
+        return int(np.ceil(per_check / share))
 
 
 def _y_plus(params: Params, problem: Problem) -> Array:
@@ -79,33 +93,27 @@ def _many(rng, n, n_losses):
 
 
 _PLAIN = (LossConfig("dpo", beta=0.1), LossConfig("ipo", tau=0.01), LossConfig("gpo", gpo_f="exponential"))
+_SFT = (LossConfig("dpo", sft_lambda=0.1), LossConfig("dpo", sft_lambda=1.0), LossConfig("ipo", sft_lambda=1.0))
+_WEIGHTED = (LossConfig("weighted", weight_chosen=1.5, weight_rejected=0.5),
+             LossConfig("weighted", weight_chosen=0.5, weight_rejected=2.0),
+             LossConfig("weighted", beta=1.0, weight_chosen=1.2, weight_rejected=1.0))
 SETTINGS: dict[str, Setting] = {
     "single_token": Setting(_single, _PLAIN, {
-        "theorem4": (theorems.theorem4, _y_plus),
-        "theorem5": (theorems.theorem5, _prompt_distribution),
+        "theorem4": Check(theorems.theorem4, _y_plus, (0, 1, 2)),
+        "theorem5": Check(theorems.theorem5, _prompt_distribution, (0, 1, 2)),
     }),
-    "multi_token": Setting(_multi, _PLAIN, {
-        "theorem6": (theorems.theorem6, _y_plus),
-        "theorem7": (theorems.theorem7, state.track_logprob),
+    "multi_token": Setting(_multi, _PLAIN + _SFT + _WEIGHTED, {
+        "theorem6": Check(theorems.theorem6, _y_plus, (0, 1, 2)),
+        "theorem7": Check(theorems.theorem7, state.track_logprob, (0, 1, 2)),
+        "proposition1": Check(theorems.proposition1, _y_plus, (3, 4, 5)),
+        "proposition2": Check(theorems.proposition2, _y_plus, (6, 7, 8)),
     }),
     "many_samples": Setting(_many, _PLAIN, {
-        "theorem8": (theorems.theorem8, _all_y_plus),
-        "theorem9": (theorems.theorem9, _all_prompt_distributions),
+        "theorem8": Check(theorems.theorem8, _all_y_plus, (0, 1, 2)),
+        "theorem9": Check(theorems.theorem9, _all_prompt_distributions, (0, 1, 2)),
     }),
-    "sft": Setting(
-        _multi,
-        (LossConfig("dpo", sft_lambda=0.1), LossConfig("dpo", sft_lambda=1.0), LossConfig("ipo", sft_lambda=1.0)),
-        {"proposition1": (theorems.proposition1, _y_plus)},
-    ),
-    "weighted": Setting(
-        _multi,
-        (LossConfig("weighted", weight_chosen=1.5, weight_rejected=0.5),
-         LossConfig("weighted", weight_chosen=0.5, weight_rejected=2.0),
-         LossConfig("weighted", beta=1.0, weight_chosen=1.2, weight_rejected=1.0)),
-        {"proposition2": (theorems.proposition2, _y_plus)},
-    ),
 }  # fmt: skip
-THEOREMS = [name for setting in SETTINGS.values() for name in setting.checks]
+THEOREMS = [f"theorem{i}" for i in range(4, 10)] + ["proposition1", "proposition2"]
 
 
 def relative_error(closed: Array, autodiff: Array, valid: Array | None = None) -> Array:
@@ -117,9 +125,9 @@ def relative_error(closed: Array, autodiff: Array, valid: Array | None = None) -
 def point_errors(setting: Setting, params: Params, problem: Problem) -> dict[str, Array]:
     """Relative error of each closed form of `setting` at one point θ, scalars."""
     errors = {}
-    for name, (closed, target) in setting.checks.items():
-        terms = closed(params, problem, setting.losses)
-        q = lambda theta: target(theta, problem)  # noqa: E731
+    for name, check in setting.checks.items():
+        terms = check.closed(params, problem, setting.losses)
+        q = lambda theta: check.target(theta, problem)  # noqa: E731
         autodiff = dynamics.rate(q, params, problem, setting.losses)
         errors[name] = relative_error(terms["rate"], autodiff, terms.get("valid"))
     return errors
@@ -129,9 +137,10 @@ def horizon_time(params: Params, problem: Problem, spec, horizon: float) -> Arra
     """t1 = horizon / |ℓ′(0)|: losses differ in slope by orders of magnitude (DPO −β/2, IPO
     −1/τ at the reference), so time is measured in units of the initial slope.
 
-    The default horizon 0.5 moves ln π(y+) by nats but stops before single-token IPO runs
-    saturate: at horizon 1 some reach 1 − π(y+) ≈ 1e-7, where 1 − π(y+) keeps only half its
-    digits in the closed form and in autodiff alike (relative errors up to ~5e-8 measured)."""
+    The default horizon 0.3 moves ln π(y+) by nats but stops before single-token IPO runs
+    saturate: at horizon 0.5 (1.0) a few reach 1 − π(y+) ≈ 2e-9, where 1 − π(y+) keeps only
+    half its digits in the closed form and in autodiff alike (relative errors up to 8e-9
+    (5e-8) measured, seed 0, 1000 instances)."""
     slope = jnp.abs(dynamics.loss_slopes(params, problem, spec)[1]).max()
     return horizon / jnp.maximum(slope, 1e-6)
 
@@ -150,25 +159,27 @@ verify_one = jax.jit(_verify_one, static_argnums=(2, 4))
 verify_batch = jax.jit(jax.vmap(_verify_one, in_axes=(0, 0, None, None, None)), static_argnums=(2, 4))
 
 
-def verify_setting(name: str, rng: np.random.Generator, instances: int, horizon: float = 0.5, n_save: int = 8) -> dict:
-    """Max relative error per theorem and the ln π(y+) change over `instances` instances."""
+def verify_setting(name: str, rng: np.random.Generator, instances: int, horizon: float = 0.3, n_save: int = 8) -> dict:
+    """Max relative error per theorem (over ≥ `instances` instances of the losses it holds for)
+    and the ln π(y+) change along those trajectories."""
     setting = SETTINGS[name]
-    params, problem = setting.sample(rng, instances, len(setting.losses))
+    params, problem = setting.sample(rng, setting.instances_for(instances), len(setting.losses))
     errors, change = verify_batch(params, problem, setting, horizon, n_save)
-    change = np.asarray(change)
+    change, loss_id = np.asarray(change), np.asarray(problem.loss_id)
     results = {}
-    for theorem, err in errors.items():
-        err = np.asarray(err)
+    for theorem, check in setting.checks.items():
+        used = np.isin(loss_id, check.loss_ids)
+        err, moved = np.asarray(errors[theorem])[used], change[used]
         results[theorem] = {
             "max_rel_error": float(err.max()),
             "max_rel_error_t0": float(err[:, 0].max()),
-            "instances": instances,
+            "instances": int(used.sum()),
             "points_per_instance": n_save,
             "setting": name,
-            "losses": [_describe(c) for c in setting.losses],
-            "max_abs_dlogpi_change": float(np.abs(change).max()),
-            "median_abs_dlogpi_change": float(np.median(np.abs(change))),
-            "fraction_dlogpi_negative": float((change < 0).mean()),
+            "losses": [_describe(setting.losses[i]) for i in check.loss_ids],
+            "max_abs_dlogpi_change": float(np.abs(moved).max()),
+            "median_abs_dlogpi_change": float(np.median(np.abs(moved))),
+            "fraction_dlogpi_negative": float((moved < 0).mean()),
         }
     return results
 
@@ -180,7 +191,7 @@ def _describe(cfg: LossConfig) -> str:
     return cfg.name + ("(" + ", ".join(f"{k}={v}" for k, v in diff.items()) + ")" if diff else "")
 
 
-def verify_all(instances: int = 1000, seed: int = 0, horizon: float = 0.5, n_save: int = 8,
+def verify_all(instances: int = 1000, seed: int = 0, horizon: float = 0.3, n_save: int = 8,
                with_claims: bool = True) -> dict:  # fmt: skip
     """Every closed-form check (and the qualitative claims and the GD table), as one report.
 
@@ -192,7 +203,7 @@ def verify_all(instances: int = 1000, seed: int = 0, horizon: float = 0.5, n_sav
     for name in tqdm(SETTINGS, desc="flow verify", unit="setting"):
         results |= verify_setting(name, rng, instances, horizon, n_save)
     summary = {name: results[name]["max_rel_error"] for name in THEOREMS}
-    summary["instances"] = instances
+    summary["instances"] = min(r["instances"] for r in results.values())
     summary["max_abs_dlogpi_change"] = max(r["max_abs_dlogpi_change"] for r in results.values())
     report = {"summary": summary, "theorems": results, "seed": seed, "horizon": horizon,
               "verify_seconds": time.perf_counter() - start}  # fmt: skip
