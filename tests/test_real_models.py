@@ -21,12 +21,12 @@ from ld_jax.models import loading
 
 pytestmark = pytest.mark.slow
 
+# The shared data directory sits next to the repository (shared/data/README.md).
 PERSONA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "persona", "ends-justify-means.jsonl")
 
 
 def persona_questions():
-    path = PERSONA if os.path.exists(PERSONA) else "/work/shared/data/persona/ends-justify-means.jsonl"
-    with open(path) as f:
+    with open(PERSONA) as f:
         return [json.loads(line)["question"] for line in f]
 
 
