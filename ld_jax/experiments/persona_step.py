@@ -1,0 +1,152 @@
+"""The jitted pieces of the Persona experiment (E1): a tracked DPO/IPO step over many runs at once,
+and the SFT step.
+
+Each run trains its own copy of the model on one prompt whose responses y+ and y− are single
+tokens, so ln π(y+|x) and ln π(y−|x) both come from the next-token distribution at the prompt's
+last position: one forward pass of the prompt, and only that position goes through the
+unembedding. Runs are independent and run one after another: vmapping them over a stacked
+`[runs]` axis of params measured 1.5x slower per run-step on CPU than this plain step
+(benchmarks/persona_step.py), because the layer scan then works on batched weight slices.
+
+A run's batch is a dict of arrays:
+    ids [s] int32 prompt right-padded, mask [s], last [] index of the last prompt token,
+    y_pos [], y_neg [] token ids, ref_pos [], ref_neg [] reference log-probs, p0 [V] initial
+    next-token distribution, watch [n_watch] token ids whose probabilities are recorded, lr [].
+Right padding keeps the prompt's positions unchanged, and causal attention never lets a real
+position see the padding, so the last prompt position is exactly what an unpadded pass gives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ld_jax.losses import LossConfig, preference_loss
+from ld_jax.train.optim import OptimizerConfig, make_optimizer
+
+Array = jax.Array
+
+
+def last_position_logprobs(lm, params, ids: Array, mask: Array, last: Array) -> tuple[Array, Array]:
+    """Next-token log-probs `[V]` (fp32) and final hidden state h_x `[d]` after prompt `ids` `[s]`."""
+    hidden = lm.hidden_states(params, ids[None], mask[None])[0]  # [s, d]
+    h = hidden[last]
+    logits = lm.logits_from_hidden(params, h[None, None])[0, 0]  # [V]
+    return jax.nn.log_softmax(logits.astype(jnp.float32)), h
+
+
+def track(lm, params, logp: Array, h: Array, loss: Array, batch: dict, track_k: int) -> dict[str, Array]:
+    """Per-step statistics of one run, all small: the `[V]` distribution never leaves the device.
+
+    Returns scalars loss, logp_pos, logp_neg, w_inner = ⟨W_{y+}, W_{y−}⟩, proj_par / proj_perp =
+    norms of the parts of W_{y+} − W_{y−} along W_{y+} and orthogonal to it (paper Table 13),
+    h_norm = ‖h_x‖; top_ids / top_inc `[track_k]`: the tokens whose probability rose most since
+    the initial model, and by how much; watch_p `[n_watch]`: probabilities of the watched tokens.
+    """
+    p = jnp.exp(logp)
+    top_inc, top_ids = jax.lax.top_k(p - batch["p0"], track_k)
+    W = lm.unembedding(params)  # [V, d]
+    w_pos, w_neg = W[batch["y_pos"]].astype(jnp.float32), W[batch["y_neg"]].astype(jnp.float32)
+    diff = w_pos - w_neg
+    unit = w_pos / jnp.linalg.norm(w_pos)
+    par = jnp.dot(diff, unit)
+    return {
+        "loss": loss,
+        "logp_pos": logp[batch["y_pos"]],
+        "logp_neg": logp[batch["y_neg"]],
+        "top_ids": top_ids,
+        "top_inc": top_inc,
+        "watch_p": p[batch["watch"]],
+        "w_inner": jnp.dot(w_pos, w_neg),
+        "proj_par": jnp.abs(par),
+        "proj_perp": jnp.linalg.norm(diff - par * unit),
+        "h_norm": jnp.linalg.norm(h.astype(jnp.float32)),
+    }
+
+
+class RunFns(NamedTuple):
+    opt: optax.GradientTransformation
+    step: Callable
+    measure: Callable
+    initial: Callable
+
+
+_RUN_FNS: dict = {}
+
+
+def make_run_fns(lm, loss_cfg: LossConfig, opt_cfg: OptimizerConfig, track_k: int) -> RunFns:
+    """The optimizer and the jitted functions of one run.
+
+    step(params, opt_state, batch) -> (params, opt_state, metrics): metrics are those of the params
+    *before* the update, so step t's loss is L(θ_t). Params and optimizer state are donated.
+    measure(params, batch) -> metrics without an update (used for the final step).
+    initial(params, ids, mask, last) -> (log-probs `[V]`, h_x `[d]`): the reference pass.
+
+    The optimizer is built with lr = 1 and its update scaled by the batch's `lr`: every optax
+    schedule and optimizer used here is linear in the base lr, so this equals building it with
+    that lr, and all lrs of the lr search share one compiled step. The functions are memoized
+    per model architecture and configs (they take params as arguments), so later experiments in
+    the same process reuse their compilations.
+    """
+    key = (lm.config, loss_cfg, dataclasses.replace(opt_cfg, lr=1.0), track_k)
+    if key in _RUN_FNS:
+        return _RUN_FNS[key]
+    opt = make_optimizer(key[2])
+
+    def loss_fn(params, batch):
+        logp, h = last_position_logprobs(lm, params, batch["ids"], batch["mask"], batch["last"])
+        losses, _ = preference_loss(
+            loss_cfg,
+            logp[batch["y_pos"]][None],
+            logp[batch["y_neg"]][None],
+            batch["ref_pos"][None],
+            batch["ref_neg"][None],
+        )
+        return losses[0], (logp, h)
+
+    def one_step(params, opt_state, batch):
+        (loss, (logp, h)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+        metrics = track(lm, params, logp, h, loss, batch, track_k)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        updates = jax.tree.map(lambda u: (batch["lr"] * u).astype(u.dtype), updates)
+        return optax.apply_updates(params, updates), opt_state, metrics
+
+    def one_measure(params, batch):
+        loss, (logp, h) = loss_fn(params, batch)
+        return track(lm, params, logp, h, loss, batch, track_k)
+
+    initial = jax.jit(functools.partial(last_position_logprobs, lm))
+    _RUN_FNS[key] = RunFns(opt, jax.jit(one_step, donate_argnums=(0, 1)), jax.jit(one_measure), initial)
+    return _RUN_FNS[key]
+
+
+def label_logprobs(lm, params, ids: Array, mask: Array, last: Array, label: Array) -> Array:
+    """ln π(label|prompt) `[b]` at each prompt's last position; ids, mask `[b, s]`, last, label `[b]`."""
+    hidden = lm.hidden_states(params, ids, mask)  # [b, s, d]
+    h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [b, 1, d]
+    logp = jax.nn.log_softmax(lm.logits_from_hidden(params, h)[:, 0].astype(jnp.float32))  # [b, V]
+    return jnp.take_along_axis(logp, label[:, None], axis=1)[:, 0]
+
+
+def make_sft_step(lm, opt: optax.GradientTransformation) -> Callable:
+    """sft_step(params, opt_state, ids, mask, last, label, weight) -> (params, opt_state, loss).
+
+    Cross-entropy of the single label token at each prompt's last position, a weighted mean over
+    the batch (`weight` `[b]` is 0 for the filler rows of a last, partial batch).
+    """
+
+    def loss_fn(params, ids, mask, last, label, weight):
+        nll = -label_logprobs(lm, params, ids, mask, last, label)
+        return jnp.sum(weight * nll) / jnp.sum(weight)
+
+    def sft_step(params, opt_state, ids, mask, last, label, weight):
+        loss, grads = jax.value_and_grad(loss_fn)(params, ids, mask, last, label, weight)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return jax.jit(sft_step, donate_argnums=(0, 1))
