@@ -164,26 +164,20 @@ def _add_flow(sub) -> None:
 
 
 def _flow_verify(args) -> int:
-    import jax
-
     from ld_jax.flow import verify
 
     if args.instances < 1 or args.horizon <= 0:
         raise LdJaxError("--instances must be >= 1 and --horizon > 0")
-    with jax.enable_x64(True):  # the flow is checked in float64; other modules stay fp32
-        verify.run(args.instances, args.seed, args.horizon, args.out, with_claims=not args.no_claims)
+    verify.run(args.instances, args.seed, args.horizon, args.out, with_claims=not args.no_claims)
     return 0
 
 
 def _flow_simulate(args) -> int:
-    import jax
-
     from ld_jax.config import load_config
     from ld_jax.flow.simulate import SimulateConfig, simulate
 
     cfg = load_config(SimulateConfig, args.config, args.overrides)
-    with jax.enable_x64(True):
-        result = simulate(cfg)
+    result = simulate(cfg)
     print(f"top gaining tokens: {', '.join(result['top_gainers'])}; trajectory.json, summary.md, flow.png in {cfg.out_dir}/")
     return 0
 

@@ -166,3 +166,10 @@ def test_simulate_no_vs_never_yes_overtakes_no(tmp_path):
     assert lp_plus.min() < lp_plus[0] - 1.0  # likelihood displacement of No
     assert prompt[0, yes] < prompt[0, no] and (prompt[:, yes] > prompt[:, no]).any()
     assert {p.name for p in tmp_path.iterdir()} >= {"trajectory.json", "summary.md", "flow.png"}
+
+
+def test_entry_points_run_in_float64_without_switching_it_on_globally():
+    with jax.enable_x64(False):
+        stats = claims.alignment_flip(np.random.default_rng(1), instances=10)
+        assert not jax.config.read("jax_enable_x64")
+    assert stats["max_rel_error_slope_vs_theorem4"] < 1e-8  # float32 would give ~1e-4

@@ -42,6 +42,7 @@ def rate_y_plus(params: Params, problem: Problem, spec=DPO) -> Array:
     return jax.vmap(one)(params, problem)
 
 
+@state.float64
 def alignment_flip(rng: np.random.Generator, instances: int = 200, grid: int = 11) -> dict:
     """(a) Sweep ⟨W_{y+}, W_{y−}⟩ with p(·|x), ‖W_{y±}‖, ‖h_x‖ and every ⟨W_z, W_{y+} − W_{y−}⟩
     (z ∉ {y±}) held fixed, and watch the sign of d/dt ln π(y+|x) at t = 0.
@@ -94,6 +95,7 @@ def alignment_flip(rng: np.random.Generator, instances: int = 200, grid: int = 1
     }
 
 
+@state.float64
 def mass_ranking(rng: np.random.Generator, instances: int = 500, vocab: int = 12, dim: int = 8) -> dict:
     """(b) Spearman(⟨W_z, W_{y+} − W_{y−}⟩, d/dt ln π(z|x)) over z ∉ {y+, y−}, per instance."""
     params, problem = state.single_sample(rng, instances, vocab, dim)
@@ -140,6 +142,7 @@ def ches_population(
     return params, state.with_references(params, problem)
 
 
+@state.float64
 def ches_correlation(rng: np.random.Generator, instances: int = 1000) -> dict:
     """(c) Spearman(CHES, d/dt ln π(y+) at t = 0) over random multi-token instances."""
     params, problem = ches_population(rng, instances)
@@ -155,6 +158,7 @@ def ches_correlation(rng: np.random.Generator, instances: int = 1000) -> dict:
     }
 
 
+@state.float64
 def contradicting_sample(rng: np.random.Generator, instances: int = 1000, samples: int = 3) -> dict:
     """(d) d/dt ln π(y+_0|x_0) with an extra sample (x̃, ỹ+, ỹ− = y+_0) against the same extra
     sample with ỹ− ∉ {y+_0, ỹ+}; the other samples and all embeddings are shared."""
@@ -190,6 +194,7 @@ def contradicting_sample(rng: np.random.Generator, instances: int = 1000, sample
     }
 
 
+@state.float64
 def gd_convergence(rng: np.random.Generator, instances: int = 4, steps=(25, 50, 100, 200, 400, 800)) -> list[dict]:
     """Max |θ_GD − θ_ODE| at t1 over multi-token instances, for GD with step t1/N."""
     params, problem = state.single_sample(rng, instances, 12, 8, 3, 4)

@@ -59,7 +59,7 @@ class SimulateConfig:
 
 
 def no_vs_never(rng: np.random.Generator, dim: int = 8):
-    """W_{No,Never} = c ± 0.6δ (cosine ≈ 0.8), W_Yes = 4δ + noise, h_x = 0.2ĉ + noise."""
+    """W_{No,Never} = c ± 0.6δ (cosine 0.84), W_Yes = 4δ + noise, h_x = 0.2ĉ + noise."""
     unit = lambda v: v / np.linalg.norm(v)  # noqa: E731
     c = 2.0 * unit(rng.standard_normal(dim))
     delta = rng.standard_normal(dim)
@@ -111,6 +111,7 @@ def _observe(traj, problem):
     return lp_plus[:, 0], lp_minus[:, 0], prompt, jax.vmap(lambda p: theorems.ches(p, problem))(traj)
 
 
+@state.float64
 def simulate(cfg: SimulateConfig) -> dict:
     """Integrate the scenario's flow and write its JSON, Markdown summary and PNG."""
     params, problem, names = build(cfg)

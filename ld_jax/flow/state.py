@@ -14,6 +14,7 @@ under vmap costs more compile time than the whole flow); every array then has a 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -88,6 +89,18 @@ def with_reference(params: Params, problem: Problem) -> Problem:
 
 
 with_references = jax.jit(jax.vmap(with_reference))  # a population at once
+
+
+def float64(fn):
+    """Run `fn` with `jax_enable_x64` on, restored afterwards: the flow is checked in float64
+    while the rest of ld_jax runs fp32, so x64 is never switched on at import."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.enable_x64(True):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def take(tree, i: int):

@@ -193,6 +193,7 @@ def _describe(cfg: LossConfig) -> str:
     return cfg.name + ("(" + ", ".join(f"{k}={v}" for k, v in diff.items()) + ")" if diff else "")
 
 
+@state.float64
 def verify_all(instances: int = 1000, seed: int = 0, horizon: float = 0.3, n_save: int = 8,
                with_claims: bool = True) -> dict:  # fmt: skip
     """Every closed-form check (and the qualitative claims and the GD table), as one report.
