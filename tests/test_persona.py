@@ -146,7 +146,7 @@ def _recompute(lm, params, batch, p0=None):
 
 
 def test_per_step_tracking_equals_recomputation_from_saved_params(tiny, lm, tmp_path):
-    cfg = _config(tiny, tmp_path, optimizer=OptimizerConfig(lr=3e-3), steps=5)
+    cfg = _config(tiny, tmp_path, optimizer=OptimizerConfig(lr=3e-3), steps=5, report_steps=(2, 5))
     tok = lm.tokenizer
     pair_ids = [(tok.convert_tokens_to_ids("No"), tok.convert_tokens_to_ids("Never"))]
     prompts, _ = persona.encode_prompts(tok, [r["question"] for r in persona.load_records(tiny["data"])], "auto")
