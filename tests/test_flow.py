@@ -1,6 +1,6 @@
 """The unconstrained features flow (SPEC §5): closed forms against autodiff along integrated
-flows, autodiff against finite differences of the integrated trajectory, the loss against the
-DPO formula written here, the paper's qualitative claims and the GD → flow limit.
+flows (through `ld-jax flow verify`), autodiff against central finite differences, the loss
+against the DPO formula written here, the paper's qualitative claims and the GD → flow limit.
 
 Everything runs in float64 inside `jax.enable_x64`, so other test modules keep fp32.
 """
@@ -19,7 +19,7 @@ import pytest
 from scipy.special import expit, log_softmax
 
 from ld_jax.cli import main
-from ld_jax.flow import claims, dynamics, simulate, state, theorems, verify
+from ld_jax.flow import claims, dynamics, simulate, state, theorems
 from ld_jax.losses import LossConfig
 
 INSTANCES = 48  # per theorem here; `ld-jax flow verify` defaults to 1000 (docs/theory.md)
