@@ -51,7 +51,9 @@ def pair_scores(hidden: jax.Array, response_mask: jax.Array) -> dict[str, jax.Ar
     flat = hidden.reshape(2 * b, s, d)
 
     def pick(mask):  # [2b, s] -> [batch, 2, d] float32
-        picked = jnp.einsum("nsd,ns->nd", flat, mask.astype(flat.dtype), preferred_element_type=jnp.float32)
+        picked = jnp.einsum(
+            "nsd,ns->nd", flat, mask.astype(flat.dtype), preferred_element_type=jnp.float32
+        )
         return picked.reshape(b, 2, d)
 
     sums, last_states = pick(summed), pick(last)
@@ -63,9 +65,12 @@ def pair_scores(hidden: jax.Array, response_mask: jax.Array) -> dict[str, jax.Ar
     ln_ches = jnp.sum(means[:, 0] * (means[:, 1] - means[:, 0]), axis=-1)
     last_ip = jnp.sum(last_states[:, 0] * last_states[:, 1], axis=-1)
     return dict(
-        ches=ches, ln_ches=ln_ches, last_hidden_ip=last_ip,
-        len_chosen=lengths[:, 0], len_rejected=lengths[:, 1],
-    )  # fmt: skip
+        ches=ches,
+        ln_ches=ln_ches,
+        last_hidden_ip=last_ip,
+        len_chosen=lengths[:, 0],
+        len_rejected=lengths[:, 1],
+    )
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -80,18 +85,34 @@ def ches_kernel(hidden_fn: Callable, params, input_ids, attention_mask, response
     return pair_scores(hidden.reshape(b, 2, s, -1), response_mask)
 
 
-def edit_distance(chosen_ids: Sequence[Sequence[int]], rejected_ids: Sequence[Sequence[int]]) -> np.ndarray:
+def edit_distance(
+    chosen_ids: Sequence[Sequence[int]], rejected_ids: Sequence[Sequence[int]]
+) -> np.ndarray:
     """Token-level Levenshtein distance (unit costs) / max(|y+|, |y−|), per pair -> [n] float64.
 
     rapidfuzz runs a bit-parallel C++ algorithm on any hashable sequence, here token ids."""
     return np.array(
-        [Levenshtein.normalized_distance(c, r) for c, r in zip(chosen_ids, rejected_ids)], np.float64
+        [Levenshtein.normalized_distance(c, r) for c, r in zip(chosen_ids, rejected_ids)],
+        np.float64,
     )
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh with axis "data" over `devices` (default: all local devices)."""
     return Mesh(np.array(devices if devices is not None else jax.local_devices()), ("data",))
+
+
+def length_batches(lm, pairs: Sequence[TokenizedPair], batch_size: int, pad_to_multiple: int = 64):
+    """Pairs longest first, in padded batches of `ld_jax.data.pipeline`'s layout: neighbours in
+    length share a batch, whose length is its longest pair rounded up to `pad_to_multiple`
+    (which also bounds the number of shapes the kernel compiles for). -> grain.MapDataset."""
+    pad_id = lm.config.pad_token_id if lm.config.pad_token_id is not None else 0
+    order = sorted(
+        pairs, key=lambda p: -(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)))
+    )
+    return make_batches(
+        order, batch_size, shuffle=False, pad_id=pad_id, pad_to_multiple=pad_to_multiple
+    )
 
 
 def score_batches(
@@ -105,21 +126,17 @@ def score_batches(
     """Score `pairs` batch by batch; yields dicts of [k] NumPy arrays: `index` plus SCORE_KEYS,
     len_chosen and len_rejected, for the k real pairs of each batch.
 
-    Pairs run longest first, so each padded batch holds pairs of similar length and the first
-    batch shows the peak memory. The batch is split over the mesh's "data" axis (batch_size is
-    rounded up to a multiple of its size) and the params are replicated. While the device runs
-    one batch, the host collates the next and computes edit distances.
+    Pairs run longest first (`length_batches`), so the first batch shows the peak memory. Each
+    batch is split over the mesh's "data" axis (batch_size is rounded up to a multiple of its
+    size) and the params are replicated. While the device runs one batch, the host collates
+    the next and computes edit distances.
     """
     if not pairs:
         return
     mesh = mesh or data_mesh()
     n_dev = mesh.devices.size
     batch_size = n_dev * -(-batch_size // n_dev)
-    pad_id = lm.config.pad_token_id if lm.config.pad_token_id is not None else 0
-    order = sorted(pairs, key=lambda p: -(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))))
-    batches = make_batches(
-        order, batch_size, shuffle=False, pad_id=pad_id, pad_to_multiple=pad_to_multiple
-    )
+    batches = length_batches(lm, pairs, batch_size, pad_to_multiple)
     by_index = {p.index: p for p in pairs}
     data = NamedSharding(mesh, PartitionSpec("data"))
     params = jax.device_put(lm.params, NamedSharding(mesh, PartitionSpec()))
@@ -138,7 +155,9 @@ def score_batches(
         pending = launch(k + 1) if k + 1 < len(batches) else None  # queued behind batch k
         kept = [by_index[int(i)] for i in index]
         out = {key: np.asarray(v)[: len(index)] for key, v in scores.items()}
-        out["edit_distance"] = edit_distance([p.chosen_ids for p in kept], [p.rejected_ids for p in kept])
+        out["edit_distance"] = edit_distance(
+            [p.chosen_ids for p in kept], [p.rejected_ids for p in kept]
+        )
         out["index"] = index
         bar.update(len(index))
         yield out
@@ -162,7 +181,8 @@ def ches_scores(
     n = len(prompt_ids)
     if not (len(chosen_ids) == len(rejected_ids) == n):
         raise LdJaxError(
-            f"ches_scores: got {n} prompts, {len(chosen_ids)} chosen and {len(rejected_ids)} rejected"
+            f"ches_scores: got {n} prompts, {len(chosen_ids)} chosen and "
+            f"{len(rejected_ids)} rejected"
         )
     for i, (p, c, r) in enumerate(zip(prompt_ids, chosen_ids, rejected_ids)):
         if not (len(p) and len(c) and len(r)):

@@ -41,31 +41,35 @@ def _config_flags(args, names: dict[str, str]) -> list[str]:
     """`key=value` overrides (JSON values, so paths stay strings) for the flags the user gave."""
     import json
 
-    return [f"{key}={json.dumps(getattr(args, attr))}" for attr, key in names.items() if getattr(args, attr) is not None]
+    given = {attr: getattr(args, attr) for attr in names if getattr(args, attr) is not None}
+    return [f"{names[attr]}={json.dumps(value)}" for attr, value in given.items()]
 
 
-_COLUMN_FLAGS = {"prompt_column": "columns.prompt", "chosen_column": "columns.chosen", "rejected_column": "columns.rejected"}
+_DATA_FLAGS = {
+    "data": "data", "out": "out", "split": "split", "prompt_column": "columns.prompt",
+    "chosen_column": "columns.chosen", "rejected_column": "columns.rejected",
+}  # fmt: skip
 
 
 def _add_data_flags(p) -> None:
-    p.add_argument("--data", help="preference data: .jsonl/.json/.jsonl.gz/.parquet or a datasets id")
+    p.add_argument("--data", help="preference data: .jsonl/.json/.jsonl.gz/.parquet or datasets id")
     p.add_argument("--split", help="split of a datasets id (default train)")
-    for flag in _COLUMN_FLAGS:
-        p.add_argument("--" + flag.replace("_", "-"), help=f"input column of the {flag.split('_')[0]}")
+    for part in ("prompt", "chosen", "rejected"):
+        p.add_argument(f"--{part}-column", help=f"input column of the {part} (default {part})")
     p.add_argument("--out", help="output .jsonl")
     p.add_argument("--config", help="YAML file with the same fields; flags override it")
 
 
 def _add_ches(sub) -> None:
-    p = sub.add_parser("ches", help="score every preference pair with CHES, ln-CHES and the §5 baselines")
+    p = sub.add_parser("ches", help="score preference pairs with CHES, ln-CHES and §5 baselines")
     p.add_argument("--model", help="checkpoint directory or known model name")
     _add_data_flags(p)
-    p.add_argument("--max-length", type=int, help="max prompt+response tokens per sequence (default 512)")
-    p.add_argument("--max-prompt-length", type=int, help="longer prompts are skipped (default 512)")
-    p.add_argument("--overflow", choices=["truncate", "skip"], help="responses over max-length (default truncate)")
-    p.add_argument("--batch-size", type=int, help="pairs per device batch (default 8)")
-    p.add_argument("--template", choices=["auto", "chat", "plain"], help="prompt format (default auto)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="model dtype; sums are fp32 (default float32)")
+    p.add_argument("--max-length", type=int, help="max prompt+response tokens (default 512)")
+    p.add_argument("--max-prompt-length", type=int, help="longer prompts are skipped (512)")
+    p.add_argument("--overflow", choices=["truncate", "skip"], help="too long (default truncate)")
+    p.add_argument("--batch-size", type=int, help="pairs per batch (default 8)")
+    p.add_argument("--template", choices=["auto", "chat", "plain"], help="default auto")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="sums are fp32 (float32)")
     p.add_argument("--limit", type=int, help="score only the first N samples")
     p.set_defaults(func=_ches)
 
@@ -74,22 +78,22 @@ def _ches(args) -> int:
     from ld_jax.config import load_config
     from ld_jax.scoring import ScoringConfig, score_file
 
-    names = dict(model="model", data="data", out="out", split="split", max_length="max_length",
-                 max_prompt_length="max_prompt_length", overflow="overflow", batch_size="batch_size",
-                 template="template", dtype="dtype", limit="limit", **_COLUMN_FLAGS)  # fmt: skip
+    fields = ("model", "max_length", "max_prompt_length", "overflow", "batch_size", "template")
+    names = {**_DATA_FLAGS, **{f: f for f in (*fields, "dtype", "limit")}}
     print(score_file(load_config(ScoringConfig, args.config, _config_flags(args, names))))
     return 0
 
 
 def _add_filter(sub) -> None:
-    p = sub.add_parser("filter", help="keep the samples with the lowest/highest scores or a percentile window")
+    p = sub.add_parser("filter", help="keep the lowest/highest scores or a percentile window")
     _add_data_flags(p)
     p.add_argument("--scores", help="scores .jsonl written by `ld-jax ches`")
-    p.add_argument("--by", choices=["ches", "ln_ches", "edit_distance", "last_hidden_ip"], help="default ln_ches")
+    scores = ["ches", "ln_ches", "edit_distance", "last_hidden_ip"]
+    p.add_argument("--by", choices=scores, help="default ln_ches")
     p.add_argument("--keep-lowest", type=float, metavar="FRACTION", help="e.g. 0.05 (paper §6)")
     p.add_argument("--keep-highest", type=float, metavar="FRACTION")
-    p.add_argument("--percentile-window", type=float, metavar="P", help="with --size: N samples centred on P (§5)")
-    p.add_argument("--size", type=int, metavar="N")
+    p.add_argument("--percentile-window", type=float, metavar="P", help="with --size (paper §5)")
+    p.add_argument("--size", type=int, metavar="N", help="samples centred on percentile P")
     p.set_defaults(func=_filter)
 
 
@@ -97,8 +101,8 @@ def _filter(args) -> int:
     from ld_jax.config import load_config
     from ld_jax.scoring import FilterConfig, filter_file
 
-    names = dict(data="data", scores="scores", out="out", split="split", by="by", keep_lowest="keep_lowest",
-                 keep_highest="keep_highest", percentile_window="percentile", size="size", **_COLUMN_FLAGS)  # fmt: skip
+    fields = ("scores", "by", "keep_lowest", "keep_highest", "size")
+    names = {**_DATA_FLAGS, **{f: f for f in fields}, "percentile_window": "percentile"}
     print(filter_file(load_config(FilterConfig, args.config, _config_flags(args, names))))
     return 0
 

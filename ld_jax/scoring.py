@@ -51,9 +51,14 @@ class ScoringConfig:
 
     def __post_init__(self):
         if self.overflow not in OVERFLOW:
-            raise LdJaxError(f"overflow must be one of {', '.join(OVERFLOW)}, got {self.overflow!r}")
+            raise LdJaxError(
+                f"overflow must be one of {', '.join(OVERFLOW)}, got {self.overflow!r}"
+            )
         if self.max_length < 2 or self.batch_size < 1:
-            raise LdJaxError(f"need max_length >= 2 and batch_size >= 1, got {self.max_length}, {self.batch_size}")
+            raise LdJaxError(
+                f"need max_length >= 2 and batch_size >= 1, got {self.max_length}, "
+                f"{self.batch_size}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,16 +80,24 @@ class FilterConfig:
     def __post_init__(self):
         if self.by not in SCORE_COLUMNS:
             raise LdJaxError(f"--by must be one of {', '.join(SCORE_COLUMNS)}, got {self.by!r}")
-        modes = [self.keep_lowest is not None, self.keep_highest is not None, self.percentile is not None]
+        modes = [
+            self.keep_lowest is not None,
+            self.keep_highest is not None,
+            self.percentile is not None,
+        ]
         if sum(modes) != 1:
-            raise LdJaxError("choose exactly one of keep_lowest, keep_highest or percentile (with size)")
+            raise LdJaxError(
+                "choose exactly one of keep_lowest, keep_highest or percentile (with size)"
+            )
         for frac in (self.keep_lowest, self.keep_highest):
             if frac is not None and not 0 < frac <= 1:
                 raise LdJaxError(f"keep fractions must be in (0, 1], got {frac}")
         if (self.percentile is None) != (self.size is None):
             raise LdJaxError("percentile and size go together")
         if self.percentile is not None and not (0 <= self.percentile <= 100 and self.size >= 1):
-            raise LdJaxError(f"need 0 <= percentile <= 100 and size >= 1, got {self.percentile}, {self.size}")
+            raise LdJaxError(
+                f"need 0 <= percentile <= 100 and size >= 1, got {self.percentile}, {self.size}"
+            )
 
 
 # ---------------------------------------------------------------- scoring
@@ -100,7 +113,11 @@ def fit_length(pairs, max_length: int, overflow: str, report: formatting.FilterR
         elif overflow == "skip":
             report.skip(p.index, "too_long")
         else:
-            kept.append(dataclasses.replace(p, chosen_ids=p.chosen_ids[:room], rejected_ids=p.rejected_ids[:room]))
+            kept.append(
+                dataclasses.replace(
+                    p, chosen_ids=p.chosen_ids[:room], rejected_ids=p.rejected_ids[:room]
+                )
+            )
             truncated.add(p.index)
     report.kept = len(kept)
     return kept, truncated
@@ -117,9 +134,13 @@ def score_file(cfg: ScoringConfig, lm=None, progress: bool = True) -> str:
     records = preference.load_preferences(cfg.data, cfg.columns, cfg.split, cfg.limit)
     # Identical replies are scored, not dropped: their CHES is defined (zero).
     pairs, report = formatting.tokenize_preferences(
-        records, lm.tokenizer, cfg.template, max_prompt_length=min(cfg.max_prompt_length, cfg.max_length - 1),
-        max_length=None, drop_identical=False,
-    )  # fmt: skip
+        records,
+        lm.tokenizer,
+        cfg.template,
+        max_prompt_length=min(cfg.max_prompt_length, cfg.max_length - 1),
+        max_length=None,
+        drop_identical=False,
+    )
     del records
     pairs, truncated = fit_length(pairs, cfg.max_length, cfg.overflow, report)
     rows = []
@@ -132,7 +153,10 @@ def score_file(cfg: ScoringConfig, lm=None, progress: bool = True) -> str:
             for k, index in enumerate(batch["index"]):
                 row = {"index": int(index)}
                 row.update({key: float(batch[key][k]) for key in SCORE_COLUMNS})
-                row.update(len_chosen=int(batch["len_chosen"][k]), len_rejected=int(batch["len_rejected"][k]))
+                row.update(
+                    len_chosen=int(batch["len_chosen"][k]),
+                    len_rejected=int(batch["len_rejected"][k]),
+                )
                 row["truncated"] = int(index) in truncated
                 f.write(json.dumps(row) + "\n")
                 rows.append(row)
@@ -141,7 +165,8 @@ def score_file(cfg: ScoringConfig, lm=None, progress: bool = True) -> str:
     total = time.perf_counter() - start
     head = (
         f"wrote {cfg.out}: {report.summary()}; truncated {len(truncated)}. Scoring took "
-        f"{scoring_time:.1f} s ({len(rows) / max(scoring_time, 1e-9):.2f} pairs/s), {total:.1f} s in all"
+        f"{scoring_time:.1f} s ({len(rows) / max(scoring_time, 1e-9):.2f} pairs/s), "
+        f"{total:.1f} s in all"
     )
     return head + "\n" + summarize(rows)
 
@@ -164,7 +189,10 @@ def summarize(rows: list[dict]) -> str:
     if len(rows) > 2 and np.ptp(diff) > 0 and np.ptp(ln_ches) > 0:
         rho = scipy.stats.spearmanr(ln_ches, diff).statistic
         r = scipy.stats.pearsonr(ln_ches, diff).statistic
-        lines.append(f"ln_ches vs length difference (len_chosen - len_rejected): Spearman {rho:.3f}, Pearson {r:.3f}")
+        lines.append(
+            "ln_ches vs length difference (len_chosen - len_rejected): "
+            f"Spearman {rho:.3f}, Pearson {r:.3f}"
+        )
     else:
         lines.append("ln_ches vs length difference: undefined (too few or constant values)")
     return "\n".join(lines)
@@ -190,7 +218,9 @@ def read_scores(path: str) -> tuple[list[dict], dict[str, int]]:
             if "skipped" in row:
                 skipped[row["skipped"]] = skipped.get(row["skipped"], 0) + 1
             elif not all(isinstance(row.get(k), int | float) for k in SCORE_COLUMNS):
-                raise LdJaxError(f"{path} line {n}: sample {index} lacks one of {', '.join(SCORE_COLUMNS)}")
+                raise LdJaxError(
+                    f"{path} line {n}: sample {index} lacks one of {', '.join(SCORE_COLUMNS)}"
+                )
             else:
                 rows.append(row)
     return rows, skipped
@@ -237,7 +267,12 @@ def filter_file(cfg: FilterConfig) -> str:
         for rec in preference.load_preferences(cfg.data, cfg.columns, cfg.split):
             if rec.index not in wanted:
                 continue
-            line = {"index": rec.index, "prompt": rec.prompt, "chosen": rec.chosen, "rejected": rec.rejected}
+            line = {
+                "index": rec.index,
+                "prompt": rec.prompt,
+                "chosen": rec.chosen,
+                "rejected": rec.rejected,
+            }
             if rec.reward_chosen is not None or rec.reward_rejected is not None:
                 line.update(reward_chosen=rec.reward_chosen, reward_rejected=rec.reward_rejected)
             line[cfg.by] = wanted[rec.index]
@@ -254,4 +289,3 @@ def filter_file(cfg: FilterConfig) -> str:
         f"skipped at scoring: {skipped_text}\nkept samples:"
     )
     return head + "\n" + summarize(chosen_rows)
-

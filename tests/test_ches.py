@@ -39,7 +39,8 @@ def reference_scores(h_chosen, h_rejected, prompt_len, len_chosen, len_rejected)
     return dict(
         ches=sp @ sm - sp @ sp,
         ln_ches=sp @ sm / (len_chosen * len_rejected) - sp @ sp / len_chosen**2,
-        last_hidden_ip=np.asarray(h_chosen, np.float64)[-1] @ np.asarray(h_rejected, np.float64)[-1],
+        last_hidden_ip=np.asarray(h_chosen, np.float64)[-1]
+        @ np.asarray(h_rejected, np.float64)[-1],
     )
 
 
@@ -122,7 +123,9 @@ def test_edit_distance_matches_textbook_dp():
     want = [textbook_levenshtein(x, y) / max(len(x), len(y)) for x, y in zip(a, b)]
     np.testing.assert_allclose(ches.edit_distance(a, b), want, rtol=0, atol=1e-12)
     kitten, sitting = [ord(c) for c in "kitten"], [ord(c) for c in "sitting"]
-    np.testing.assert_allclose(ches.edit_distance([kitten, [1, 2]], [sitting, [1, 2]]), [3 / 7, 0.0])
+    np.testing.assert_allclose(
+        ches.edit_distance([kitten, [1, 2]], [sitting, [1, 2]]), [3 / 7, 0.0]
+    )
 
 
 # ---------------------------------------------------------------- a tiny random Llama vs PyTorch
@@ -135,10 +138,15 @@ def tiny(tmp_path_factory):
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
         tie_word_embeddings=False,
-    )  # fmt: skip
+    )
     model = LlamaForCausalLM(cfg).eval()
     path = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(path)
@@ -162,8 +170,10 @@ def torch_reference(model, pairs):
         reference_scores(
             torch_final_hidden(model, p.prompt_ids + p.chosen_ids),
             torch_final_hidden(model, p.prompt_ids + p.rejected_ids),
-            len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids),
-        )  # fmt: skip
+            len(p.prompt_ids),
+            len(p.chosen_ids),
+            len(p.rejected_ids),
+        )
         for p in pairs
     ]
     return {k: np.array([r[k] for r in rows]) for k in rows[0]}
@@ -171,7 +181,11 @@ def torch_reference(model, pairs):
 
 def score(lm, pairs, **kw):
     return ches.ches_scores(
-        lm, [p.prompt_ids for p in pairs], [p.chosen_ids for p in pairs], [p.rejected_ids for p in pairs], **kw
+        lm,
+        [p.prompt_ids for p in pairs],
+        [p.chosen_ids for p in pairs],
+        [p.rejected_ids for p in pairs],
+        **kw,
     )
 
 
@@ -185,7 +199,11 @@ def test_tiny_llama_matches_per_sample_pytorch(tiny):
     for key in want:
         assert got[key].shape == (7,)
         assert_scores_close(got[key], want[key])
-    want_ed = [textbook_levenshtein(p.chosen_ids, p.rejected_ids) / max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+    want_ed = [
+        textbook_levenshtein(p.chosen_ids, p.rejected_ids)
+        / max(len(p.chosen_ids), len(p.rejected_ids))
+        for p in pairs
+    ]
     np.testing.assert_allclose(got["edit_distance"], want_ed, atol=1e-12)
 
 
@@ -203,7 +221,9 @@ def test_left_and_right_padded_kernel_agree(tiny):
     pairs = random_pairs(np.random.default_rng(5), 4, max_prompt=20, max_reply=30)
     out = {}
     for side in ("left", "right"):
-        batch = pipeline.collate([(p, None) for p in pairs], 4, pad_to_multiple=64, padding_side=side)
+        batch = pipeline.collate(
+            [(p, None) for p in pairs], 4, pad_to_multiple=64, padding_side=side
+        )
         arrays = (batch[k] for k in ("input_ids", "attention_mask", "response_mask"))
         out[side] = ches.ches_kernel(lm.hidden_states, lm.params, *arrays)
     for key in out["left"]:
@@ -247,11 +267,17 @@ def test_data_parallel_over_two_devices_matches_one(tiny):
     lm, _, path = tiny
     pairs = random_pairs(np.random.default_rng(6), 7)
     triples = [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
+    )
     run = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(MULTI_DEVICE), str(path), json.dumps(triples)],
-        capture_output=True, text=True, env=env, timeout=300, cwd=ROOT,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     line = next(x for x in run.stdout.splitlines() if x.startswith("RESULT"))
     two = json.loads(line.split(" ", 1)[1])
@@ -272,7 +298,9 @@ def test_smollm2_matches_per_sample_pytorch():
 
     model = LlamaForCausalLM.from_pretrained(str(loading.resolve("smollm2-135m-instruct"))).eval()
     records = preference.load_preferences("/work/shared/data/ultrafeedback/train.jsonl", limit=40)
-    pairs, _ = formatting.tokenize_preferences(records, lm.tokenizer, max_length=160, drop_identical=False)
+    pairs, _ = formatting.tokenize_preferences(
+        records, lm.tokenizer, max_length=160, drop_identical=False
+    )
     pairs = pairs[:6]
     got = score(lm, pairs, batch_size=3)
     want = torch_reference(model, pairs)

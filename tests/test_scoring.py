@@ -25,7 +25,8 @@ MAX_LEN = 64
 
 def char_tokenizer():
     """One id per printable character, plus ChatML specials; no hub access."""
-    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers import models as tok_models
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<unk>", "<|im_end|>", "<|im_start|>"]
@@ -34,9 +35,12 @@ def char_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     tok.decoder = decoders.Fuse()
     out = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>",
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        unk_token="<unk>",
         additional_special_tokens=["<|im_start|>"],
-    )  # fmt: skip
+    )
     out.chat_template = CHATML
     return out
 
@@ -48,9 +52,14 @@ def model_dir(tmp_path_factory):
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-    )  # fmt: skip
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     path = tmp_path_factory.mktemp("tiny-chat-llama")
     LlamaForCausalLM(cfg).save_pretrained(path)
     char_tokenizer().save_pretrained(path)
@@ -83,8 +92,19 @@ def read_lines(path):
 
 def test_ches_cli_scores_every_sample_once(model_dir, data_file, tmp_path, capsys):
     out = tmp_path / "scores.jsonl"
-    argv = ["ches", "--model", model_dir, "--data", str(data_file), "--out", str(out),
-            "--max-length", str(MAX_LEN), "--batch-size", "2"]  # fmt: skip
+    argv = [
+        "ches",
+        "--model",
+        model_dir,
+        "--data",
+        str(data_file),
+        "--out",
+        str(out),
+        "--max-length",
+        str(MAX_LEN),
+        "--batch-size",
+        "2",
+    ]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "kept 6 of 8 pairs; skipped empty_chosen=1, prompt_too_long=1; truncated 1" in printed
@@ -99,13 +119,17 @@ def test_ches_cli_scores_every_sample_once(model_dir, data_file, tmp_path, capsy
     # The same pairs through the library API (oracle-tested against PyTorch in test_ches.py).
     lm = models.from_pretrained(model_dir)
     records = preference.load_preferences(data_file)
-    pairs, _ = formatting.tokenize_preferences(records, lm.tokenizer, drop_identical=False, max_prompt_length=None)
+    pairs, _ = formatting.tokenize_preferences(
+        records, lm.tokenizer, drop_identical=False, max_prompt_length=None
+    )
     pairs = [p for p in pairs if p.index in lines and "skipped" not in lines[p.index]]
     room = [MAX_LEN - len(p.prompt_ids) for p in pairs]
     want = ches.ches_scores(
-        lm, [p.prompt_ids for p in pairs],
-        [p.chosen_ids[:k] for p, k in zip(pairs, room)], [p.rejected_ids[:k] for p, k in zip(pairs, room)],
-    )  # fmt: skip
+        lm,
+        [p.prompt_ids for p in pairs],
+        [p.chosen_ids[:k] for p, k in zip(pairs, room)],
+        [p.rejected_ids[:k] for p, k in zip(pairs, room)],
+    )
     for k, p in enumerate(pairs):
         row = lines[p.index]
         assert row["len_chosen"] == min(len(p.chosen_ids), room[k])
@@ -118,7 +142,9 @@ def test_ches_cli_scores_every_sample_once(model_dir, data_file, tmp_path, capsy
 
 def test_skip_overflow_skips_long_pairs(model_dir, data_file, tmp_path):
     out = tmp_path / "scores.jsonl"
-    cfg = scoring.ScoringConfig(model_dir, str(data_file), str(out), max_length=MAX_LEN, overflow="skip")
+    cfg = scoring.ScoringConfig(
+        model_dir, str(data_file), str(out), max_length=MAX_LEN, overflow="skip"
+    )
     summary = scoring.score_file(cfg, progress=False)
     assert "too_long=1" in summary
     lines = {row["index"]: row for row in read_lines(out)}
@@ -136,13 +162,26 @@ def scored(tmp_path):
     """A data file with N samples and a scores file with known, distinct values (plus one
     skipped sample): ln_ches ranks are a fixed permutation."""
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}"}) + "\n" for i in range(N + 1)))
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}"}) + "\n"
+            for i in range(N + 1)
+        )
+    )
     ln_ches = np.array([0.3, -2.0, 5.0, 1.0, -0.5, 4.0, 2.5, -1.0])
     rows = [
-        dict(index=i, ches=-float(v), ln_ches=float(v), edit_distance=0.5, last_hidden_ip=1.0,
-             len_chosen=2 + i, len_rejected=3, truncated=False)
+        dict(
+            index=i,
+            ches=-float(v),
+            ln_ches=float(v),
+            edit_distance=0.5,
+            last_hidden_ip=1.0,
+            len_chosen=2 + i,
+            len_rejected=3,
+            truncated=False,
+        )
         for i, v in enumerate(ln_ches)
-    ] + [{"index": N, "skipped": "empty_chosen"}]  # fmt: skip
+    ] + [{"index": N, "skipped": "empty_chosen"}]
     scores = tmp_path / "scores.jsonl"
     scores.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return data, scores, np.argsort(ln_ches)
@@ -161,7 +200,12 @@ def scored(tmp_path):
 def test_filter_selects_by_rank_and_writes_input_records(scored, tmp_path, flags, ranks, capsys):
     data, scores, order = scored
     out = tmp_path / "kept.jsonl"
-    assert cli.main(["filter", "--data", str(data), "--scores", str(scores), "--out", str(out), *flags]) == 0
+    assert (
+        cli.main(
+            ["filter", "--data", str(data), "--scores", str(scores), "--out", str(out), *flags]
+        )
+        == 0
+    )
     assert f"kept {len(ranks)} of {N} scored samples" in capsys.readouterr().out
     kept = read_lines(out)
     assert [r["index"] for r in kept] == sorted(order[ranks].tolist())
@@ -175,8 +219,12 @@ def test_filter_selects_by_rank_and_writes_input_records(scored, tmp_path, flags
 def test_filter_by_another_score(scored, tmp_path):
     data, scores, order = scored
     out = tmp_path / "kept.jsonl"
-    scoring.filter_file(scoring.FilterConfig(str(data), str(scores), str(out), by="ches", keep_lowest=0.25))
-    assert sorted(r["index"] for r in read_lines(out)) == sorted(order[-2:].tolist())  # ches = −ln_ches
+    scoring.filter_file(
+        scoring.FilterConfig(str(data), str(scores), str(out), by="ches", keep_lowest=0.25)
+    )
+    assert sorted(r["index"] for r in read_lines(out)) == sorted(
+        order[-2:].tolist()
+    )  # ches = −ln_ches
 
 
 @pytest.mark.parametrize(
@@ -190,7 +238,16 @@ def test_filter_by_another_score(scored, tmp_path):
 )
 def test_filter_rejects_bad_selections(scored, tmp_path, flags, message, capsys):
     data, scores, _ = scored
-    argv = ["filter", "--data", str(data), "--scores", str(scores), "--out", str(tmp_path / "k.jsonl"), *flags]
+    argv = [
+        "filter",
+        "--data",
+        str(data),
+        "--scores",
+        str(scores),
+        "--out",
+        str(tmp_path / "k.jsonl"),
+        *flags,
+    ]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ld-jax: error:") and message in err and "\n" not in err
