@@ -1,0 +1,197 @@
+"""DPO training throughput on CPU: ld_jax's jitted step against TRL's DPOTrainer.
+
+Same model (SmolLM2-135M-Instruct, fp32), same batch (4 UltraFeedback pairs under the chat
+template, each prompt+reply cut to exactly 256 tokens: 8 sequences x 256 = 2048 tokens a step),
+precomputed reference log-probs on both sides, RMSProp lr 1e-7, no clipping. Each side runs in
+its own fresh process (so its peak RSS is its own), one after the other, in this run:
+
+  (a) ld_jax: `train.step.compile_step` (forward on chosen+rejected, DPO loss, grads, optax
+      update, donated state), timed after 2 warm-up steps (the first compiles);
+  (b) TRL: `DPOTrainer.training_step` (forward, DPO loss, backward) plus the trainer's own
+      optimizer step, on a batch made by the trainer's collator, after 2 warm-up steps.
+
+Both report step-1 loss (ln 2 = policy equals reference) and their reference log-probs, which
+must agree: that checks they train on the same tokens. tokens/s = 2048 / median step time.
+Writes benchmarks/results/dpo_step.json; `ratio` is a/b (higher is better).
+
+    python benchmarks/dpo_step.py [--steps 8] [--seq-chunk 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DATA = "/work/shared/data/ultrafeedback/train.jsonl"
+MODEL = "smollm2-135m-instruct"
+PAIRS, SEQ, LR, WARMUP = 4, 256, 1e-7, 2
+RESULTS = Path(__file__).parent / "results" / "dpo_step.json"
+
+
+def make_batch_file(path: Path) -> None:
+    """Token ids of 4 pairs whose prompt+reply (both replies) reach SEQ tokens, cut to SEQ."""
+    from ld_jax import models
+    from ld_jax.data import formatting, preference
+
+    lm = models.from_pretrained(MODEL)
+    pairs, _ = formatting.tokenize_preferences(preference.load_preferences(DATA, limit=200), lm.tokenizer)
+    chosen = []
+    for p in pairs:
+        n = SEQ - len(p.prompt_ids)
+        if len(p.prompt_ids) <= SEQ // 2 and min(len(p.chosen_ids), len(p.rejected_ids)) >= n:
+            chosen.append({"index": p.index, "prompt_ids": p.prompt_ids,
+                           "chosen_ids": p.chosen_ids[:n], "rejected_ids": p.rejected_ids[:n]})  # fmt: skip
+        if len(chosen) == PAIRS:
+            break
+    path.write_text(json.dumps(chosen))
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker_ld_jax(batch_file: Path, steps: int, seq_chunk: int | None) -> dict:
+    import jax
+
+    from ld_jax import models
+    from ld_jax.data import pipeline
+    from ld_jax.data.formatting import TokenizedPair
+    from ld_jax.losses import LossConfig
+    from ld_jax.train import sharding
+    from ld_jax.train.optim import OptimizerConfig, make_optimizer
+    from ld_jax.train.state import init_state
+    from ld_jax.train.step import compile_logprobs, compile_step
+
+    lm = models.from_pretrained(MODEL)
+    pairs = [TokenizedPair(**p) for p in json.loads(batch_file.read_text())]
+    batch = pipeline.make_batches(pairs, PAIRS, shuffle=False, seq_len=SEQ)[0]
+    mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
+    rules = sharding.rules_for(lm.config.family)
+    param_sh = sharding.tree_shardings(lm.params, mesh, rules)
+    params = sharding.put(lm.params, param_sh)
+    seqs = {k: batch[k] for k in ("input_ids", "attention_mask", "response_mask")}
+    batch["ref_logps"] = np.asarray(compile_logprobs(lm, mesh, param_sh, seq_chunk)(params, seqs))
+    optimizer = make_optimizer(OptimizerConfig(name="rmsprop", lr=LR))
+    state = init_state(params, optimizer)
+    state_sh = sharding.tree_shardings(state, mesh, rules)
+    step = compile_step(lm, LossConfig("dpo", beta=0.1), optimizer, mesh, state_sh, batch, seq_chunk)
+    device_batch = sharding.put(batch, sharding.batch_shardings(batch, mesh))
+    times, losses = [], []
+    for _ in range(WARMUP + steps):
+        t0 = time.perf_counter()
+        state, metrics = step(state, device_batch)
+        losses.append(float(metrics["loss"]))  # waits for the step
+        times.append(time.perf_counter() - t0)
+    return {"step_s": times[WARMUP:], "warmup_s": times[:WARMUP], "losses": losses,
+            "ref_logps": batch["ref_logps"].tolist(), "tokens_per_step": int(batch["attention_mask"].sum()),
+            "peak_rss_mb": peak_rss_mb(), "seq_chunk": seq_chunk}  # fmt: skip
+
+
+def worker_trl(batch_file: Path, steps: int) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, LlamaForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    from ld_jax.models import loading
+
+    path = str(loading.resolve(MODEL))
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    rows = json.loads(batch_file.read_text())
+    text = Dataset.from_dict({"prompt": ["a"] * PAIRS, "chosen": ["b"] * PAIRS, "rejected": ["c"] * PAIRS})
+    with tempfile.TemporaryDirectory() as out:
+        args = DPOConfig(
+            output_dir=out, report_to=[], use_cpu=True, bf16=False, per_device_train_batch_size=PAIRS,
+            precompute_ref_log_probs=True, beta=0.1, learning_rate=LR, optim="rmsprop",
+            max_grad_norm=0.0, max_length=None, lr_scheduler_type="constant", disable_tqdm=True,
+        )  # fmt: skip
+        trainer = DPOTrainer(model=model, args=args, train_dataset=text, processing_class=tokenizer)
+        tokens = Dataset.from_dict({k: [r[k] for r in rows] for k in ("prompt_ids", "chosen_ids", "rejected_ids")})
+        tokens = trainer._precompute_ref_logps(tokens, "benchmark", PAIRS)
+        inputs = trainer.data_collator([tokens[i] for i in range(PAIRS)])
+        trainer.create_optimizer()
+        trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train, which we bypass
+        times, losses = [], []
+        for _ in range(WARMUP + steps):
+            t0 = time.perf_counter()
+            loss = trainer.training_step(trainer.model, inputs)
+            trainer.optimizer.step()
+            trainer.optimizer.zero_grad()
+            losses.append(float(loss))
+            times.append(time.perf_counter() - t0)
+    ref = torch.stack([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]], 1)
+    return {"step_s": times[WARMUP:], "warmup_s": times[:WARMUP], "losses": losses,
+            "ref_logps": ref.tolist(), "tokens_per_step": int(inputs["attention_mask"].sum()),
+            "peak_rss_mb": peak_rss_mb(), "torch_threads": torch.get_num_threads()}  # fmt: skip
+
+
+def run_worker(name: str, batch_file: Path, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", name, "--batch-file", str(batch_file), "--steps", str(args.steps)]
+    if args.seq_chunk:
+        cmd += ["--seq-chunk", str(args.seq_chunk)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if proc.returncode:
+        raise SystemExit(f"{name} worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=8, help="timed steps after 2 warm-up steps")
+    ap.add_argument("--seq-chunk", type=int, default=None, help="ld_jax LM-head chunk (default: none)")
+    ap.add_argument("--worker", choices=["ld_jax", "trl"])
+    ap.add_argument("--batch-file", type=Path)
+    args = ap.parse_args()
+    if args.worker == "ld_jax":
+        print(json.dumps(worker_ld_jax(args.batch_file, args.steps, args.seq_chunk)))
+        return
+    if args.worker == "trl":
+        print(json.dumps(worker_trl(args.batch_file, args.steps)))
+        return
+
+    import jax
+    import torch
+    import trl
+
+    with tempfile.TemporaryDirectory() as tmp:
+        batch_file = Path(tmp) / "batch.json"
+        make_batch_file(batch_file)
+        ours = run_worker("ld_jax", batch_file, args)
+        theirs = run_worker("trl", batch_file, args)
+    for side in (ours, theirs):
+        side["median_step_s"] = float(np.median(side["step_s"]))
+        side["tokens_per_s"] = side["tokens_per_step"] / side["median_step_s"]
+    ref_diff = float(np.abs(np.array(ours["ref_logps"]) - np.array(theirs["ref_logps"])).max())
+    result = {
+        "benchmark": "DPO training step, SmolLM2-135M-Instruct, batch 4 pairs x 256 tokens, CPU fp32",
+        "ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
+        "ld_jax": ours,
+        "trl_dpo_trainer": theirs,
+        "same_tokens_check": {"max_ref_logp_diff": ref_diff,
+                              "step1_loss": [ours["losses"][0], theirs["losses"][0]]},  # fmt: skip
+        "machine": {
+            "cpu_cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "jax": jax.__version__, "torch": torch.__version__, "trl": trl.__version__,
+            "load_average_at_end": os.getloadavg(),
+        },  # fmt: skip
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2))
+    print(f"ld_jax {ours['tokens_per_s']:.0f} tok/s (peak RSS {ours['peak_rss_mb']:.0f} MB), "
+          f"TRL {theirs['tokens_per_s']:.0f} tok/s (peak RSS {theirs['peak_rss_mb']:.0f} MB), "
+          f"ratio {result['ratio']:.2f}; ref log-probs agree to {ref_diff:.1e}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
