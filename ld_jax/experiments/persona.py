@@ -187,6 +187,7 @@ def run_persona(cfg: PersonaConfig) -> dict:
     from ld_jax import models
 
     t_start = time.time()
+    persona_runs.keep_freed_memory()
     records = load_records(cfg.data)
     for y_pos, _ in cfg.pairs:
         if y_pos not in cfg.no_set and y_pos not in cfg.yes_set:
