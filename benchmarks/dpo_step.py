@@ -140,10 +140,12 @@ def run_worker(name: str, batch_file: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--batch-file", str(batch_file), "--steps", str(args.steps)]
     if args.seq_chunk:
         cmd += ["--seq-chunk", str(args.seq_chunk)]
+    load_before = os.getloadavg()[0]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode:
         raise SystemExit(f"{name} worker failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    # The machine may be shared: the 1-minute load average around each side says how much.
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "load_1min": [load_before, os.getloadavg()[0]]}
 
 
 def main() -> None:
@@ -183,7 +185,6 @@ def main() -> None:
         "machine": {
             "cpu_cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "jax": jax.__version__, "torch": torch.__version__, "trl": trl.__version__,
-            "load_average_at_end": os.getloadavg(),
         },  # fmt: skip
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
