@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ld_jax import models
-from ld_jax.experiments import persona, persona_step
+from ld_jax.experiments import persona, persona_runs, persona_step
 from ld_jax.losses import LossConfig
 from ld_jax.train.optim import OptimizerConfig
 
@@ -60,7 +60,7 @@ def batch_for(lm, ids: list[int], y_pos: int, y_neg: int) -> dict:
 
 
 def bench_ours(lm, batch, steps):
-    opt, step, _ = persona_step.make_run_fns(lm, LossConfig(), OptimizerConfig(lr=1.0), track_k=10)
+    opt, step, _, _ = persona_step.make_run_fns(lm, LossConfig(), OptimizerConfig(lr=1.0), track_k=10)
     state = {"params": jax.tree.map(jnp.copy, lm.params)}
     state["opt"] = opt.init(state["params"])
 
@@ -72,7 +72,7 @@ def bench_ours(lm, batch, steps):
 
 
 def bench_vmapped(lm, batch, steps, runs):
-    opt, step, _ = persona_step.make_run_fns(lm, LossConfig(), OptimizerConfig(lr=1.0), track_k=10)
+    opt, step, _, _ = persona_step.make_run_fns(lm, LossConfig(), OptimizerConfig(lr=1.0), track_k=10)
     vstep = jax.jit(jax.vmap(step.__wrapped__), donate_argnums=(0, 1))
     params = jax.tree.map(lambda x: jnp.tile(x[None], (runs,) + (1,) * x.ndim), lm.params)
     state = {"params": params, "opt": jax.vmap(opt.init)(params)}
@@ -114,6 +114,7 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
 
+    persona_runs.keep_freed_memory()  # as `ld-jax persona` does; the PyTorch baseline shares it
     lm = models.from_pretrained(MODEL)
     question = persona.load_records(DATA)[0]["question"]
     (ids,), _ = persona.encode_prompts(lm.tokenizer, [question], "chat")

@@ -142,7 +142,8 @@ def plot_pair(path: Path, cfg, p: int, summary: dict, recs: list[dict], tokenize
     shown = [r for r in mine if not loss_rose(r["loss"])] or mine
     ids = [int(i) for i in shown[0]["watch_ids"]]
     first = {i: ids.index(i) for i in dict.fromkeys(ids[2:]) if i not in ids[:2]}
-    gain = {i: np.mean([r["watch_p"][-1, c] - r["watch_p"][0, c] for r in shown]) for i, c in first.items()}
+    # Rank by the peak of the mean increase since init: tokens that gained early and fell back count.
+    gain = {i: np.max(np.mean([r["watch_p"][:, c] - r["watch_p"][0, c] for r in shown], axis=0)) for i, c in first.items()}
     top = sorted(gain, key=gain.get, reverse=True)[:4]
     series = lambda c: np.stack([r["watch_p"][:, c] for r in shown])  # noqa: E731
     panels = [
