@@ -45,6 +45,15 @@ def keep_freed_memory() -> None:
     libc.mallopt(m_arena_max, 1)
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed so far back to the OS (after the SFT phase, whose batches of 32
+    prompts need several times the memory of a single-prompt run)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def pad(seqs: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Right-padded ids `[n, length]`, mask `[n, length]` and last-token index `[n]`."""
     ids = np.full((len(seqs), length), pad_id, np.int32)
@@ -108,6 +117,8 @@ def sft_phase(lm, params, prompts: list[list[int]], labels: np.ndarray, cfg, key
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"/".join(k): np.asarray(v) for k, v in flatten_dict(jax.device_get(params)).items()}, str(path))
     info_path.write_text(json.dumps(info))
+    del opt_state, sft_step
+    release_freed_memory()
     return params, info
 
 
