@@ -226,7 +226,8 @@ def run_persona(cfg: PersonaConfig) -> dict:
         n_search = min(cfg.lr_search_seeds, cfg.seeds)
         for lr in sorted(cfg.lr_grid, reverse=True):
             recs = runner.many(_runs(cfg, records, range(n_search), lr), f"lr search {lr:g}", stop_on_rise=True)
-            search.append({"lr": lr, "runs": len(cfg.pairs) * n_search, "loss_fell_every_step": recs is not None})
+            search.append({"lr": lr, "runs": len(cfg.pairs) * n_search, "loss_fell_every_step": recs is not None,
+                           "first_rise": None if recs is not None else runner.first_rise})
             if recs is not None:
                 reused = recs
                 break

@@ -140,6 +140,7 @@ class Runner:
         self.lm, self.params, self.cfg, self.prompts = lm, params, cfg, prompts
         self.pair_ids, self.predicted, self.watch_base = pair_ids, predicted, watch_base
         self.store = store
+        self.first_rise: dict | None = None  # where the last stop_on_rise run stopped
         self.opt, self.step, self.measure, self.initial = persona_step.make_run_fns(lm, cfg.loss, cfg.optimizer, cfg.track_k)
 
     def _batch(self, run) -> dict:
@@ -175,6 +176,8 @@ class Runner:
             bar.set_postfix(loss=f"{hist[-1]['loss']:.4g}", p_pos=f"{np.exp(hist[-1]['logp_pos']):.3f}", refresh=False)
             if stop_on_rise and len(hist) > 1 and loss_rose(np.array([hist[-2]["loss"], hist[-1]["loss"]])):
                 bar.close()
+                self.first_rise = {"pair": [y_pos, y_neg], "seed": run.seed, "step": len(hist) - 1,
+                                   "loss": [float(hist[-2]["loss"]), float(hist[-1]["loss"])]}
                 return None
         hist.append(jax.device_get(self.measure(params, batch)))
         rec = {**{k: np.stack([h[k] for h in hist]) for k in hist[0]}, "watch_ids": batch["watch"]}
