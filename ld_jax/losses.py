@@ -12,7 +12,7 @@ are response token counts, used only by the length-normalised variants.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -51,7 +51,8 @@ def test_ultrafeedback_file_with_dotted_reward_columns():
     cols = ColumnMap(reward_chosen="metadata.score_chosen", reward_rejected="metadata.score_rejected")
     recs = preference.load_preferences(f"{SHARED}/ultrafeedback/train.jsonl", columns=cols)
     assert len(recs) == 1000 and [r.index for r in recs] == list(range(1000))
-    first = json.loads(open(f"{SHARED}/ultrafeedback/train.jsonl").readline())
+    with open(f"{SHARED}/ultrafeedback/train.jsonl") as f:
+        first = json.loads(f.readline())
     assert recs[0] == PreferenceRecord(
         0, first["prompt"], first["chosen"], first["rejected"],
         first["metadata"]["score_chosen"], first["metadata"]["score_rejected"],

@@ -38,7 +38,7 @@ def tiny(tmp_path_factory):
 
 def random_pairs(n, vocab=128, seed=0, max_len=12):
     rng = np.random.default_rng(seed)
-    ids = lambda: [int(t) for t in rng.integers(3, vocab, rng.integers(1, max_len))]  # noqa: E731
+    ids = lambda: [int(t) for t in rng.integers(3, vocab, rng.integers(1, max_len))]
     return [TokenizedPair(i, ids(), ids(), ids()) for i in range(n)]
 
 
@@ -82,7 +82,7 @@ def test_chunked_gradient_equals_plain(tiny):
     _, lm = tiny
     batch = pipeline.make_batches(random_pairs(3, seed=2), 3, shuffle=False, pad_to_multiple=8)[0]
     def grad(chunk):
-        loss = lambda p: logprobs.pair_logprobs(lm, p, batch, chunk)[0].sum()  # noqa: E731
+        loss = lambda p: logprobs.pair_logprobs(lm, p, batch, chunk)[0].sum()
         return jax.jit(jax.grad(loss))(lm.params)
 
     for a, b in zip(jax.tree.leaves(grad(None)), jax.tree.leaves(grad(5))):

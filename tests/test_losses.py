@@ -24,7 +24,7 @@ def logps():
 
 
 def _ours(cfg, d, **kw):
-    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
     losses, metrics = preference_loss(
         cfg, f32(d["pc"]), f32(d["pr"]), f32(d["rc"]), f32(d["rr"]),
         chosen_len=f32(d["lc"]), rejected_len=f32(d["lr"]),

@@ -44,7 +44,10 @@ def _copy(tree):
     return jax.tree.map(lambda x: x.copy(), tree)
 
 
-def _one_step(lm, batch, opt_cfg, loss_cfg=LossConfig("dpo", beta=BETA), **step_options):
+DPO = LossConfig("dpo", beta=BETA)
+
+
+def _one_step(lm, batch, opt_cfg, loss_cfg=DPO, **step_options):
     mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
     optimizer = make_optimizer(opt_cfg)
     state = init_state(_copy(lm.params), optimizer)  # the step donates the state
@@ -113,7 +116,7 @@ def test_bf16_compute_keeps_fp32_master_weights(tiny):
     _, lm = tiny
     batch = _batch()
     opt = OptimizerConfig(name="sgd", lr=1.0)
-    s32, m32 = _one_step(lm, batch, opt)
+    _, m32 = _one_step(lm, batch, opt)
     s16, m16 = _one_step(lm.with_options(dtype="bfloat16"), batch, opt)
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(s16.params))
     assert abs(m16["loss"] - m32["loss"]) < 0.05 * abs(m32["loss"])

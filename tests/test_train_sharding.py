@@ -13,8 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
 TOL = 1e-5
 
@@ -27,7 +25,7 @@ def test_sharded_step_equals_single_device(tmp_path):
         "HF_HUB_OFFLINE": "1",
     }
     proc = subprocess.run(
-        [sys.executable, __file__, str(tmp_path)], env=env, capture_output=True, text=True, timeout=900
+        [sys.executable, __file__, str(tmp_path)], env=env, capture_output=True, text=True, timeout=900, check=False
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -15,7 +15,7 @@ replies (they carry no preference: DPO's gradient on them is exactly zero), a pr
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 from ld_jax.data.preference import Message, PreferenceRecord
 from ld_jax.errors import LdJaxError
@@ -138,7 +138,7 @@ def _chat_prompt(tokenizer, r: PreferenceRecord) -> str:
     messages = [{"role": "user", "content": r.prompt}] if isinstance(r.prompt, str) else r.prompt
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception as e:  # noqa: BLE001 - jinja raises template-specific errors
+    except Exception as e:  # jinja raises template-specific errors
         raise LdJaxError(f"record {r.index}: the chat template rejected the prompt: {e}") from e
 
 

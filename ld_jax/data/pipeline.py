@@ -20,7 +20,7 @@ epoch is padded to full size (valid = 0) so that every pair is used and shapes s
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import grain
 import numpy as np

@@ -21,8 +21,9 @@ import gzip
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ld_jax.errors import LdJaxError
 
@@ -127,7 +128,7 @@ def _datasets_rows(source: str, split: str):
             ds = datasets.load_from_disk(source)
             return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
         return datasets.load_dataset(source, split=split)
-    except Exception as e:  # noqa: BLE001 - datasets raises many types; the user needs one line
+    except Exception as e:  # datasets raises many types; the user needs one line
         raise LdJaxError(f"cannot load dataset {source!r} (split {split!r}): {e}") from e
 
 

@@ -40,7 +40,7 @@ class Checkpoints:
         args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
         try:
             restored = self._manager.restore(step, args=args)
-        except Exception as e:  # noqa: BLE001 - orbax raises many types for a foreign checkpoint
+        except Exception as e:  # orbax raises many types for a foreign checkpoint
             raise LdJaxError(
                 f"cannot resume from {self.directory} step {step} (a different model or "
                 f"optimizer?): {' '.join(str(e).split())[:300]}"

@@ -19,8 +19,9 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -43,7 +44,7 @@ Callback = Callable[[int, Any, dict], dict | None]
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     source: str = "../shared/data/ultrafeedback/train.jsonl"
-    columns: preference.ColumnMap = preference.ColumnMap()
+    columns: preference.ColumnMap = dataclasses.field(default_factory=preference.ColumnMap)
     split: str = "train"
     limit: int | None = None
     template: str = "auto"  # chat | plain | auto
@@ -70,10 +71,10 @@ class TrainConfig:
     resume: bool = True  # continue from the latest checkpoint in output_dir
     final_eval: bool = True  # log-probs of the whole dataset after training (summary.json)
     progress: bool = True
-    data: DataConfig = DataConfig()
-    loss: LossConfig = LossConfig()
-    optimizer: OptimizerConfig = OptimizerConfig()
-    mesh: sharding.MeshConfig = sharding.MeshConfig()
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    mesh: sharding.MeshConfig = dataclasses.field(default_factory=sharding.MeshConfig)
 
     def __post_init__(self):
         if self.reference not in ("cached", "on_the_fly"):
@@ -120,7 +121,10 @@ def train(cfg: TrainConfig, *, model=None, pairs=None, callback: Callback | None
     rules = sharding.rules_for(model.config.family)
     param_shardings = sharding.tree_shardings(model.params, mesh, rules)
     params = sharding.put(model.params, param_shardings)
-    logprobs_fn = compile_logprobs(model, mesh, param_shardings, cfg.seq_chunk)
+    # The jitted functions see only the config (no weights), so later runs reuse their compilations.
+    bare = dataclasses.replace(model, params=None, tokenizer=None)
+    key = (model.config, mesh, cfg.seq_chunk)
+    logprobs_fn = _reuse(("logprobs", key), lambda: compile_logprobs(bare, mesh, param_shardings, cfg.seq_chunk))
     pad_id = _pad_id(model)
     batches = dict(pad_id=pad_id, pad_to_multiple=cfg.data.pad_to_multiple, padding_side=cfg.data.padding_side)
 
@@ -147,46 +151,45 @@ def train(cfg: TrainConfig, *, model=None, pairs=None, callback: Callback | None
     state_shardings = sharding.tree_shardings(state, mesh, rules)
     state = jax.device_put(state, state_shardings)
     example = _with_ref(ds[0], np.zeros((batch_size, 2), np.float32))
-    step_fn = compile_step(model, cfg.loss, optimizer, mesh, state_shardings, example, cfg.seq_chunk)
+    step_fn = _reuse(
+        ("step", key, cfg.loss, cfg.optimizer),
+        lambda: compile_step(bare, cfg.loss, optimizer, mesh, state_shardings, example, cfg.seq_chunk),
+    )
     batch_sh = sharding.batch_shardings(example, mesh)
 
     ckpt = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
-    start = 0
-    if cfg.resume and ckpt.latest_step() is not None:
-        state, _ = ckpt.restore(ckpt.latest_step(), state, state_shardings)
-        start = int(state.step)
-        _say(main, cfg, f"resuming from the checkpoint at step {start}")
-    records = _metrics_log(out / "metrics.jsonl", start, main)
+    try:
+        start = 0
+        if cfg.resume and ckpt.latest_step() is not None:
+            state, _ = ckpt.restore(ckpt.latest_step(), state, state_shardings)
+            start = int(state.step)
+            _say(main, cfg, f"resuming from the checkpoint at step {start}")
+        records = _metrics_log(out / "metrics.jsonl", start, main)
 
-    bar = tqdm(range(start, total), initial=start, total=total, desc="train", disable=not (main and cfg.progress))
-    for k in bar:
-        batch = ds[k]
-        if ref_params is not None:
-            batch = _with_ref(batch, np.asarray(logprobs_fn(ref_params, _seqs(batch, mesh))))
-        t0 = time.perf_counter()
-        state, metrics = step_fn(state, sharding.put(batch, batch_sh))
-        metrics = {name: float(v) for name, v in jax.device_get(metrics).items()}
-        seconds = time.perf_counter() - t0
-        if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
-            ckpt.wait()
-            last = ckpt.latest_step()
-            kept = f"the last good checkpoint is step {last} in {ckpt.directory}" if last else "no checkpoint was saved"
-            raise LdJaxError(
-                f"non-finite loss ({metrics['loss']}) or gradient norm ({metrics['grad_norm']}) at "
-                f"step {k + 1}; training stopped, {kept}"
-            )
-        record = {"step": k + 1, **metrics, "tokens_per_s": metrics["tokens"] / seconds, "step_s": seconds}
-        if callback is not None:
-            record.update(callback(k + 1, state.params, record) or {})
-        records.append(record)
-        if main:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", dlogp_plus=f"{metrics['chosen_logp_change']:+.3f}")
-        if (cfg.checkpoint_every and (k + 1) % cfg.checkpoint_every == 0) or k + 1 == total:
-            ckpt.save(k + 1, state, {"step": k + 1})
-    ckpt.wait()
-    ckpt.close()
+        show = main and cfg.progress
+        bar = tqdm(range(start, total), initial=start, total=total, desc="train", disable=not show)
+        for k in bar:
+            batch = ds[k]
+            if ref_params is not None:
+                batch = _with_ref(batch, np.asarray(logprobs_fn(ref_params, _seqs(batch, mesh))))
+            t0 = time.perf_counter()
+            state, metrics = step_fn(state, sharding.put(batch, batch_sh))
+            metrics = {name: float(v) for name, v in jax.device_get(metrics).items()}
+            seconds = time.perf_counter() - t0
+            if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+                raise _non_finite(metrics, k + 1, ckpt)  # before any save: the bad state is never kept
+            record = {"step": k + 1, **metrics, "tokens_per_s": metrics["tokens"] / seconds, "step_s": seconds}
+            if callback is not None:
+                record.update(callback(k + 1, state.params, record) or {})
+            records.append(record)
+            if main:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", dlogp_plus=f"{metrics['chosen_logp_change']:+.3f}")
+            if (cfg.checkpoint_every and (k + 1) % cfg.checkpoint_every == 0) or k + 1 == total:
+                ckpt.save(k + 1, state, {"step": k + 1})
+    finally:
+        ckpt.close()  # waits for pending saves, also when a step fails or the run is killed
 
     if init_logps is None and (cfg.final_eval or ref_params is not None):
         init_logps = all_logps(ref_params)
@@ -201,6 +204,17 @@ def train(cfg: TrainConfig, *, model=None, pairs=None, callback: Callback | None
 
 # ---- pieces -------------------------------------------------------------------------------------
 
+_JITTED: dict = {}  # jitted functions of earlier runs in this process (e.g. E2's many subsets)
+
+
+def _reuse(key, build):
+    if key not in _JITTED:
+        if len(_JITTED) >= 16:
+            _JITTED.clear()
+        _JITTED[key] = build()
+    return _JITTED[key]
+
+
 
 def _read_pairs(data: DataConfig, tokenizer):
     if tokenizer is None:
@@ -208,6 +222,16 @@ def _read_pairs(data: DataConfig, tokenizer):
     records = preference.load_preferences(data.source, data.columns, data.split, data.limit)
     return formatting.tokenize_preferences(
         records, tokenizer, data.template, data.max_prompt_length, data.max_length
+    )
+
+
+def _non_finite(metrics: dict, step: int, ckpt: Checkpoints) -> LdJaxError:
+    ckpt.wait()
+    last = ckpt.latest_step()
+    kept = f"the last good checkpoint is step {last} in {ckpt.directory}" if last else "no checkpoint was saved"
+    return LdJaxError(
+        f"non-finite loss ({metrics['loss']}) or gradient norm ({metrics['grad_norm']}) at step "
+        f"{step}; training stopped, {kept}"
     )
 
 
