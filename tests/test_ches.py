@@ -23,6 +23,7 @@ from ld_jax import ches, models  # noqa: E402
 from ld_jax.data import formatting, pipeline, preference  # noqa: E402
 from ld_jax.data.formatting import TokenizedPair  # noqa: E402
 from ld_jax.errors import LdJaxError  # noqa: E402
+from test_logprobs import save_tiny_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 128
@@ -133,23 +134,10 @@ def test_edit_distance_matches_textbook_dp():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(cfg).eval()
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
+    path = save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), vocab=VOCAB, tokenizer=None)
+    model = LlamaForCausalLM.from_pretrained(path).eval()
     return models.from_pretrained(str(path)), model, path
 
 

@@ -13,9 +13,10 @@ from ld_jax.data import pipeline
 from ld_jax.data.formatting import TokenizedPair
 
 
-def save_tiny_llama(path, seed=0, vocab=128):
-    """A random 2-layer Llama (d=32, GQA 4/2 heads) and the character tokenizer, saved as a
-    Hugging Face checkpoint directory."""
+def save_tiny_llama(path, seed=0, vocab=128, tokenizer="tiny"):
+    """A random 2-layer Llama (d=32, GQA 4/2 heads), saved as a Hugging Face checkpoint
+    directory with `tokenizer` ("tiny": the character tokenizer of test_data; None: none; or a
+    tokenizer object). The one tiny-model builder the test files share."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -26,7 +27,8 @@ def save_tiny_llama(path, seed=0, vocab=128):
         tie_word_embeddings=False,
     )  # fmt: skip
     LlamaForCausalLM(cfg).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
+    if tokenizer is not None:
+        (tiny_tokenizer() if tokenizer == "tiny" else tokenizer).save_pretrained(path)
     return path
 
 

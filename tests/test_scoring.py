@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from ld_jax import ches, cli, models, scoring  # noqa: E402
 from ld_jax.data import formatting, preference  # noqa: E402
 from ld_jax.errors import LdJaxError  # noqa: E402
+from test_logprobs import save_tiny_llama  # noqa: E402
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -47,23 +48,8 @@ def char_tokenizer():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
     path = tmp_path_factory.mktemp("tiny-chat-llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    char_tokenizer().save_pretrained(path)
-    return str(path)
+    return str(save_tiny_llama(path, tokenizer=char_tokenizer()))
 
 
 ROWS = [
