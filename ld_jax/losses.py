@@ -29,7 +29,7 @@ GPO_FUNCTIONS: dict[str, Callable[[Array], Array]] = {
     "savage": lambda r: jax.nn.sigmoid(-r) ** 2,
 }
 
-LOSS_NAMES = ("dpo", "ipo", "slic", "rebel", "gpo", "weighted", "simpo", "dpop")
+LOSS_NAMES = ("dpo", "ipo", "slic", "rebel", "gpo", "weighted", "simpo", "dpop", "sft")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +41,8 @@ class LossConfig:
         `simpo` (λ± = 1/|y±|, no reference, target margin γ) and `dpop` (λ+ = 1 + λ_DPOP while
         ln π(y+) is below its reference value, λ− = 1) are its presets.
     sft_lambda: coefficient λ of the SFT term −λ·ln π(y+|x) (CPO/RPO); 0 disables it.
+        `sft` is that term alone with λ = 1, −ln π(y+|x) (y− is ignored): plain supervised
+        fine-tuning through the same loop, e.g. E3's alignment warm-up.
     """
 
     name: str = "dpo"
@@ -86,13 +88,14 @@ def preference_loss(
     gpo_f: a custom convex f for `name="gpo"`, overriding `cfg.gpo_f`.
     """
     name = cfg.name
-    needs_ref = name not in ("slic", "simpo")
+    needs_ref = name not in ("slic", "simpo", "sft")
     length_normalised = name == "simpo" or (name == "ipo" and cfg.ipo_length_average)
     if needs_ref and (ref_chosen is None or ref_rejected is None):
         raise ValueError(f"loss {name!r} needs reference log-probs")
     if name == "rebel" and (reward_chosen is None or reward_rejected is None):
         raise ValueError("loss 'rebel' needs reward_chosen and reward_rejected")
-    if (length_normalised or (cfg.sft_lambda and cfg.sft_length_average)) and (
+    sft_weight = 1.0 if name == "sft" else cfg.sft_lambda
+    if (length_normalised or (sft_weight and cfg.sft_length_average)) and (
         chosen_len is None or rejected_len is None
     ):
         raise ValueError(f"loss {name!r} with length normalisation needs chosen_len/rejected_len")
@@ -112,9 +115,9 @@ def preference_loss(
             margin = lam_c * (pc - ref_c) - lam_r * (pr - ref_r)
         gamma = cfg.simpo_gamma if name == "simpo" else 0.0
         losses = jax.nn.softplus(-(cfg.beta * margin - gamma))
-    elif name == "slic":
+    elif name in ("slic", "sft"):
         margin = pc - pr
-        losses = jax.nn.relu(cfg.delta - margin)
+        losses = jax.nn.relu(cfg.delta - margin) if name == "slic" else jnp.zeros_like(margin)
     else:
         margin = (pc - ref_c) - (pr - ref_r)  # u − Δ_ref
         if name == "dpo":
@@ -127,9 +130,9 @@ def preference_loss(
             f = gpo_f if gpo_f is not None else GPO_FUNCTIONS[cfg.gpo_f]
             losses = f(cfg.beta * margin)
 
-    if cfg.sft_lambda:
+    if sft_weight:
         nll = -policy_chosen / chosen_len if cfg.sft_length_average else -policy_chosen
-        losses = losses + cfg.sft_lambda * nll
+        losses = losses + sft_weight * nll
 
     metrics = {"margin": margin, "accuracy": (margin > 0).astype(jnp.float32)}
     if needs_ref:

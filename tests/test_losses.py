@@ -59,6 +59,8 @@ def _closed_forms(d):
             LossConfig("dpo", sft_lambda=lam),
             -_log_sigmoid(beta * (u - dref)) - lam * d["pc"],
         ),
+        "sft": (LossConfig("sft"), -d["pc"]),  # plain NLL of y+; y− and the reference unused
+        "sft_length_average": (LossConfig("sft", sft_length_average=True), -d["pc"] / d["lc"]),
         "weighted": (
             LossConfig("weighted", weight_chosen=1.5, weight_rejected=0.5),
             -_log_sigmoid(beta * (1.5 * (d["pc"] - d["rc"]) - 0.5 * (d["pr"] - d["rr"]))),
@@ -80,8 +82,8 @@ def _closed_forms(d):
 
 @pytest.mark.parametrize(
     "name",
-    ["dpo", "ipo", "slic", "rebel", "gpo_squared", "gpo_exponential", "sft_dpo", "weighted",
-     "simpo", "dpop"],
+    ["dpo", "ipo", "slic", "rebel", "gpo_squared", "gpo_exponential", "sft_dpo", "sft",
+     "sft_length_average", "weighted", "simpo", "dpop"],
 )  # fmt: skip
 def test_loss_matches_closed_form(logps, name):
     cfg, expected = _closed_forms(logps)[name]
@@ -191,6 +193,7 @@ def _trl_loss(trainer, loss_types, loss_weights, beta, d, seq=32):
         # per-sample length averages only when all chosen responses have the same length.
         (["sigmoid", "sft"], [1.0, 0.3],
          LossConfig("dpo", sft_lambda=0.3, sft_length_average=True), True),
+        (["sft"], [1.0], LossConfig("sft", sft_length_average=True), True),
     ],
 )  # fmt: skip
 def test_matches_trl(trl_trainer, logps, trl_types, trl_weights, cfg, equal_lengths):
