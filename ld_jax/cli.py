@@ -202,6 +202,28 @@ def _percentiles(args) -> int:
     return 0
 
 
+def _add_unalign(sub) -> None:
+    _config_command(
+        sub, "unalign", "E3: unalignment from on-policy refusal data; SFT term vs CHES filtering (paper Figure 3)",
+        "YAML file of UnalignConfig, e.g. configs/unalign_smollm2.yaml",
+        "n_prompts=100 loss.name=ipo out_dir=results/x", _unalign,
+    )  # fmt: skip
+
+
+def _unalign(args) -> int:
+    from ld_jax.config import load_config
+    from ld_jax.experiments.unalign import UnalignConfig, run_unalign
+
+    cfg = load_config(UnalignConfig, args.config, args.overrides)
+    result = run_unalign(cfg)
+    print()
+    print(result["table_md"])
+    print(result["pair_types_md"])
+    print(f"results.json, table.md, pair_types.md, figure3.png, figure4.png and examples.md in {cfg.out_dir}/ "
+          f"({result['seconds']:.0f} s)")  # fmt: skip
+    return 0
+
+
 def _add_flow(sub) -> None:
     p = sub.add_parser("flow", help="unconstrained features gradient flow: verify the theorems, simulate scenarios")
     fsub = p.add_subparsers(dest="flow_command", required=True)
@@ -238,7 +260,7 @@ def _flow_simulate(args) -> int:
 
 
 # Subcommands register here, in the order `ld-jax --help` lists them.
-_REGISTRY = [_add_models, _add_ches, _add_filter, _add_train, _add_plan, _add_persona, _add_percentiles, _add_flow]
+_REGISTRY = [_add_models, _add_ches, _add_filter, _add_train, _add_plan, _add_persona, _add_percentiles, _add_unalign, _add_flow]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -63,7 +63,7 @@ def load_preferences(
     """Read up to `limit` records from `source` (see the module docstring for what it may be)."""
     source = str(source)
     records = []
-    for index, row, where in _rows(source, split):
+    for index, row, where in read_rows(source, split):
         if limit is not None and len(records) >= limit:
             break
         records.append(_record(index, row, columns, where))
@@ -73,7 +73,7 @@ def load_preferences(
 # ---- reading rows -------------------------------------------------------------------------------
 
 
-def _rows(source: str, split: str) -> Iterator[tuple[int, dict, str]]:
+def read_rows(source: str, split: str = "train") -> Iterator[tuple[int, dict, str]]:
     """(index, row, where-for-error-messages) for every row of the source."""
     path = Path(source)
     name = path.name.lower()

@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ld_jax.experiments import persona_step
+from ld_jax.models.loading import load_param_tree, save_param_tree
 from ld_jax.train.optim import OptimizerConfig, make_optimizer
 
 
@@ -77,15 +78,11 @@ def cache_dir() -> Path:
 def sft_phase(lm, params, prompts: list[list[int]], labels: np.ndarray, cfg, key: str) -> tuple[dict, dict]:
     """`cfg.epochs` of SFT (paper J.1): CE on each prompt's label token, RMSProp, batches of
     `cfg.batch_size` in a seeded random order. Cached on disk under `key`. Returns (params, info)."""
-    from flax.traverse_util import flatten_dict, unflatten_dict
-    from safetensors.numpy import load_file, save_file
-
     path = cache_dir() / "persona_sft" / f"{key}.safetensors"
     info_path = path.with_suffix(".json")
     if path.is_file() and info_path.is_file():
         print(f"SFT phase: cached at {path}")
-        flat = {tuple(k.split("/")): jnp.asarray(v) for k, v in load_file(path).items()}
-        return unflatten_dict(flat), json.loads(info_path.read_text())
+        return load_param_tree(path), json.loads(info_path.read_text())
     opt = make_optimizer(OptimizerConfig(name="rmsprop", lr=cfg.lr))
     sft_step = persona_step.make_sft_step(lm, opt)
     pad_id = lm.tokenizer.pad_token_id or 0
@@ -115,8 +112,7 @@ def sft_phase(lm, params, prompts: list[list[int]], labels: np.ndarray, cfg, key
     info = {"steps": len(losses), "lr": cfg.lr, "loss_first_batch": losses[0], "loss_last_batch": losses[-1],
             "mean_label_prob_before": before, "mean_label_prob_after": mean_label_prob(params),
             "seconds": time.time() - t0}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"/".join(k): np.asarray(v) for k, v in flatten_dict(jax.device_get(params)).items()}, str(path))
+    save_param_tree(path, params)
     info_path.write_text(json.dumps(info))
     return params, info
 

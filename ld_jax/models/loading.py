@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
@@ -201,3 +202,21 @@ def describe(path_or_name: str) -> str:
 
 def _one_line(e: Exception) -> str:
     return " ".join(str(e).split()) or type(e).__name__
+
+
+def save_param_tree(path: str | Path, params: Params) -> None:
+    """Write a parameter pytree as safetensors in ld_jax's own layout ("/"-joined tree paths):
+    for caching trained weights between runs, not a Hugging Face checkpoint."""
+    from flax.traverse_util import flatten_dict
+    from safetensors.numpy import save_file
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file({"/".join(k): np.asarray(v) for k, v in flatten_dict(jax.device_get(params)).items()}, str(path))
+
+
+def load_param_tree(path: str | Path) -> Params:
+    """The pytree that `save_param_tree` wrote."""
+    from flax.traverse_util import unflatten_dict
+    from safetensors.numpy import load_file
+
+    return unflatten_dict({tuple(k.split("/")): jnp.asarray(v) for k, v in load_file(str(path)).items()})

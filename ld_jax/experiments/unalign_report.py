@@ -1,0 +1,135 @@
+"""E3 outputs: results.json, table.md (refusal rates before/after per condition, paper Figure 3
+as a table), pair_types.md, figure3.png (bars), figure4.png (train pairs ranked by
+length-normalised CHES, coloured by pair type) and examples.md (paper Table 18: both initial
+samples refused, the trained model complies)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ld_jax.experiments.unalign_data import PAIR_TYPES
+from ld_jax.report import format_number, markdown_table, plt, write_json
+
+COLORS = {"refusal/refusal": "tab:blue", "refusal/compliance": "tab:green", "compliance/compliance": "tab:red"}
+
+
+def best_sft(runs: dict, lambdas) -> str | None:
+    """The SFT-term run with the highest mean train refusal rate (the paper's choice of λ)."""
+    names = [f"sft_{lam:g}" for lam in lambdas if f"sft_{lam:g}" in runs]
+    return max(names, key=lambda n: runs[n]["train"]["mean"]) if names else None
+
+
+def conditions(result: dict, lambdas) -> list[tuple[str, dict]]:
+    """(label, run) in the paper's order: full, best SFT, gold, CHES."""
+    runs, rows = result["runs"], []
+    if "full" in runs:
+        rows.append(("DPO/IPO on full data", runs["full"]))
+    if best := best_sft(runs, lambdas):
+        rows.append((f"+ SFT term (λ = {runs[best]['loss']['sft_lambda']:g}, best of {len(lambdas)})", runs[best]))
+    if "gold" in runs:
+        rows.append(("gold HH-RLHF pairs", runs["gold"]))
+    if "ches" in runs:
+        rows.append((f"lowest length-normalised CHES ({runs['ches']['pairs']} pairs)", runs["ches"]))
+    return rows
+
+
+def _rate(r: dict) -> str:
+    rates = r["rates"]
+    return f"{100 * np.mean(rates):.1f} [{100 * min(rates):.1f}, {100 * max(rates):.1f}]"
+
+
+def table(result: dict, lambdas) -> str:
+    before = result["before"]
+    rows = [["initial (starting model)", "–", _rate(before["train"]), _rate(before["test"]), "–", "–"]]
+    for label, r in conditions(result, lambdas):
+        rows.append([label, r["pairs"], _rate(r["train"]), _rate(r["test"]),
+                     format_number(r["logp_chosen_change"]), format_number(r["logp_rejected_change"])])  # fmt: skip
+    head = ["model", "train pairs", "train refusal %", "test refusal %", "Δ mean ln π(y+)", "Δ mean ln π(y−)"]
+    text = markdown_table(head, rows, "lrrrrr")
+    sft = [(n, r) for n, r in result["runs"].items() if n.startswith("sft_")]
+    if sft:
+        text += "\nSFT-term runs (the best by train refusal rate is in the table above):\n\n"
+        text += markdown_table(
+            ["λ", "train refusal %", "test refusal %", "Δ mean ln π(y+)"],
+            [[r["loss"]["sft_lambda"], _rate(r["train"]), _rate(r["test"]), format_number(r["logp_chosen_change"])]
+             for _, r in sft],
+            "rrrr",
+        )  # fmt: skip
+    return text + "\nRefusal %: mean over the evaluation seeds [min, max]; temperature 0.7.\n"
+
+
+def pair_type_table(result: dict) -> str:
+    train, everything = result["pair_types"], result["pair_types_all"]
+    n_train, n_all = max(sum(train.values()), 1), max(sum(everything.values()), 1)
+    rows = [[t, everything[t], f"{100 * everything[t] / n_all:.1f}", train[t], f"{100 * train[t] / n_train:.1f}"] for t in PAIR_TYPES]
+    text = markdown_table(["pair type", "all pairs", "%", "train pairs", "%"], rows, "lrrrr")
+    left_out = ", ".join(f"{k} {v}" for k, v in result["pair_counts"].items()) or "none"
+    return text + f"\nPairs left out: {left_out}. Tokenisation: {result['filter']}.\n"
+
+
+def figure3(path: Path, result: dict, lambdas) -> None:
+    rows = [("initial", result["before"])] + [(label.split(" (")[0], r) for label, r in conditions(result, lambdas)]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, split in zip(axes, ("train", "test")):
+        means = [100 * np.mean(r[split]["rates"]) for _, r in rows]
+        lo = [m - 100 * min(r[split]["rates"]) for m, (_, r) in zip(means, rows)]
+        hi = [100 * max(r[split]["rates"]) - m for m, (_, r) in zip(means, rows)]
+        ax.bar(range(len(rows)), means, yerr=[lo, hi], capsize=4, color=["gray"] + ["tab:blue"] * (len(rows) - 1))
+        ax.set_xticks(range(len(rows)), [n for n, _ in rows], rotation=20, ha="right", fontsize=8)
+        ax.set_title(f"{split} prompts")
+        ax.set_ylabel("refusal rate (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{result['title']}: refusal rate before and after training (error bars: min/max over seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def figure4(path: Path, result: dict) -> None:
+    scores, types = np.asarray(result["ches"]["ln_ches"]), result["ches"]["pair_type"]
+    order = np.argsort(scores, kind="stable")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for t in PAIR_TYPES:
+        ranks = [k for k, i in enumerate(order) if types[i] == t]
+        ax.scatter(ranks, scores[order][ranks], s=12, color=COLORS[t], label=f"{t} ({len(ranks)})")
+    if result["ches"]["kept"]:
+        ax.axvline(len(result["ches"]["kept"]) - 0.5, color="k", lw=0.8, ls="--", label="CHES filter cut")
+    ax.set_xlabel("train pairs ranked by length-normalised CHES")
+    ax.set_ylabel("length-normalised CHES")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{result['title']}: on-policy pairs (paper Figure 4)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def examples(result: dict, shown: int) -> str:
+    """Train prompts whose two initial samples were both refusals, and where the model trained
+    on the full data complies (its seed-0 reply)."""
+    run = result["runs"].get("full")
+    if run is None:
+        return "No `full` run, so no examples.\n"
+    replies = dict(zip(result["train_prompts"], run["train"]["replies"]))
+    found = [(p, replies[p["prompt"]]) for p in result["train_pairs"]
+             if p["type"] == "refusal/refusal" and replies.get(p["prompt"], ("", ""))[1] == "compliance"]  # fmt: skip
+    lines = [f"# Both initial samples refused; after DPO/IPO on the full data the model complies\n",
+             f"{len(found)} train prompts of {len(result['train_pairs'])} (reply: seed 0, temperature 0.7).\n"]  # fmt: skip
+    for p, (reply, _) in found[:shown]:
+        lines += [f"**Prompt:** {p['prompt']}\n", f"- initial sample (chosen): {p['chosen']}",
+                  f"- initial sample (rejected): {p['rejected']}", f"- after training: {reply}\n"]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def write_all(out: Path, result: dict, lambdas, shown: int) -> dict:
+    texts = {"table_md": table(result, lambdas), "pair_types_md": pair_type_table(result), "examples_md": examples(result, shown)}
+    (out / "table.md").write_text(texts["table_md"])
+    (out / "pair_types.md").write_text(texts["pair_types_md"])
+    (out / "examples.md").write_text(texts["examples_md"])
+    figure3(out / "figure3.png", result, lambdas)
+    figure4(out / "figure4.png", result)
+    write_json(out / "results.json", result)
+    return texts

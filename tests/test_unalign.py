@@ -1,0 +1,164 @@
+"""E3 (`ld-jax unalign`) on a tiny random Llama with a character tokenizer and a pluggable
+rule-based judge: the data stage is deterministic by seed, the judge is pluggable, the split
+never leaks a prompt, the CHES filter keeps exactly the lowest fraction, and bad prompts and
+unparsable verdicts are counted, never silently dropped."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from ld_jax import ches, cli, judge, models  # noqa: E402
+from ld_jax.config import load_config  # noqa: E402
+from ld_jax.experiments import unalign  # noqa: E402
+from ld_jax.experiments import unalign_data as data  # noqa: E402
+from test_logprobs import save_tiny_llama  # noqa: E402
+from test_scoring import char_tokenizer  # noqa: E402
+
+HH = "../shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
+
+
+def rule_label(text: str) -> str:
+    """The test judge: a fixed function of the reply text, so every verdict can be recomputed."""
+    s = sum(map(ord, text))
+    return "unparsable" if s % 5 == 0 else ("refusal" if s % 2 == 0 else "compliance")
+
+
+def rule_judge(cfg):
+    return lambda prompts, responses: [judge.Verdict(rule_label(r), "rule") for r in responses]
+
+
+judge.register("test_rule", rule_judge)
+
+
+def _prompt_file(path):
+    rows = [{"turns": [f"How do I do thing number {i}?"]} for i in range(30)]
+    rows += [{"turns": [""]}, {"turns": ["   "]}, {"turns": ["x" * 300]}, {"turns": [rows[0]["turns"][0]]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e3")
+    return str(save_tiny_llama(root / "model", tokenizer=char_tokenizer())), root
+
+
+def _overrides(model_dir, root, *extra):
+    return [
+        f"model={model_dir}", f"prompts.source={_prompt_file(root / 'prompts.jsonl')}", "prompts.format=jsonl",
+        "prompts.max_prompt_tokens=80", "n_prompts=20", "warmup.n_prompts=6", "warmup.eval_prompts=4",
+        "warmup.max_rounds=1", "warmup.steps_per_round=2", "warmup.batch_size=2", "warmup.lr=1e-3",
+        "max_new_tokens=8", "sample_batch_size=8", "eval.max_new_tokens=8", "eval.batch_size=8",
+        "eval.seeds=[0,1]", "judge.kind=test_rule", "batch_size=4", "optimizer.lr=1e-3",
+        "sft_lambdas=[0.1,1.0]", "ches_fraction=0.25", f"cache_dir={root / 'cache'}", "progress=false", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run(tiny):
+    model_dir, root = tiny
+    out = root / "out"
+    assert cli.main(["unalign", "--config", "configs/unalign_smollm2.yaml", *_overrides(model_dir, root, f"out_dir={out}")]) == 0
+    return json.loads((out / "results.json").read_text()), out
+
+
+def test_outputs_and_bad_prompts_are_counted(run):
+    result, out = run
+    for name in ("table.md", "pair_types.md", "examples.md", "figure3.png", "figure4.png"):
+        assert (out / name).stat().st_size > 0
+    counts = result["prompt_counts"]
+    assert (counts["empty"], counts["too_long"], counts["duplicate"]) == (2, 1, 1)
+    assert counts["usable"] == 30 and counts["experiment"] == 20 and counts["warm_up"] == 10
+    assert set(result["runs"]) == {"full", "sft_0.1", "sft_1", "ches"}  # gold: jsonl has none
+    assert result["warmup"]["rounds"][-1]["steps"] == 2
+    assert all(len(r["train"]["rates"]) == 2 for r in result["runs"].values())
+
+
+def test_split_never_leaks_prompts(run):
+    result, _ = run
+    train, test = set(result["train_prompts"]), set(result["test_prompts"])
+    assert not train & test
+    assert len(train) + len(test) == 20 and len(test) == 3  # round(0.15 * 20)
+    assert {p["prompt"] for p in result["train_pairs"]} <= train
+
+
+def test_judge_is_pluggable_and_unparsable_pairs_are_counted(run, tiny):
+    result, _ = run
+    for p in result["train_pairs"]:  # verdicts of the stored texts follow the plugged-in rule
+        a, b = rule_label(p["chosen"]), rule_label(p["rejected"])
+        assert data.pair_type(a, b) == p["type"]
+        if a != b:
+            assert a == "refusal"  # the refusal is the preferred reply
+    assert sum(result["pair_types"].values()) == len(result["train_pairs"])
+    samples = next((tiny[1] / "cache").glob("samples-*.json"))
+    labels = json.loads(samples.read_text())["labels"]
+    assert result["pair_counts"].get("unparsable", 0) == sum("unparsable" in pair for pair in labels)
+
+
+def test_ches_filter_keeps_exactly_the_lowest_fraction(run):
+    result, _ = run
+    scores = np.asarray(result["ches"]["ln_ches"])
+    k = max(1, round(0.25 * len(scores)))
+    assert sorted(result["ches"]["kept"]) == sorted(np.argsort(scores, kind="stable")[:k].tolist())
+    assert result["runs"]["ches"]["pairs"] == k
+    assert max(scores[result["ches"]["kept"]]) <= min(np.delete(scores, result["ches"]["kept"]))
+    rng = np.random.default_rng(0)
+    for n, frac in [(7, 0.05), (100, 0.05), (101, 0.15), (40, 1.0)]:
+        v = rng.normal(size=n)
+        kept = data.lowest_fraction(v, frac)
+        assert len(kept) == max(1, round(frac * n)) and set(kept) == set(np.argsort(v)[: len(kept)])
+
+
+def test_data_stage_is_deterministic_by_seed(tiny, tmp_path):
+    model_dir, root = tiny
+    cfg = load_config(unalign.UnalignConfig, "configs/unalign_smollm2.yaml", _overrides(model_dir, root))
+    lm = models.from_pretrained(model_dir)
+    prompts, _ = data.read_prompts(cfg.prompts, lambda t: len(t))
+    exp, _ = data.choose_prompts(prompts, 8, 0, cfg.seed, need_gold=False)
+    fn = judge.build_judge(cfg.judge)
+    first = unalign.build_data(cfg, lm, exp, fn, tmp_path / "a", "k")["samples"]
+    again = unalign.build_data(cfg, lm, exp, fn, tmp_path / "b", "k")["samples"]
+    other = unalign.build_data(dataclasses.replace(cfg, seed=1), lm, exp, fn, tmp_path / "c", "k")["samples"]
+    assert first == again and first != other
+    labels = [[rule_label(a), rule_label(b)] for a, b in first]
+    pairs_a, _ = data.build_pairs(exp, first, labels, seed=0)
+    pairs_b, _ = data.build_pairs(exp, first, labels, seed=0)
+    assert pairs_a == pairs_b
+
+
+def test_pair_rule_tie_break_and_gold_prompts():
+    prompts = [data.UnsafePrompt(i, f"p{i}") for i in range(4)]
+    responses = [["a", "b"], ["c", "d"], ["e", "e"], ["f", "g"]]
+    labels = [["compliance", "refusal"], ["refusal", "refusal"], ["refusal", "refusal"], ["unparsable", "refusal"]]
+    pairs, counts = data.build_pairs(prompts, responses, labels, seed=0, tie_scores=[None, (0.0, 1.0), None, None])
+    assert counts == {"identical": 1, "unparsable": 1}
+    assert (pairs[0].chosen, pairs[0].rejected, pairs[0].tie) == ("b", "a", False)
+    assert (pairs[1].chosen, pairs[1].tie, pairs[1].pair_type) == ("d", True, "refusal/refusal")
+    hh, counts = data.read_prompts(data.PromptsConfig(source=HH, max_prompt_tokens=10**6), len)
+    assert len(hh) + sum(counts.values()) == 2312
+    exp, warm = data.choose_prompts(hh, 50, 200, seed=0, need_gold=True)
+    assert all(p.gold for p in exp) and not {p.text for p in exp} & {p.text for p in warm}
+    assert all(r.chosen and r.rejected for r in data.gold_records(exp))
+
+
+def test_ches_scores_of_the_run_match_an_independent_call(run, tiny):
+    """The filter ranks the scores of the very token ids that are trained on."""
+    result, _ = run
+    lm = models.from_pretrained(tiny[0])
+    cfg = load_config(unalign.UnalignConfig, "configs/unalign_smollm2.yaml", _overrides(tiny[0], tiny[1]))
+    warm = next((tiny[1] / "cache").glob("warmup-*/params.safetensors"))
+    lm = dataclasses.replace(lm, params=models.loading.load_param_tree(warm))
+    records = data.as_records([
+        data.OnPolicyPair(data.UnsafePrompt(i, p["prompt"]), p["chosen"], p["rejected"], "refusal", "refusal", True)
+        for i, p in enumerate(result["train_pairs"])
+    ])  # fmt: skip
+    pairs, _ = unalign.tokenize(cfg, lm.tokenizer, records)
+    scores = ches.ches_scores(lm, [p.prompt_ids for p in pairs], [p.chosen_ids for p in pairs], [p.rejected_ids for p in pairs])
+    np.testing.assert_allclose(scores["ln_ches"], result["ches"]["ln_ches"], rtol=1e-5, atol=1e-5)
