@@ -21,6 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from ld_jax import models
 from ld_jax.errors import LdJaxError
@@ -223,11 +224,14 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, multiple: int = 1) -> t
     return ids, mask
 
 
-def generate_text(lm, prompts: Sequence, sampling: SamplingConfig, template: str = "auto", num_samples: int = 1) -> list[Sample]:
+def generate_text(
+    lm, prompts: Sequence, sampling: SamplingConfig, template: str = "auto", num_samples: int = 1, progress: str | None = None
+) -> list[Sample]:
     """Sample `num_samples` responses per prompt; returns them prompt-major.
 
     Rows run in chunks of `sampling.batch_size`; the last chunk is filled with repeats so that
-    every chunk has the same shape (one compilation). Chunk c uses `fold_in(PRNGKey(seed), c)`."""
+    every chunk has the same shape (one compilation). Chunk c uses `fold_in(PRNGKey(seed), c)`.
+    `progress`: a description to show a progress bar over the chunks under (None: no bar)."""
     tok = lm.tokenizer
     if tok is None:
         raise LdJaxError("generate_text needs a model directory with a tokenizer")
@@ -237,7 +241,8 @@ def generate_text(lm, prompts: Sequence, sampling: SamplingConfig, template: str
     encoded = [list(ids) for ids in tok(texts, add_special_tokens=special)["input_ids"]]
     rows = [(p, s) for p in range(len(prompts)) for s in range(num_samples)]
     key, out = jax.random.PRNGKey(sampling.seed), []
-    for c, start in enumerate(range(0, len(rows), sampling.batch_size)):
+    starts = range(0, len(rows), sampling.batch_size)
+    for c, start in enumerate(tqdm(starts, desc=progress, unit="batch", disable=progress is None)):
         chunk = rows[start : start + sampling.batch_size]
         filled = chunk + [chunk[0]] * (sampling.batch_size - len(chunk))
         ids, mask = left_pad([encoded[p] for p, _ in filled], pad_token_id(lm), sampling.pad_prompts_to)

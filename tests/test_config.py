@@ -55,3 +55,25 @@ def test_missing_file_is_a_one_line_cli_error(capsys):
     assert main(["models", "info", "/nonexistent/dir"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ld-jax: error:") and "\n" not in err
+
+
+def test_every_shipped_config_loads():
+    """Each YAML under configs/ loads into its command's dataclass (a typo'd key fails here)."""
+    from pathlib import Path
+
+    from ld_jax.experiments.percentiles import PercentilesConfig
+    from ld_jax.experiments.persona import PersonaConfig
+    from ld_jax.experiments.unalign import UnalignConfig
+    from ld_jax.flow.simulate import SimulateConfig
+    from ld_jax.train.loop import TrainConfig
+
+    classes = {"dpo": TrainConfig, "persona": PersonaConfig, "percentiles": PercentilesConfig,
+               "unalign": UnalignConfig, "flow": SimulateConfig}  # fmt: skip
+    root = Path(__file__).resolve().parents[1] / "configs"
+    checked = 0
+    for path in sorted(root.rglob("*.yaml")):
+        prefix = path.name.split("_")[0]
+        if prefix in classes:
+            load_config(classes[prefix], path)
+            checked += 1
+    assert checked >= 30

@@ -104,6 +104,7 @@ class UnalignConfig:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=lambda: OptimizerConfig("rmsprop", lr=1e-6))
     lr_grid: tuple[float, ...] = ()  # largest lr whose `full` run lowers its loss (SPEC E3)
     batch_size: int = 32
+    max_length: int = 256  # prompt + response tokens of a training pair (gold replies can be long)
     seq_chunk: int | None = None
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     cache_dir: str = "results/unalign_cache"  # warm-up, data and "before" rates; shared by DPO/IPO
@@ -133,7 +134,7 @@ def refusal_rates(cfg: UnalignConfig, lm, prompts, judge_fn, seeds, desc: str) -
             max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature, seed=seed,
             batch_size=cfg.eval.batch_size,
         )  # fmt: skip
-        out = [s.text for s in generate.generate_text(lm, texts, sampling, cfg.template)]
+        out = [s.text for s in generate.generate_text(lm, texts, sampling, cfg.template, progress=_bar(cfg, f"{desc} seed {seed}"))]
         verdicts = judge_fn(texts, out)
         summary = judge.summarize(verdicts)
         rates.append(summary["refusal_rate"])
@@ -145,10 +146,10 @@ def refusal_rates(cfg: UnalignConfig, lm, prompts, judge_fn, seeds, desc: str) -
 
 
 def tokenize(cfg: UnalignConfig, tok, records, drop_identical=True):
-    pairs, rep = formatting.tokenize_preferences(
-        records, tok, cfg.template, max_prompt_length=None, drop_identical=drop_identical
+    """Token ids for training; pairs over `cfg.max_length` tokens are left out and counted."""
+    return formatting.tokenize_preferences(
+        records, tok, cfg.template, max_prompt_length=None, max_length=cfg.max_length, drop_identical=drop_identical
     )
-    return pairs, rep
 
 
 def train_config(cfg: UnalignConfig, out: Path, loss: LossConfig, lr: float, **kw) -> loop.TrainConfig:
@@ -187,7 +188,8 @@ def warm_up(cfg: UnalignConfig, lm, prompts, held_out, judge_fn, cache: Path):
             train_config(cfg, root / "loop", LossConfig("sft", sft_length_average=True), w.lr, final_eval=False),
             batch_size=w.batch_size, num_epochs=epochs, max_steps=r * w.steps_per_round,
         )
-        result = loop.train(tc, model=lm, pairs=pairs)
+        # the SFT loss has no reference term, so skip the loop's reference pass
+        result = loop.train(tc, model=lm, pairs=pairs, ref_logps=np.zeros((len(pairs), 2), np.float32))
         params = result.params
         rate = refusal_rates(cfg, dataclasses.replace(lm, params=params), held_out, judge_fn, seed0, f"warm-up round {r}")["mean"]
         rounds.append({"round": r, "steps": r * w.steps_per_round, "refusal_rate": rate,
@@ -211,7 +213,7 @@ def build_data(cfg: UnalignConfig, lm, prompts, judge_fn, cache: Path, warm_key:
     sampling = generate.SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                        seed=cfg.seed, batch_size=cfg.sample_batch_size)  # fmt: skip
     texts = [p.text for p in prompts]
-    out = generate.generate_text(lm, texts, sampling, cfg.template, num_samples=2)
+    out = generate.generate_text(lm, texts, sampling, cfg.template, num_samples=2, progress=_bar(cfg, "on-policy samples"))
     responses = [[out[2 * i].text, out[2 * i + 1].text] for i in range(len(prompts))]
     verdicts = judge_fn([t for t in texts for _ in range(2)], [r for pair in responses for r in pair])
     labels = [[verdicts[2 * i].label, verdicts[2 * i + 1].label] for i in range(len(prompts))]
@@ -357,8 +359,9 @@ def run_unalign(cfg: UnalignConfig) -> dict:
             runs[f"sft_{lam:g}"] = run(f"sft_{lam:g}", tokenized, dataclasses.replace(cfg.loss, sft_lambda=lam), lr)
     if "gold" in cfg.conditions:
         if need_gold:
-            gold, _ = tokenize(cfg, tok, data.gold_records(train_prompts))
+            gold, gold_report = tokenize(cfg, tok, data.gold_records(train_prompts))
             runs["gold"] = run("gold", gold, cfg.loss, lr)
+            runs["gold"]["filter"] = gold_report.summary()
         else:
             _say(cfg, "gold: the prompt file has no gold pairs (format jsonl); condition skipped")
     keep = data.lowest_fraction(scores["ln_ches"], cfg.ches_fraction) if "ches" in cfg.conditions else None
@@ -382,6 +385,10 @@ def run_unalign(cfg: UnalignConfig) -> dict:
     }  # fmt: skip
     result.update(report.write_all(out, result, cfg.sft_lambdas, cfg.examples_shown))
     return result
+
+
+def _bar(cfg: UnalignConfig, desc: str) -> str | None:
+    return desc if cfg.progress else None
 
 
 def _say(cfg: UnalignConfig, message: str) -> None:
