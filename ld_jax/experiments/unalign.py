@@ -238,15 +238,16 @@ def reward_tie_scores(path: str, prompts, responses) -> list[tuple[float, float]
     return scores
 
 
-def run_condition(cfg, lm, name, pairs, loss, lr, out: Path, train_prompts, test_prompts, judge_fn) -> dict:
-    """Train one epoch on `pairs` from `lm`, then the refusal rates. Cached in out/runs/name."""
+def run_condition(cfg, lm, name, pairs, loss, lr, out: Path, train_prompts, test_prompts, judge_fn, ref_logps=None) -> dict:
+    """Train one epoch on `pairs` from `lm`, then the refusal rates. Cached in out/runs/name.
+    ref_logps: `[len(pairs), 2]` ln π(y±|x) of `lm`, when already computed."""
     root = out / "runs" / name
     path = root / "result.json"
     if path.is_file():
         _say(cfg, f"{name}: cached in {path}")
         return json.loads(path.read_text())
     t0 = time.time()
-    result = loop.train(train_config(cfg, root / "loop", loss, lr), model=lm, pairs=pairs)
+    result = loop.train(train_config(cfg, root / "loop", loss, lr), model=lm, pairs=pairs, ref_logps=ref_logps)
     change = result.final_logps - result.init_logps
     init_loss = _loss(loss, result.init_logps, result.init_logps)
     final_loss = _loss(loss, result.final_logps, result.init_logps)
@@ -339,9 +340,12 @@ def run_unalign(cfg: UnalignConfig) -> dict:
     stages["CHES scores"] = time.time() - t
 
     t = time.time()
+    # ln π(y±|x) of the starting model on the train pairs, once for every condition (cached)
+    init_cfg = train_config(cfg, cache / "init_logps", cfg.loss, cfg.optimizer.lr, max_steps=0, final_eval=False)
+    init = loop.train(init_cfg, model=lm, pairs=tokenized).init_logps
     runs, lr, search = {}, cfg.optimizer.lr, []
-    run = lambda name, prs, loss, lr_: run_condition(  # noqa: E731
-        cfg, lm, name, prs, loss, lr_, out, train_prompts, test_prompts, judge_fn
+    run = lambda name, prs, loss, lr_, ref=init: run_condition(  # noqa: E731
+        cfg, lm, name, prs, loss, lr_, out, train_prompts, test_prompts, judge_fn, ref
     )
     for candidate in cfg.lr_grid:  # the paper's rule: the largest stable lr
         rec = run(f"full_lr{candidate:g}", tokenized, cfg.loss, candidate)
@@ -360,13 +364,13 @@ def run_unalign(cfg: UnalignConfig) -> dict:
     if "gold" in cfg.conditions:
         if need_gold:
             gold, gold_report = tokenize(cfg, tok, data.gold_records(train_prompts))
-            runs["gold"] = run("gold", gold, cfg.loss, lr)
+            runs["gold"] = run("gold", gold, cfg.loss, lr, None)
             runs["gold"]["filter"] = gold_report.summary()
         else:
             _say(cfg, "gold: the prompt file has no gold pairs (format jsonl); condition skipped")
     keep = data.lowest_fraction(scores["ln_ches"], cfg.ches_fraction) if "ches" in cfg.conditions else None
     if keep is not None:
-        runs["ches"] = run(f"ches_{cfg.ches_fraction:g}", [tokenized[i] for i in keep], cfg.loss, lr)
+        runs["ches"] = run(f"ches_{cfg.ches_fraction:g}", [tokenized[i] for i in keep], cfg.loss, lr, init[keep])
     stages["training and evaluation"] = time.time() - t
 
     result = {
