@@ -59,7 +59,9 @@ REFUSALS = (
 class WarmupConfig:
     """SFT on refusals for prompts disjoint from the experiment's, in rounds of
     `steps_per_round` steps, until the refusal rate on `eval_prompts` held-out warm-up prompts
-    (temperature `eval.temperature`, seed 0) reaches target[0] or `max_rounds` are done."""
+    (at `temperature`, seed 0) reaches target[0] or `max_rounds` are done. The default
+    temperature is that of the on-policy samples: a small model refuses far less at T = 1 than
+    at T = 0.7, and the pairs are drawn at T = 1."""
 
     enabled: bool = True
     n_prompts: int = 256
@@ -70,6 +72,7 @@ class WarmupConfig:
     steps_per_round: int = 4
     max_rounds: int = 8
     target: tuple[float, float] = (0.6, 0.85)
+    temperature: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,14 +127,16 @@ class UnalignConfig:
 # ---- model work -------------------------------------------------------------------------------
 
 
-def refusal_rates(cfg: UnalignConfig, lm, prompts, judge_fn, seeds, desc: str) -> dict:
-    """Sample one reply per prompt and seed (cfg.eval) and judge it -> {"rates": [per seed],
-    "mean", "unparsable": [per seed], "replies": seed-0 [(text, verdict)] in prompt order}."""
+def refusal_rates(cfg: UnalignConfig, lm, prompts, judge_fn, seeds, desc: str, temperature=None) -> dict:
+    """Sample one reply per prompt and seed (cfg.eval; `temperature` overrides its temperature)
+    and judge it -> {"rates": [per seed], "mean", "unparsable": [per seed], "replies": seed-0
+    [(text, verdict)] in prompt order}."""
     texts, rates, unparsable, replies = [p.text for p in prompts], [], [], []
     for seed in seeds:
         t0 = time.time()
         sampling = generate.SamplingConfig(
-            max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature, seed=seed,
+            max_new_tokens=cfg.eval.max_new_tokens, seed=seed,
+            temperature=cfg.eval.temperature if temperature is None else temperature,
             batch_size=cfg.eval.batch_size,
         )  # fmt: skip
         out = [s.text for s in generate.generate_text(lm, texts, sampling, cfg.template, progress=_bar(cfg, f"{desc} seed {seed}"))]
@@ -179,7 +184,7 @@ def warm_up(cfg: UnalignConfig, lm, prompts, held_out, judge_fn, cache: Path):
     epochs = -(-w.max_rounds * w.steps_per_round * w.batch_size // len(pairs))
     rounds, params, t0 = [], lm.params, time.time()
     seed0 = (cfg.eval.seeds[0],)
-    rate = refusal_rates(cfg, lm, held_out, judge_fn, seed0, "warm-up round 0")["mean"]
+    rate = refusal_rates(cfg, lm, held_out, judge_fn, seed0, "warm-up round 0", w.temperature)["mean"]
     rounds.append({"round": 0, "steps": 0, "refusal_rate": rate})
     for r in range(1, w.max_rounds + 1):
         if rate >= w.target[0]:
@@ -191,7 +196,9 @@ def warm_up(cfg: UnalignConfig, lm, prompts, held_out, judge_fn, cache: Path):
         # the SFT loss has no reference term, so skip the loop's reference pass
         result = loop.train(tc, model=lm, pairs=pairs, ref_logps=np.zeros((len(pairs), 2), np.float32))
         params = result.params
-        rate = refusal_rates(cfg, dataclasses.replace(lm, params=params), held_out, judge_fn, seed0, f"warm-up round {r}")["mean"]
+        rate = refusal_rates(
+            cfg, dataclasses.replace(lm, params=params), held_out, judge_fn, seed0, f"warm-up round {r}", w.temperature
+        )["mean"]
         rounds.append({"round": r, "steps": r * w.steps_per_round, "refusal_rate": rate,
                        "sft_loss": result.metrics[-1]["loss"] if result.metrics else None})  # fmt: skip
     info = {"rounds": rounds, "refusal_rate": rate, "in_target": w.target[0] <= rate <= w.target[1],
