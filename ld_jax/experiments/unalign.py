@@ -142,7 +142,7 @@ def refusal_rates(cfg: UnalignConfig, lm, prompts, judge_fn, seeds, desc: str, t
         out = [s.text for s in generate.generate_text(lm, texts, sampling, cfg.template, progress=_bar(cfg, f"{desc} seed {seed}"))]
         verdicts = judge_fn(texts, out)
         summary = judge.summarize(verdicts)
-        rates.append(summary["refusal_rate"])
+        rates.append(float("nan") if summary["refusal_rate"] is None else summary["refusal_rate"])  # all unparsable
         unparsable.append(summary["unparsable"])
         if not replies:
             replies = [(t, v.label) for t, v in zip(out, verdicts)]
