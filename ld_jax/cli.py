@@ -162,66 +162,54 @@ def _plan(args) -> int:
     return 0
 
 
+def _experiment(module: str, config_class: str, run: str, tables: tuple[str, ...], outputs: str):
+    """The handler of an experiment subcommand: load its config, run it, print its tables and
+    where the outputs went."""
+
+    def handler(args) -> int:
+        import importlib
+
+        from ld_jax.config import load_config
+
+        mod = importlib.import_module(f"ld_jax.experiments.{module}")
+        cfg = load_config(getattr(mod, config_class), args.config, args.overrides)
+        result = getattr(mod, run)(cfg)
+        print()
+        for key in tables:
+            print(result[key])
+        lr = f"lr {result['lr']:g}; " if "lr" in result else ""
+        seconds = f" ({result['seconds']:.0f} s)" if "seconds" in result else ""
+        print(f"{lr}{outputs} in {cfg.out_dir}/{seconds}")
+        return 0
+
+    return handler
+
+
 def _add_persona(sub) -> None:
     _config_command(
         sub, "persona", "E1: likelihood displacement with single-token responses (paper Table 1)",
         "YAML file of PersonaConfig, e.g. configs/persona_demo.yaml", "seeds=10 loss.name=ipo out_dir=results/x",
-        _persona,
+        _experiment("persona", "PersonaConfig", "run_persona", ("table1_md",), "tables, plots and results.json"),
     )  # fmt: skip
-
-
-def _persona(args) -> int:
-    from ld_jax.config import load_config
-    from ld_jax.experiments.persona import PersonaConfig, run_persona
-
-    cfg = load_config(PersonaConfig, args.config, args.overrides)
-    result = run_persona(cfg)
-    print()
-    print(result["table1_md"])
-    print(f"lr {result['lr']:g}; tables, plots and results.json in {cfg.out_dir}/ ({result['seconds']:.0f} s)")
-    return 0
 
 
 def _add_percentiles(sub) -> None:
     _config_command(
         sub, "percentiles", "E2: train on percentile windows of CHES / edit distance / last-hidden IP (paper Figure 2)",
         "YAML file of PercentilesConfig, e.g. configs/percentiles_smollm2_ultrafeedback.yaml",
-        "window=8 seeds=1 loss.name=ipo out_dir=results/x", _percentiles,
+        "window=8 seeds=1 loss.name=ipo out_dir=results/x",
+        _experiment("percentiles", "PercentilesConfig", "run_percentiles", ("table_md",),
+                    "results.json, table.md, figure2.png and samples.md"),
     )  # fmt: skip
-
-
-def _percentiles(args) -> int:
-    from ld_jax.config import load_config
-    from ld_jax.experiments.percentiles import PercentilesConfig, run_percentiles
-
-    cfg = load_config(PercentilesConfig, args.config, args.overrides)
-    result = run_percentiles(cfg)
-    print()
-    print(result["table_md"])
-    print(f"results.json, table.md, figure2.png and samples.md in {cfg.out_dir}/")
-    return 0
 
 
 def _add_unalign(sub) -> None:
     _config_command(
         sub, "unalign", "E3: unalignment from on-policy refusal data; SFT term vs CHES filtering (paper Figure 3)",
-        "YAML file of UnalignConfig, e.g. configs/unalign_smollm2.yaml",
-        "n_prompts=100 loss.name=ipo out_dir=results/x", _unalign,
+        "YAML file of UnalignConfig, e.g. configs/unalign_smollm2.yaml", "n_prompts=100 loss.name=ipo out_dir=results/x",
+        _experiment("unalign", "UnalignConfig", "run_unalign", ("table_md", "pair_types_md"),
+                    "results.json, table.md, pair_types.md, figure3.png, figure4.png and examples.md"),
     )  # fmt: skip
-
-
-def _unalign(args) -> int:
-    from ld_jax.config import load_config
-    from ld_jax.experiments.unalign import UnalignConfig, run_unalign
-
-    cfg = load_config(UnalignConfig, args.config, args.overrides)
-    result = run_unalign(cfg)
-    print()
-    print(result["table_md"])
-    print(result["pair_types_md"])
-    print(f"results.json, table.md, pair_types.md, figure3.png, figure4.png and examples.md in {cfg.out_dir}/ "
-          f"({result['seconds']:.0f} s)")  # fmt: skip
-    return 0
 
 
 def _add_flow(sub) -> None:
