@@ -11,11 +11,7 @@ torch tokens/s) and prints it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-import transformers
-from tqdm import tqdm
 from transformers import AutoModelForCausalLM
+
+from common import interleaved_times, machine, write_rates
 
 from ld_jax import models
 from ld_jax.models import loading
@@ -60,18 +56,8 @@ def main() -> None:
         with torch.inference_mode():
             ref(input_ids=torch_ids, attention_mask=torch_mask)
 
-    start = time.perf_counter()
-    run_jax()
-    compile_s = time.perf_counter() - start
-    for _ in range(args.warmup):
-        run_jax()
-        run_torch()
-    times = {"ld_jax": [], "torch": []}
-    for _ in tqdm(range(args.repeats), desc="forward benchmark"):
-        for name, fn in (("ld_jax", run_jax), ("torch", run_torch)):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    sides = {"ld_jax": run_jax, "torch": run_torch}
+    compile_s, times = interleaved_times(sides, args.warmup, args.repeats, "forward benchmark")
 
     tokens = args.batch * args.seq
     result = {
@@ -84,30 +70,9 @@ def main() -> None:
         "warmup": args.warmup,
         "repeats": args.repeats,
         "ld_jax_compile_s": compile_s,
-        "machine": {
-            "cores": os.cpu_count(),
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "jax": jax.__version__,
-            "jax_backend": jax.default_backend(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "transformers": transformers.__version__,
-            "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "load_average": os.getloadavg(),
-        },
+        "machine": machine(),
     }
-    for name, ts in times.items():
-        median = statistics.median(ts)
-        result[name] = {"times_s": ts, "median_s": median, "tokens_per_s": tokens / median}
-    result["ratio"] = result["ld_jax"]["tokens_per_s"] / result["torch"]["tokens_per_s"]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    print(
-        f"ld_jax {result['ld_jax']['tokens_per_s']:.0f} tok/s, torch {result['torch']['tokens_per_s']:.0f} "
-        f"tok/s, ratio {result['ratio']:.2f}x"
-    )
+    write_rates(result, times, tokens, RESULTS)
 
 
 if __name__ == "__main__":

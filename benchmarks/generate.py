@@ -13,11 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import platform
-import statistics
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,8 +21,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import jax
 import numpy as np
 import torch
-import transformers
 from transformers import AutoModelForCausalLM
+
+from common import interleaved_times, machine, write_rates
 
 from ld_jax import generate, models
 from ld_jax.generate import SamplingConfig
@@ -81,19 +78,8 @@ def main() -> None:
             )  # fmt: skip
         outputs["torch"] = out[:, ids.shape[1] :].numpy()
 
-    start = time.perf_counter()
-    run_jax()
-    compile_s = time.perf_counter() - start
-    for _ in range(args.warmup):
-        run_jax()
-        run_torch()
-    times = {"ld_jax": [], "torch": []}
-    for r in range(args.repeats):
-        for name, fn in (("ld_jax", run_jax), ("torch", run_torch)):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-        print(f"repeat {r + 1}/{args.repeats}: ld_jax {times['ld_jax'][-1]:.2f}s, torch {times['torch'][-1]:.2f}s", flush=True)
+    sides = {"ld_jax": run_jax, "torch": run_torch}
+    compile_s, times = interleaved_times(sides, args.warmup, args.repeats, "generate benchmark")
 
     tokens = len(PROMPTS) * args.new
     same = outputs["ld_jax"] == outputs["torch"]
@@ -110,29 +96,9 @@ def main() -> None:
         "ld_jax_compile_s": compile_s,
         "greedy_tokens_equal_fraction": float(same.mean()),
         "rows_fully_equal": int(same.all(axis=1).sum()),
-        "machine": {
-            "cores": os.cpu_count(),
-            "platform": platform.platform(),
-            "jax": jax.__version__,
-            "jax_backend": jax.default_backend(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "transformers": transformers.__version__,
-            "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "load_average": os.getloadavg(),
-        },
+        "machine": machine(),
     }
-    for name, ts in times.items():
-        median = statistics.median(ts)
-        result[name] = {"times_s": ts, "median_s": median, "tokens_per_s": tokens / median}
-    result["ratio"] = result["ld_jax"]["tokens_per_s"] / result["torch"]["tokens_per_s"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    print(
-        f"ld_jax {result['ld_jax']['tokens_per_s']:.1f} tok/s, transformers {result['torch']['tokens_per_s']:.1f} "
-        f"tok/s, ratio {result['ratio']:.2f}x"
-    )
+    write_rates(result, times, tokens, args.out)
 
 
 if __name__ == "__main__":
