@@ -11,8 +11,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from test_data import tiny_tokenizer  # noqa: E402
-from test_models import CASES, TINY  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+from test_models import CASES  # noqa: E402
+from test_models import build as build_models  # noqa: E402
 
 from ld_jax import generate, models  # noqa: E402
 from ld_jax.errors import LdJaxError  # noqa: E402
@@ -64,22 +64,11 @@ GEN_CASES = {
     **CASES,
     **{t: {**CASES[t], "tie_word_embeddings": False, "final_logit_softcapping": 30.0} for t in ("gemma2", "gemma3_text")},
 }
-_BUILT = {}
 
 
 def build(model_type, tmp_path_factory):
-    """(torch model, ld_jax LanguageModel) with the same random O(1) weights, built once."""
-    if model_type not in _BUILT:
-        config = AutoConfig.for_model(model_type, **{**TINY, **GEN_CASES[model_type]})
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.3 * torch.randn_like(p))
-        path = tmp_path_factory.mktemp(model_type)
-        model.save_pretrained(path)
-        _BUILT[model_type] = model, models.from_pretrained(str(path))
-    return _BUILT[model_type]
+    """test_models' (torch model, LanguageModel) builder with the GEN_CASES configs."""
+    return build_models(model_type, tmp_path_factory, GEN_CASES)
 
 
 GREEDY = SamplingConfig(max_new_tokens=NEW, temperature=0.0, stop_token_ids=STOP)

@@ -19,6 +19,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ld_jax import models
+from ld_jax.models import core
 
 SEQ = 12
 VOCAB = 128
@@ -64,10 +65,13 @@ ROWS = [(0, SEQ), (4, SEQ - 4), (0, SEQ - 5)]
 _BUILT = {}
 
 
-def build(model_type, tmp_path_factory):
-    """(torch model, ld_jax LanguageModel) with the same random weights, built once."""
-    if model_type not in _BUILT:
-        config = AutoConfig.for_model(model_type, **{**TINY, **CASES[model_type]})
+def build(model_type, tmp_path_factory, cases=None):
+    """(torch model, ld_jax LanguageModel) with the same random weights, built once per
+    model type and `cases` table (default CASES; test_generate passes its own)."""
+    cases = CASES if cases is None else cases
+    key = (model_type, id(cases))
+    if key not in _BUILT:
+        config = AutoConfig.for_model(model_type, **{**TINY, **cases[model_type]})
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
         with torch.no_grad():  # make every weight (norm scales included) matter at O(1) scale
@@ -75,8 +79,8 @@ def build(model_type, tmp_path_factory):
                 p.add_(0.3 * torch.randn_like(p))
         path = tmp_path_factory.mktemp(model_type)
         model.save_pretrained(path)
-        _BUILT[model_type] = model, models.from_pretrained(str(path))
-    return _BUILT[model_type]
+        _BUILT[key] = model, models.from_pretrained(str(path))
+    return _BUILT[key]
 
 
 def target_logprob_sum(lm, params, ids, mask, targets):
@@ -189,3 +193,32 @@ def test_hidden_states_chunked_logits_remat_and_bf16_agree_with_forward(family):
     rows = np.asarray(mask, bool)
     err = np.abs(np.asarray(low.logits) - np.asarray(out.logits))[rows].max()
     assert err < 0.05 * np.abs(np.asarray(out.logits)).max()
+
+
+def test_fused_matmul_equals_separate_dots_above_and_below_the_row_threshold():
+    rng = np.random.default_rng(3)
+    ws = [jnp.asarray(rng.normal(size=(16, n)), jnp.float32) for n in (8, 4, 4)]
+    for rows in (core.FUSE_MIN_ROWS, 2):  # concatenated weights; separate dots (decode)
+        x = jnp.asarray(rng.normal(size=(rows, 3, 16)), jnp.float32)
+        for ours, w in zip(core.fused_matmul(x, *ws), ws, strict=True):
+            np.testing.assert_allclose(np.asarray(ours), np.asarray(x @ w), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_projections_and_unrolled_layers_match_the_plain_path(family, monkeypatch):
+    """The batch has fewer rows than FUSE_MIN_ROWS, so the fixture ran separate dots and a
+    rolled scan; here every projection is fused and the layers unrolled."""
+    _, lm, out, grads = family
+    ids, mask, targets = (jnp.asarray(a) for a in batch())
+    assert ids.size < core.FUSE_MIN_ROWS
+    monkeypatch.setattr(core, "FUSE_MIN_ROWS", 1)
+    fast = lm.with_options(unroll_layers=True)
+    loss_and_grad = jax.jit(jax.value_and_grad(functools.partial(target_logprob_sum, fast), has_aux=True))
+    (_, fast_out), fast_grads = loss_and_grad(lm.params, ids, mask, targets)
+    scale = np.abs(np.asarray(out.logits)).max()
+    assert np.abs(np.asarray(fast_out.logits) - np.asarray(out.logits)).max() <= 1e-5 * scale
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        ours = fast_grads
+        for key in path:
+            ours = ours[key.key]
+        rel = np.abs(np.asarray(ours) - np.asarray(g)).max() / np.abs(np.asarray(g)).max()
+        assert rel <= 1e-5, f"{jax.tree_util.keystr(path)}: relative gradient error {rel:.2e}"
