@@ -79,6 +79,8 @@ def test_outputs_and_bad_prompts_are_counted(run):
     assert set(result["runs"]) == {"full", "sft_0.1", "sft_1", "ches"}  # gold: jsonl has none
     assert result["warmup"]["rounds"][-1]["steps"] == 2
     assert all(len(r["train"]["rates"]) == 2 for r in result["runs"].values())
+    by_type = (out / "pair_types.md").read_text().split("by pair type")[1]
+    assert sum(int(line.split("|")[2]) for line in by_type.splitlines() if line.startswith("| ") and "/" in line) == len(result["train_pairs"])
 
 
 def test_split_never_leaks_prompts(run):

@@ -389,7 +389,7 @@ def run_unalign(cfg: UnalignConfig) -> dict:
         "pair_types_all": data.type_counts(pairs), "before": before, "runs": runs,
         "ches": {"ln_ches": scores["ln_ches"].tolist(), "pair_type": [p.pair_type for p in train_pairs],
                  "kept": [] if keep is None else keep.tolist()},
-        "train_pairs": [{"prompt": p.prompt.text, "chosen": p.chosen, "rejected": p.rejected,
+        "train_pairs": [{"index": p.prompt.index, "prompt": p.prompt.text, "chosen": p.chosen, "rejected": p.rejected,
                          "type": p.pair_type, "tie": p.tie} for p in train_pairs],
         "train_prompts": [p.text for p in train_prompts], "test_prompts": [p.text for p in test_prompts],
         "stages_s": stages, "seconds": time.time() - t_start,

@@ -69,6 +69,26 @@ def pair_type_table(result: dict) -> str:
     return text + f"\nPairs left out: {left_out}. Tokenisation: {result['filter']}.\n"
 
 
+def displacement_by_type(out: Path, result: dict, name: str = "full") -> str:
+    """Mean change of ln π(y±|x) per pair type over the train pairs of run `name` (from the
+    loop's logps.npz), and how many pairs lost ln π(y+): where the displacement happened."""
+    run = result["runs"].get(name)
+    path = None if run is None else out / "runs" / run["name"] / "loop" / "logps.npz"  # name: the run's directory
+    if path is None or not path.is_file():
+        return ""
+    z = np.load(path)
+    change = dict(zip(z["index"].tolist(), (z["final"] - z["init"]).tolist()))
+    rows = []
+    for t in PAIR_TYPES:
+        d = np.asarray([change[p["index"]] for p in result["train_pairs"] if p["type"] == t and p.get("index") in change])
+        if len(d):
+            rows.append([t, len(d), format_number(d[:, 0].mean()), format_number(d[:, 1].mean()), f"{int((d[:, 0] < 0).sum())}/{len(d)}"])
+    if not rows:
+        return ""
+    head = ["pair type", "pairs", "Δ mean ln π(y+)", "Δ mean ln π(y−)", "pairs with ln π(y+) down"]
+    return f"\nChange over one epoch on the full data, by pair type:\n\n" + markdown_table(head, rows, "lrrrr")
+
+
 def figure3(path: Path, result: dict, lambdas) -> None:
     rows = [("initial", result["before"])] + [(label.split(" (")[0], r) for label, r in conditions(result, lambdas)]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
@@ -125,7 +145,8 @@ def examples(result: dict, shown: int) -> str:
 
 
 def write_all(out: Path, result: dict, lambdas, shown: int) -> dict:
-    texts = {"table_md": table(result, lambdas), "pair_types_md": pair_type_table(result), "examples_md": examples(result, shown)}
+    texts = {"table_md": table(result, lambdas), "pair_types_md": pair_type_table(result) + displacement_by_type(out, result),
+             "examples_md": examples(result, shown)}  # fmt: skip
     (out / "table.md").write_text(texts["table_md"])
     (out / "pair_types.md").write_text(texts["pair_types_md"])
     (out / "examples.md").write_text(texts["examples_md"])
