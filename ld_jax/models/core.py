@@ -40,9 +40,10 @@ class ModelConfig:
 
     `layer_types[i]` is "full" or "sliding". Sliding layers see keys with
     `q_index - k_index < sliding_window` and use `rope_local`; full layers use `rope`.
-    `remat` and `dtype` are run options, not architecture: change them with
-    `dataclasses.replace`. `dtype` is the compute dtype of activations and matmuls; norms,
-    softmax and logits are computed in float32 whatever it is.
+    `remat`, `unroll_layers` and `dtype` are run options, not architecture: change them with
+    `dataclasses.replace`. `unroll_layers` unrolls the layer scan: the same arithmetic, faster
+    on XLA:CPU (see docs/performance.md), at a longer compile. `dtype` is the compute dtype of
+    activations and matmuls; norms, softmax and logits are computed in float32 whatever it is.
     """
 
     family: str  # llama | gemma | gemma2 | gemma3 | olmo | olmo2
@@ -69,6 +70,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     remat: bool = False
+    unroll_layers: bool = False
     dtype: str = "float32"
 
     @property
@@ -239,11 +241,30 @@ def attention(q, k, v, mask, scale: float, softcap: float | None = None) -> jax.
     return out.reshape(b, s, n_heads, hd)
 
 
+FUSE_MIN_ROWS = 64  # fused_matmul concatenates the weights only from this many rows on
+
+
+def fused_matmul(x: jax.Array, *weights: jax.Array) -> tuple[jax.Array, ...]:
+    """x [..., d_in] and weights [d_in, d_i] -> (x @ w for each w), shapes [..., d_i].
+
+    One dot against the weights concatenated on the output axis instead of one dot each:
+    XLA:CPU runs the single wider matmul (and its two backward dots) faster than several
+    narrow ones over the same input; each output column is the same dot product as before.
+    With few rows (a decode step) the concatenation would copy more bytes than the matmul
+    reads, so the dots stay separate there.
+    """
+    rows = math.prod(x.shape[:-1])
+    if len(weights) == 1 or rows < FUSE_MIN_ROWS:
+        return tuple(x @ w for w in weights)
+    out = x @ jnp.concatenate(weights, axis=1)
+    return tuple(jnp.split(out, np.cumsum([w.shape[1] for w in weights])[:-1].tolist(), axis=-1))
+
+
 def gated_mlp(x: jax.Array, p: Params, activation: str) -> jax.Array:
     """x [batch, seq, d_model] -> [batch, seq, d_model]: down(act(gate(x)) * up(x))."""
-    gate = x @ p["w_gate"]
+    gate, up = fused_matmul(x, p["w_gate"], p["w_up"])
     act = jax.nn.silu(gate) if activation == "silu" else jax.nn.gelu(gate, approximate=True)
-    return (act * (x @ p["w_up"])) @ p["w_down"]
+    return (act * up) @ p["w_down"]
 
 
 def split_heads(t: jax.Array, head_dim: int) -> jax.Array:
@@ -361,7 +382,9 @@ def run_layers(config: ModelConfig, params: Params, x: jax.Array, attention_mask
         body = jax.checkpoint(body, prevent_cse=False)
     kv = None if cache is None else (cache.k, cache.v)
     xs = (params["layers"], jnp.asarray(inv_freq), jnp.asarray(is_sliding), kv)
-    x, new_kv = jax.lax.scan(body, x, xs)
+    # Unrolled, XLA:CPU drops the per-layer dynamic slices of the stacked weights and
+    # residuals that a rolled loop copies (see docs/performance.md).
+    x, new_kv = jax.lax.scan(body, x, xs, unroll=config.n_layers if config.unroll_layers else 1)
     if cache is None:
         return x, None
     return x, KVCache(*new_kv, key_mask, cache.index + attention_mask.shape[-1])

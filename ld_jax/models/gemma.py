@@ -92,7 +92,7 @@ def block(config: ModelConfig, p: Params, x: jax.Array, ctx: LayerContext):
     if config.family == "gemma3":
         head_norm = lambda q, k: (norm(q, p["q_norm"]), norm(k, p["k_norm"]))  # noqa: E731
     h = norm(x, p["attn_norm"])
-    attn, kv = core.attend(h @ p["wq"], h @ p["wk"], h @ p["wv"], p, ctx, config, head_norm)
+    attn, kv = core.attend(*core.fused_matmul(h, p["wq"], p["wk"], p["wv"]), p, ctx, config, head_norm)
     if config.family == "gemma":
         x = x + attn
         return x + core.gated_mlp(norm(x, p["mlp_norm"]), p, config.activation), kv

@@ -44,7 +44,7 @@ def config_from_hf(hf) -> ModelConfig:
 def block(config: ModelConfig, p: Params, x: jax.Array, ctx: LayerContext):
     """One decoder layer: x [batch, seq, d_model] -> (x [batch, seq, d_model], (k, v))."""
     h = core.rms_norm(x, p["attn_norm"], config.norm_eps)
-    attn, kv = core.attend(h @ p["wq"], h @ p["wk"], h @ p["wv"], p, ctx, config)
+    attn, kv = core.attend(*core.fused_matmul(h, p["wq"], p["wk"], p["wv"]), p, ctx, config)
     x = x + attn
     h = core.rms_norm(x, p["mlp_norm"], config.norm_eps)
     return x + core.gated_mlp(h, p, config.activation), kv

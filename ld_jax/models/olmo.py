@@ -61,7 +61,7 @@ def config_from_hf(hf) -> ModelConfig:
 
 def _olmo_block(config: ModelConfig, p: Params, x: jax.Array, ctx: LayerContext):
     h = core.layer_norm(x, config.norm_eps)
-    q, k, v = h @ p["wq"], h @ p["wk"], h @ p["wv"]
+    q, k, v = core.fused_matmul(h, p["wq"], p["wk"], p["wv"])
     if config.clip_qkv is not None:
         q, k, v = (jnp.clip(t, -config.clip_qkv, config.clip_qkv) for t in (q, k, v))
     attn, kv = core.attend(q, k, v, p, ctx, config)
@@ -71,9 +71,9 @@ def _olmo_block(config: ModelConfig, p: Params, x: jax.Array, ctx: LayerContext)
 
 def _olmo2_block(config: ModelConfig, p: Params, x: jax.Array, ctx: LayerContext):
     eps = config.norm_eps
-    q = core.rms_norm(x @ p["wq"], p["q_norm"], eps)
-    k = core.rms_norm(x @ p["wk"], p["k_norm"], eps)
-    attn, kv = core.attend(q, k, x @ p["wv"], p, ctx, config)
+    q, k, v = core.fused_matmul(x, p["wq"], p["wk"], p["wv"])
+    q, k = core.rms_norm(q, p["q_norm"], eps), core.rms_norm(k, p["k_norm"], eps)
+    attn, kv = core.attend(q, k, v, p, ctx, config)
     x = x + core.rms_norm(attn, p["post_attn_norm"], eps)
     return x + core.rms_norm(core.gated_mlp(x, p, config.activation), p["post_mlp_norm"], eps), kv
 

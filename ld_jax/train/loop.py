@@ -65,6 +65,7 @@ class TrainConfig:
     compute_dtype: str = "float32"  # "bfloat16": bf16 compute on float32 master weights
     param_dtype: str = "float32"  # stored weights and optimizer state ("bfloat16" halves them)
     remat: bool = False  # recompute each layer's activations in the backward pass
+    unroll_layers: bool = False  # unrolled layer scan: faster steps on CPU, longer compile
     seq_chunk: int | None = None  # LM-head positions per chunk (bounds the logits' memory)
     reference: str = "cached"  # cached | on_the_fly
     checkpoint_every: int = 0  # steps; 0 saves only at the end
@@ -117,7 +118,9 @@ def train(
         from ld_jax import models
 
         model = models.from_pretrained(cfg.model)
-    model = model.with_options(dtype=cfg.compute_dtype, remat=cfg.remat)
+    model = model.with_options(
+        dtype=cfg.compute_dtype, remat=cfg.remat, unroll_layers=cfg.unroll_layers
+    )
     filter_summary = None
     if pairs is None:
         pairs, report = _read_pairs(cfg.data, model.tokenizer)
