@@ -14,7 +14,11 @@ Both report step-1 loss (ln 2 = policy equals reference) and their reference log
 must agree: that checks they train on the same tokens. tokens/s = 2048 / median step time.
 Writes benchmarks/results/dpo_step.json; `ratio` is a/b (higher is better).
 
-    python benchmarks/dpo_step.py [--steps 8] [--seq-chunk 128] [--malloc-reuse]
+    python benchmarks/dpo_step.py [--steps 8] [--seq-chunk 128] [--no-unroll-layers]
+                                  [--malloc-reuse] [--hugepages]
+
+ld_jax runs with `unroll_layers=True` (the model's run option; docs/performance.md) unless
+--no-unroll-layers is given.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ RESULTS = Path(__file__).parent / "results" / "dpo_step.json"
 # of both XLA and torch are not page-faulted in again every step. Applied to both sides with
 # --malloc-reuse; off by default, because the ld_jax worker then grew to 23 GB (OOM-killed).
 MALLOC_REUSE = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1), "MALLOC_ARENA_MAX": "1"}
+# glibc asks the kernel for transparent huge pages on its large (mmapped) blocks, so fresh
+# per-step buffers take 512x fewer page faults; applied to both sides with --hugepages.
+HUGEPAGES = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 
 
 def make_batch_file(path: Path) -> None:
@@ -64,7 +71,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker_ld_jax(batch_file: Path, steps: int, seq_chunk: int | None) -> dict:
+def worker_ld_jax(batch_file: Path, steps: int, seq_chunk: int | None, unroll_layers: bool) -> dict:
     import jax
 
     from ld_jax import models
@@ -76,7 +83,7 @@ def worker_ld_jax(batch_file: Path, steps: int, seq_chunk: int | None) -> dict:
     from ld_jax.train.state import init_state
     from ld_jax.train.step import compile_logprobs, compile_step
 
-    lm = models.from_pretrained(MODEL)
+    lm = models.from_pretrained(MODEL, unroll_layers=unroll_layers)
     pairs = [TokenizedPair(**p) for p in json.loads(batch_file.read_text())]
     batch = pipeline.make_batches(pairs, PAIRS, shuffle=False, seq_len=SEQ)[0]
     mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
@@ -98,7 +105,7 @@ def worker_ld_jax(batch_file: Path, steps: int, seq_chunk: int | None) -> dict:
         times.append(time.perf_counter() - t0)
     return {"step_s": times[WARMUP:], "warmup_s": times[:WARMUP], "losses": losses,
             "ref_logps": batch["ref_logps"].tolist(), "tokens_per_step": int(batch["attention_mask"].sum()),
-            "peak_rss_mb": peak_rss_mb(), "seq_chunk": seq_chunk}  # fmt: skip
+            "peak_rss_mb": peak_rss_mb(), "seq_chunk": seq_chunk, "unroll_layers": unroll_layers}  # fmt: skip
 
 
 def worker_trl(batch_file: Path, steps: int) -> dict:
@@ -144,8 +151,10 @@ def run_worker(name: str, batch_file: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--batch-file", str(batch_file), "--steps", str(args.steps)]
     if args.seq_chunk:
         cmd += ["--seq-chunk", str(args.seq_chunk)]
+    cmd.append("--unroll-layers" if args.unroll_layers else "--no-unroll-layers")
     load_before = os.getloadavg()[0]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(MALLOC_REUSE if args.malloc_reuse else {})}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(MALLOC_REUSE if args.malloc_reuse else {}),
+           **(HUGEPAGES if args.hugepages else {})}  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode:
         raise SystemExit(f"{name} worker failed:\n{proc.stderr[-3000:]}")
@@ -159,11 +168,15 @@ def main() -> None:
     ap.add_argument("--seq-chunk", type=int, default=None, help="ld_jax LM-head chunk (default: none)")
     ap.add_argument("--malloc-reuse", action="store_true",
                     help="run both sides with glibc's memory reuse (see MALLOC_REUSE; may exhaust memory)")  # fmt: skip
+    ap.add_argument("--unroll-layers", action=argparse.BooleanOptionalAction, default=True,
+                    help="ld_jax's unroll_layers run option (default: on)")
+    ap.add_argument("--hugepages", action="store_true",
+                    help="run both sides with glibc.malloc.hugetlb=1 (see HUGEPAGES)")
     ap.add_argument("--worker", choices=["ld_jax", "trl"])
     ap.add_argument("--batch-file", type=Path)
     args = ap.parse_args()
     if args.worker == "ld_jax":
-        print(json.dumps(worker_ld_jax(args.batch_file, args.steps, args.seq_chunk)))
+        print(json.dumps(worker_ld_jax(args.batch_file, args.steps, args.seq_chunk, args.unroll_layers)))
         return
     if args.worker == "trl":
         print(json.dumps(worker_trl(args.batch_file, args.steps)))
@@ -187,7 +200,8 @@ def main() -> None:
         "ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
         "ld_jax": ours,
         "trl_dpo_trainer": theirs,
-        "malloc_env_both_sides": MALLOC_REUSE if args.malloc_reuse else None,
+        "malloc_env_both_sides": {**(MALLOC_REUSE if args.malloc_reuse else {}),
+                                  **(HUGEPAGES if args.hugepages else {})} or None,
         "same_tokens_check": {"max_ref_logp_diff": ref_diff,
                               "step1_loss": [ours["losses"][0], theirs["losses"][0]]},  # fmt: skip
         "machine": {
