@@ -44,10 +44,10 @@ from ld_jax.data import preference
 from ld_jax.errors import LdJaxError
 from ld_jax.report import write_json
 from ld_jax.losses import LossConfig
+from ld_jax.models.core import result_fields
 from ld_jax.train import loop, sharding
 from ld_jax.train.optim import OptimizerConfig
 
-SPEED_OPTIONS = ("remat", "unroll_layers")  # ModelConfig fields that do not change results
 MEASURES = scoring.SCORE_COLUMNS  # ches, ln_ches, edit_distance, last_hidden_ip
 
 
@@ -133,10 +133,8 @@ def model_digest(cfg: PercentilesConfig, lm) -> str:
     """The model's name, architecture and a sample of every weight (tells checkpoints apart
     without hashing all of them)."""
     sample = [np.asarray(x).ravel()[:: max(1, np.size(x) // 64)][:64].tolist() for x in jax.tree.leaves(lm.params)]
-    # run options that trade memory or compile time for speed leave the results alone, so
-    # switching them keeps the cached scores, log-probs and runs
-    arch = {f.name: getattr(lm.config, f.name) for f in dataclasses.fields(lm.config) if f.name not in SPEED_OPTIONS}
-    return fingerprint(cfg.model, arch, cfg.compute_dtype, sample)
+    # switching a speed option (remat, unrolled layers) keeps the cached scores, log-probs and runs
+    return fingerprint(cfg.model, result_fields(lm.config), cfg.compute_dtype, sample)
 
 
 def scoring_config(cfg: PercentilesConfig, out: str) -> scoring.ScoringConfig:

@@ -260,7 +260,7 @@ def run_condition(cfg, lm, name, pairs, loss, lr, out: Path, train_prompts, test
     final_loss = _loss(loss, result.final_logps, result.init_logps)
     trained = dataclasses.replace(lm, params=result.params)
     rec = {
-        "name": name, "pairs": len(pairs), "lr": lr, "loss": dataclasses.asdict(loss), "steps": len(result.metrics),
+        "name": name, "pairs": len(pairs), "pair_indices": [p.index for p in pairs], "lr": lr, "loss": dataclasses.asdict(loss), "steps": len(result.metrics),
         "logp_chosen_change": float(change[:, 0].mean()), "logp_rejected_change": float(change[:, 1].mean()),
         "loss_before": init_loss, "loss_after": final_loss,
         "stable": bool(np.isfinite(final_loss) and final_loss < init_loss),
@@ -378,6 +378,9 @@ def run_unalign(cfg: UnalignConfig) -> dict:
     keep = data.lowest_fraction(scores["ln_ches"], cfg.ches_fraction) if "ches" in cfg.conditions else None
     if keep is not None:
         runs["ches"] = run(f"ches_{cfg.ches_fraction:g}", [tokenized[i] for i in keep], cfg.loss, lr, init[keep])
+        trained = runs["ches"].get("pair_indices")
+        if trained is not None and sorted(trained) != sorted(tokenized[i].index for i in keep):
+            _say(cfg, f"warning: the cached CHES run trained on pairs {trained}, the scores now select others")
     stages["training and evaluation"] = time.time() - t
 
     result = {

@@ -24,8 +24,9 @@ def best_sft(runs: dict, lambdas) -> str | None:
 def conditions(result: dict, lambdas) -> list[tuple[str, dict]]:
     """(label, run) in the paper's order: full, best SFT, gold, CHES."""
     runs, rows = result["runs"], []
+    loss = result["config"]["loss"]["name"].upper()
     if "full" in runs:
-        rows.append(("DPO/IPO on full data", runs["full"]))
+        rows.append((f"{loss} on full data", runs["full"]))
     if best := best_sft(runs, lambdas):
         rows.append((f"+ SFT term (λ = {runs[best]['loss']['sft_lambda']:g}, best of {len(lambdas)})", runs[best]))
     if "gold" in runs:
@@ -136,7 +137,8 @@ def examples(result: dict, shown: int) -> str:
     replies = dict(zip(result["train_prompts"], run["train"]["replies"]))
     found = [(p, replies[p["prompt"]]) for p in result["train_pairs"]
              if p["type"] == "refusal/refusal" and replies.get(p["prompt"], ("", ""))[1] == "compliance"]  # fmt: skip
-    lines = [f"# Both initial samples refused; after DPO/IPO on the full data the model complies\n",
+    loss = result["config"]["loss"]["name"].upper()
+    lines = [f"# Both initial samples refused; after {loss} on the full data the model complies (by the judge)\n",
              f"{len(found)} train prompts of {len(result['train_pairs'])} (reply: seed 0, temperature 0.7).\n"]  # fmt: skip
     for p, (reply, _) in found[:shown]:
         lines += [f"**Prompt:** {p['prompt']}\n", f"- initial sample (chosen): {p['chosen']}",

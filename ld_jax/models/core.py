@@ -34,6 +34,16 @@ class RopeConfig:
     original_max_position: int = 8192
 
 
+# ModelConfig fields that trade speed, memory or compile time but give the same results: caches
+# keyed by a model's config leave them out (`result_fields`).
+SPEED_OPTIONS = ("remat", "unroll_layers")
+
+
+def result_fields(config: "ModelConfig") -> dict:
+    """The config's fields that can change a result (all but SPEED_OPTIONS), for cache keys."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in SPEED_OPTIONS}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of one checkpoint, read from its config.json (see `loading.from_hf_config`).

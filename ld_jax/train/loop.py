@@ -32,6 +32,7 @@ from ld_jax.config import to_dict
 from ld_jax.data import formatting, preference
 from ld_jax.errors import LdJaxError
 from ld_jax.losses import LossConfig
+from ld_jax.models.core import result_fields
 from ld_jax.train import feed, sharding
 from ld_jax.train.checkpoint import Checkpoints
 from ld_jax.train.optim import OptimizerConfig, make_optimizer
@@ -281,7 +282,7 @@ def _fingerprint(pairs, model, salt: str) -> str:
     """Hash of the token ids (data + template + tokenizer), the initial weights, the model's
     compute config and `salt`."""
     h = hashlib.blake2b(digest_size=8)
-    h.update(f"{model.config!r}|{salt}".encode())
+    h.update(f"{json.dumps(result_fields(model.config), sort_keys=True, default=str)}|{salt}".encode())
     for p in pairs:
         h.update(np.asarray(p.prompt_ids + [-1] + p.chosen_ids + [-1] + p.rejected_ids + [-2], np.int64).tobytes())
     for leaf in jax.tree.leaves(model.params):
