@@ -190,7 +190,7 @@ def step_flops(cfg: TrainConfig, config: models.ModelConfig, batch_pairs: int, s
 
     def cost(n_layers: int) -> float:
         c = config.replace(n_layers=n_layers, layer_types=config.layer_types[:n_layers], remat=remat,
-                           dtype=cfg.compute_dtype)
+                           dtype=cfg.compute_dtype, unroll_layers=True)  # the layer scan, unrolled
         lm = models.LanguageModel.build(c, None)
         state = abstract_state(abstract_params(c, cfg.param_dtype), optimizer)
 
