@@ -164,3 +164,12 @@ def test_ches_scores_of_the_run_match_an_independent_call(run, tiny):
     pairs, _ = unalign.tokenize(cfg, lm.tokenizer, records)
     scores = ches.ches_scores(lm, [p.prompt_ids for p in pairs], [p.chosen_ids for p in pairs], [p.rejected_ids for p in pairs])
     np.testing.assert_allclose(scores["ln_ches"], result["ches"]["ln_ches"], rtol=1e-5, atol=1e-5)
+
+
+def test_a_seed_with_only_unparsable_verdicts_gives_nan_not_a_crash(tiny):
+    model_dir, root = tiny
+    cfg = load_config(unalign.UnalignConfig, "configs/unalign_smollm2.yaml", _overrides(model_dir, root))
+    lm = models.from_pretrained(model_dir)
+    never = lambda prompts, responses: [judge.Verdict("unparsable", "?") for _ in responses]  # noqa: E731
+    out = unalign.refusal_rates(cfg, lm, [data.UnsafePrompt(0, "hi?")], never, (0,), "all unparsable")
+    assert np.isnan(out["rates"][0]) and out["unparsable"] == [1]

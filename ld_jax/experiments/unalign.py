@@ -38,7 +38,7 @@ from ld_jax.errors import LdJaxError
 from ld_jax.experiments import unalign_data as data
 from ld_jax.experiments import unalign_report as report
 from ld_jax.experiments.percentiles import fingerprint
-from ld_jax.losses import LossConfig
+from ld_jax.losses import LossConfig, preference_loss
 from ld_jax.models.loading import load_param_tree, save_param_tree
 from ld_jax.train import loop
 from ld_jax.train.optim import OptimizerConfig
@@ -146,7 +146,7 @@ def refusal_rates(cfg: UnalignConfig, lm, prompts, judge_fn, seeds, desc: str, t
         unparsable.append(summary["unparsable"])
         if not replies:
             replies = [(t, v.label) for t, v in zip(out, verdicts)]
-        _say(cfg, f"{desc} seed {seed}: refusal rate {summary['refusal_rate']:.3f} ({time.time() - t0:.0f} s)")
+        _say(cfg, f"{desc} seed {seed}: refusal rate {rates[-1]:.3f} ({time.time() - t0:.0f} s)")
     return {"rates": rates, "mean": float(np.mean(rates)), "unparsable": unparsable, "replies": replies}
 
 
@@ -255,13 +255,13 @@ def run_condition(cfg, lm, name, pairs, loss, lr, out: Path, train_prompts, test
         return json.loads(path.read_text())
     t0 = time.time()
     result = loop.train(train_config(cfg, root / "loop", loss, lr), model=lm, pairs=pairs, ref_logps=ref_logps)
-    change = result.final_logps - result.init_logps
     init_loss = _loss(loss, result.init_logps, result.init_logps)
     final_loss = _loss(loss, result.final_logps, result.init_logps)
     trained = dataclasses.replace(lm, params=result.params)
     rec = {
         "name": name, "pairs": len(pairs), "pair_indices": [p.index for p in pairs], "lr": lr, "loss": dataclasses.asdict(loss), "steps": len(result.metrics),
-        "logp_chosen_change": float(change[:, 0].mean()), "logp_rejected_change": float(change[:, 1].mean()),
+        "logp_chosen_change": result.summary["mean_chosen_logp_change"],
+        "logp_rejected_change": result.summary["mean_rejected_logp_change"],
         "loss_before": init_loss, "loss_after": final_loss,
         "stable": bool(np.isfinite(final_loss) and final_loss < init_loss),
         "train": refusal_rates(cfg, trained, train_prompts, judge_fn, cfg.eval.seeds, f"{name} train"),
@@ -275,8 +275,8 @@ def run_condition(cfg, lm, name, pairs, loss, lr, out: Path, train_prompts, test
 
 
 def _loss(cfg: LossConfig, logps: np.ndarray, ref: np.ndarray) -> float:
-    from ld_jax.losses import preference_loss
-
+    """The preference term alone over the pairs (the loop's summary loss includes the SFT term,
+    which would make the SFT runs' stability incomparable with the others)."""
     losses, _ = preference_loss(dataclasses.replace(cfg, sft_lambda=0.0), logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1])
     return float(np.mean(np.asarray(losses)))
 
