@@ -164,6 +164,8 @@ def test_ches_scores_of_the_run_match_an_independent_call(run, tiny):
     pairs, _ = unalign.tokenize(cfg, lm.tokenizer, records)
     scores = ches.ches_scores(lm, [p.prompt_ids for p in pairs], [p.chosen_ids for p in pairs], [p.rejected_ids for p in pairs])
     np.testing.assert_allclose(scores["ln_ches"], result["ches"]["ln_ches"], rtol=1e-5, atol=1e-5)
+    (cached,) = (tiny[1] / "cache").glob("ches-*.npz")  # what a re-run reads instead of scoring again
+    np.testing.assert_array_equal(np.load(cached)["ln_ches"].astype(np.float64), result["ches"]["ln_ches"])
 
 
 def test_a_seed_with_only_unparsable_verdicts_gives_nan_not_a_crash(tiny):

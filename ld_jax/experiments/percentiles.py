@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from ld_jax import scoring
 from ld_jax.data import preference
+from ld_jax.experiments import fingerprint
 from ld_jax.errors import LdJaxError
 from ld_jax.report import write_json
 from ld_jax.losses import LossConfig
@@ -115,10 +116,6 @@ class Run:
     @property
     def name(self) -> str:
         return f"{self.measure}_p{self.percentile:g}_s{self.seed}_lr{self.lr:g}"
-
-
-def fingerprint(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def pairs_digest(pairs) -> str:

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from ld_jax.errors import LdJaxError
-from ld_jax.experiments import persona_runs, persona_tables
+from ld_jax.experiments import fingerprint, persona_runs, persona_tables
 from ld_jax.losses import LossConfig
 from ld_jax.train.optim import OptimizerConfig
 
@@ -206,7 +206,7 @@ def run_persona(cfg: PersonaConfig) -> dict:
         rng = np.random.default_rng(cfg.sft.seed)
         labels = np.array([tokens[rng.choice(cfg.no_set if r["accords"] else cfg.yes_set)]["id"] for r in records], np.int32)
         first_leaf = np.asarray(jax.tree.leaves(params)[0]).ravel()[:64].tolist()  # tells checkpoints apart
-        sft_key = persona_runs.fingerprint(cfg.model, first_leaf, fmt, dataclasses.asdict(cfg.sft), labels.tolist(), prompts)
+        sft_key = fingerprint(cfg.model, first_leaf, fmt, dataclasses.asdict(cfg.sft), labels.tolist(), prompts)
         params, sft_info = persona_runs.sft_phase(lm, params, prompts, labels, cfg.sft, sft_key)
 
     W = lm.unembedding(params)
@@ -216,7 +216,7 @@ def run_persona(cfg: PersonaConfig) -> dict:
         score[[a, b]] = -np.inf
         predicted.append([int(i) for i in np.argsort(-score)[: cfg.top_k + 2]])
     watch = watch_tokens(tok, cfg.meanings)
-    store = Path(cfg.out_dir) / "runs" / persona_runs.fingerprint(
+    store = Path(cfg.out_dir) / "runs" / fingerprint(
         cfg.model, fmt, sft_key, cfg.loss, dataclasses.replace(cfg.optimizer, lr=0),
         cfg.steps, cfg.track_k, cfg.prompt_seed, watch)
     runner = persona_runs.Runner(lm, params, cfg, prompts, pair_ids, predicted, watch, store)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import json
 import os
 import time
@@ -65,10 +64,6 @@ def pad(seqs: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarray, np
 
 def round_up(n: int, k: int = 8) -> int:
     return -(-n // k) * k
-
-
-def fingerprint(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def cache_dir() -> Path:

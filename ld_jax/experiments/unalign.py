@@ -37,7 +37,7 @@ from ld_jax.data import formatting, preference
 from ld_jax.errors import LdJaxError
 from ld_jax.experiments import unalign_data as data
 from ld_jax.experiments import unalign_report as report
-from ld_jax.experiments.percentiles import fingerprint
+from ld_jax.experiments import fingerprint
 from ld_jax.losses import LossConfig, preference_loss
 from ld_jax.models.loading import load_param_tree, save_param_tree
 from ld_jax.train import loop
@@ -340,10 +340,13 @@ def run_unalign(cfg: UnalignConfig) -> dict:
     stages["refusal rates before"] = time.time() - t
 
     t = time.time()
-    scores = ches.ches_scores(
-        lm, [p.prompt_ids for p in tokenized], [p.chosen_ids for p in tokenized], [p.rejected_ids for p in tokenized],
-        progress=cfg.progress,
-    )  # fmt: skip
+    ids = [[p.prompt_ids for p in tokenized], [p.chosen_ids for p in tokenized], [p.rejected_ids for p in tokenized]]
+    scores_path = cache / f"ches-{fingerprint(warm_key, ids)}.npz"  # the warmed model and the exact token ids
+    if scores_path.is_file():
+        scores = dict(np.load(scores_path))
+    else:
+        scores = ches.ches_scores(lm, *ids, progress=cfg.progress)
+        np.savez(scores_path, **scores)
     stages["CHES scores"] = time.time() - t
 
     t = time.time()
