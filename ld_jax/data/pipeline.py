@@ -41,12 +41,15 @@ def make_batches(
     pad_to_multiple: int = 64,
     seq_len: int | None = None,
     padding_side: str = "right",
+    rows: slice | None = None,
 ) -> grain.MapDataset:
     """A dataset of `num_epochs * ceil(len(pairs) / batch_size)` batches.
 
     ref_logps: `[len(pairs), 2]` reference log-probs of (chosen, rejected), in `pairs` order.
     seq_len: pad every batch to this length; otherwise to the batch's longest pair rounded up to
         `pad_to_multiple`, which bounds the number of distinct shapes the step compiles for.
+    rows: keep only these rows of every batch (a process's share, `train.feed.local_rows`),
+        padded to the length of the whole batch so that every process builds arrays of one shape.
     """
     if not pairs:
         raise LdJaxError("no preference pairs to batch")
@@ -56,7 +59,7 @@ def make_batches(
         raise LdJaxError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     if ref_logps is not None and np.shape(ref_logps) != (len(pairs), 2):
         raise LdJaxError(f"ref_logps must have shape ({len(pairs)}, 2), got {np.shape(ref_logps)}")
-    longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
+    longest = max(map(_length, pairs))
     if seq_len is not None and longest > seq_len:
         raise LdJaxError(f"seq_len={seq_len} is shorter than the longest pair ({longest} tokens)")
 
@@ -69,13 +72,25 @@ def make_batches(
         ds = ds.shuffle(seed=seed)  # followed by repeat: a new permutation every epoch
 
     def batch_fn(batch):
-        return collate(batch, batch_size, pad_id, pad_to_multiple, seq_len, padding_side)
+        if rows is None:
+            return collate(batch, batch_size, pad_id, pad_to_multiple, seq_len, padding_side)
+        length = seq_len or pad_to_multiple * math.ceil(max(map(_length, (p for p, _ in batch))) / pad_to_multiple)
+        n_local = rows.stop - rows.start
+        out = collate(batch[rows], n_local, pad_id, pad_to_multiple, length, padding_side)
+        if ref_logps is not None and "ref_logps" not in out:  # this process got only padding rows
+            out["ref_logps"] = np.zeros((n_local, 2), np.float32)
+        return out
 
     return ds.batch(batch_size, batch_fn=batch_fn).repeat(num_epochs)
 
 
 def steps_per_epoch(num_pairs: int, batch_size: int) -> int:
     return math.ceil(num_pairs / batch_size)
+
+
+def _length(p: TokenizedPair) -> int:
+    """Tokens of the pair's longer sequence, prompt included."""
+    return len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
 
 
 def collate(
@@ -87,9 +102,8 @@ def collate(
     padding_side: str = "right",
 ) -> dict[str, np.ndarray]:
     """Pad up to `batch_size` (pair, ref log-probs) examples into one batch (module docstring)."""
-    lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p, _ in examples]
     if seq_len is None:
-        seq_len = pad_to_multiple * math.ceil(max(lengths) / pad_to_multiple)
+        seq_len = pad_to_multiple * math.ceil(max(_length(p) for p, _ in examples) / pad_to_multiple)
     ids = np.full((batch_size, 2, seq_len), pad_id, np.int32)
     attention = np.zeros((batch_size, 2, seq_len), np.int32)
     response = np.zeros((batch_size, 2, seq_len), np.int32)

@@ -29,7 +29,6 @@ import shutil
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from ld_jax import ches, generate, judge, models

@@ -87,7 +87,7 @@ def displacement_by_type(out: Path, result: dict, name: str = "full") -> str:
     if not rows:
         return ""
     head = ["pair type", "pairs", "Δ mean ln π(y+)", "Δ mean ln π(y−)", "pairs with ln π(y+) down"]
-    return f"\nChange over one epoch on the full data, by pair type:\n\n" + markdown_table(head, rows, "lrrrr")
+    return "\nChange over one epoch on the full data, by pair type:\n\n" + markdown_table(head, rows, "lrrrr")
 
 
 def figure3(path: Path, result: dict, lambdas) -> None:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ld_jax import distributed
 from ld_jax.config import to_dict
-from ld_jax.data import formatting, preference
+from ld_jax.data import formatting, pipeline, preference
 from ld_jax.errors import LdJaxError
 from ld_jax.losses import LossConfig
 from ld_jax.models.core import result_fields
@@ -145,7 +145,7 @@ def train(
     rows = feed.local_rows(mesh, batch_size)  # this process's rows of every global batch
 
     def all_logps(p):
-        ds = feed.local_batches(pairs, batch_size, rows, shuffle=False, **batches)
+        ds = pipeline.make_batches(pairs, batch_size, shuffle=False, rows=rows, **batches)
         return _dataset_logps(logprobs_fn, p, ds, mesh, batch_size, len(pairs), "log-probs", main and cfg.progress)
 
     ref_params = None
@@ -159,8 +159,8 @@ def train(
     else:
         ref_params = jax.tree.map(lambda x: x.copy(), params)  # the step donates `params`
         init_logps = None
-    ds = feed.local_batches(
-        pairs, batch_size, rows, seed=cfg.seed, num_epochs=cfg.num_epochs, ref_logps=init_logps,
+    ds = pipeline.make_batches(
+        pairs, batch_size, rows=rows, seed=cfg.seed, num_epochs=cfg.num_epochs, ref_logps=init_logps,
         **batches,
     )  # fmt: skip
     total = len(ds) if cfg.max_steps is None else min(cfg.max_steps, len(ds))
