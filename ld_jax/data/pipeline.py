@@ -71,14 +71,14 @@ def make_batches(
     if shuffle:
         ds = ds.shuffle(seed=seed)  # followed by repeat: a new permutation every epoch
 
+    rows = rows or slice(0, batch_size)
+    n_rows = rows.stop - rows.start
+
     def batch_fn(batch):
-        if rows is None:
-            return collate(batch, batch_size, pad_id, pad_to_multiple, seq_len, padding_side)
-        length = seq_len or pad_to_multiple * math.ceil(max(map(_length, (p for p, _ in batch))) / pad_to_multiple)
-        n_local = rows.stop - rows.start
-        out = collate(batch[rows], n_local, pad_id, pad_to_multiple, length, padding_side)
-        if ref_logps is not None and "ref_logps" not in out:  # this process got only padding rows
-            out["ref_logps"] = np.zeros((n_local, 2), np.float32)
+        length = seq_len or _padded_length([p for p, _ in batch], pad_to_multiple)  # of the whole batch
+        out = collate(batch[rows], n_rows, pad_id, pad_to_multiple, length, padding_side)
+        if ref_logps is not None and "ref_logps" not in out:  # these rows are all padding
+            out["ref_logps"] = np.zeros((n_rows, 2), np.float32)
         return out
 
     return ds.batch(batch_size, batch_fn=batch_fn).repeat(num_epochs)
@@ -93,6 +93,11 @@ def _length(p: TokenizedPair) -> int:
     return len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
 
 
+def _padded_length(pairs: Sequence[TokenizedPair], pad_to_multiple: int) -> int:
+    """The longest pair's length rounded up to `pad_to_multiple`."""
+    return pad_to_multiple * math.ceil(max(map(_length, pairs)) / pad_to_multiple)
+
+
 def collate(
     examples: Sequence[tuple[TokenizedPair, np.ndarray | None]],
     batch_size: int,
@@ -103,7 +108,7 @@ def collate(
 ) -> dict[str, np.ndarray]:
     """Pad up to `batch_size` (pair, ref log-probs) examples into one batch (module docstring)."""
     if seq_len is None:
-        seq_len = pad_to_multiple * math.ceil(max(_length(p) for p, _ in examples) / pad_to_multiple)
+        seq_len = _padded_length([p for p, _ in examples], pad_to_multiple)
     ids = np.full((batch_size, 2, seq_len), pad_id, np.int32)
     attention = np.zeros((batch_size, 2, seq_len), np.int32)
     response = np.zeros((batch_size, 2, seq_len), np.int32)
