@@ -111,6 +111,20 @@ def test_largest_decrease_matches_brute_force():
     assert persona_tables.largest_decrease(np.linspace(0.1, 0.9, 5))[0] == 0.0
 
 
+def test_trajectory_table_counts_kept_runs_whose_pi_pos_fell_far_enough():
+    log = lambda *p: np.log(np.array(p)).tolist()  # noqa: E731
+    runs = [
+        {"pair": 0, "excluded": False, "logp_pos": log(0.5, 0.9, 0.6), "logp_neg": log(0.4, 0.05, 0.01)},  # fell 0.3
+        {"pair": 0, "excluded": False, "logp_pos": log(0.1, 0.2, 0.3), "logp_neg": log(0.5, 0.3, 0.2)},
+        {"pair": 0, "excluded": True, "logp_pos": log(0.9, 0.1, 0.1), "logp_neg": log(0.1, 0.1, 0.1)},  # not counted
+        {"pair": 1, "excluded": True, "logp_pos": log(0.5, 0.5, 0.5), "logp_neg": log(0.5, 0.5, 0.5)},
+    ]
+    lines = persona_tables.trajectory_table([["Yes", "No"], ["No", "Never"]], runs).splitlines()
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells == ["Yes", "No", "2", "0.30 [0.10, 0.50]", "0.45 [0.30, 0.60]", "0.20", "1"]
+    assert [c.strip() for c in lines[3].strip("|").split("|")][2] == "0"
+
+
 class _StubTokenizer:
     def __init__(self, texts):
         self.texts = texts
@@ -270,6 +284,7 @@ def test_cli_runs_sft_then_dpo_prints_the_table_and_resumes(tiny, tmp_path, caps
     for name in ("table1.md", "tokens.md", "table13.md", "pair_No_Never.png", "pair_Yes_No.png"):
         assert (tmp_path / "out" / name).is_file()
     assert len(list((tmp_path / "out" / "runs").rglob("*.npz"))) == 4
+    assert "## Where π(y+) starts and ends" in (tmp_path / "out" / "table1.md").read_text()
     # A second invocation loads the finished runs and the cached SFT params instead of training.
     assert main(["persona", "--config", str(config)]) == 0
     again = json.loads((tmp_path / "out" / "results.json").read_text())

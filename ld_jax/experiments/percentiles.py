@@ -28,7 +28,6 @@ would not be faster there; the seeds only change the order of the batches.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -41,7 +40,7 @@ from tqdm.auto import tqdm
 
 from ld_jax import scoring
 from ld_jax.data import preference
-from ld_jax.experiments import fingerprint
+from ld_jax.digest import fingerprint, pairs_digest, params_digest
 from ld_jax.errors import LdJaxError
 from ld_jax.report import write_json
 from ld_jax.losses import LossConfig
@@ -118,20 +117,11 @@ class Run:
         return f"{self.measure}_p{self.percentile:g}_s{self.seed}_lr{self.lr:g}"
 
 
-def pairs_digest(pairs) -> str:
-    """Hash of the token ids (data + template + tokenizer + length limit) of `pairs`."""
-    h = hashlib.blake2b(digest_size=8)
-    for p in pairs:
-        h.update(np.asarray([p.index, -3, *p.prompt_ids, -1, *p.chosen_ids, -1, *p.rejected_ids, -2], np.int64).tobytes())
-    return h.hexdigest()
-
-
 def model_digest(cfg: PercentilesConfig, lm) -> str:
     """The model's name, architecture and a sample of every weight (tells checkpoints apart
     without hashing all of them)."""
-    sample = [np.asarray(x).ravel()[:: max(1, np.size(x) // 64)][:64].tolist() for x in jax.tree.leaves(lm.params)]
     # switching a speed option (remat, unrolled layers) keeps the cached scores, log-probs and runs
-    return fingerprint(cfg.model, result_fields(lm.config), cfg.compute_dtype, sample)
+    return fingerprint(cfg.model, result_fields(lm.config), cfg.compute_dtype, params_digest(lm.params, sample=64))
 
 
 def scoring_config(cfg: PercentilesConfig, out: str) -> scoring.ScoringConfig:

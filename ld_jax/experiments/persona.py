@@ -21,8 +21,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from ld_jax.digest import fingerprint
 from ld_jax.errors import LdJaxError
-from ld_jax.experiments import fingerprint, persona_runs, persona_tables
+from ld_jax.experiments import persona_runs, persona_tables
 from ld_jax.losses import LossConfig
 from ld_jax.train.optim import OptimizerConfig
 

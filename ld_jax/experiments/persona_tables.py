@@ -118,6 +118,28 @@ def table1(title: str, pairs: list[dict]) -> str:
     return report.markdown_table(header, rows, align="llllllll l".replace(" ", ""))
 
 
+def trajectory_table(pairs: list[list[str]], runs: list[dict], drop: float = 0.2) -> str:
+    """Where π(y+) starts and ends, per pair, over the kept runs of results.json (`runs`: dicts with
+    pair, excluded, logp_pos and logp_neg `[steps + 1]`); counts the kept runs whose π(y+) fell by
+    at least `drop` at some point (the issue's must-show: a fall while the loss falls at every step)."""
+    fmt = report.format_number
+    rows = []
+    for p, (y_pos, y_neg) in enumerate(pairs):
+        kept = [r for r in runs if r["pair"] == p and not r["excluded"]]
+        if not kept:
+            rows.append([y_pos, y_neg, "0", "–", "–", "–", "–"])
+            continue
+        pi = np.exp(np.array([r["logp_pos"] for r in kept], np.float64))
+        start, end = pi[:, 0], pi[:, -1]
+        drops = [largest_decrease(x)[0] for x in pi]
+        rows.append([y_pos, y_neg, str(len(kept)), f"{fmt(start.mean())} [{fmt(start.min())}, {fmt(start.max())}]",
+                     f"{fmt(end.mean())} [{fmt(end.min())}, {fmt(end.max())}]",
+                     fmt(max(np.exp(r["logp_neg"][-1]) for r in kept)), str(sum(d >= drop for d in drops))])
+    header = ["y+", "y−", "runs kept", "π(y+) at step 0, mean [min, max]", "π(y+) at the end, mean [min, max]",
+              "largest π(y−) at the end", f"runs with a π(y+) drop ≥ {drop:g}"]
+    return report.markdown_table(header, rows, "llrrrrr")
+
+
 def token_tables(cfg, pairs: list[dict]) -> str:
     parts = []
     for s in pairs:
@@ -170,17 +192,19 @@ def write_outputs(cfg, meta: dict, recs: list[dict], tokenizer) -> dict:
     pairs = [summarize_pair(cfg, p, recs, tokenizer) for p in range(len(cfg.pairs))]
     title = f"{meta['title']} ({cfg.loss.name.upper()}, {'SFT' if cfg.sft.enabled else 'no SFT'}, lr {meta['lr']:g})"
     t1 = table1(title, pairs)
+    runs = [_run_json(r, cfg) for r in recs]
     (out / "table1.md").write_text(
         f"# Largest π(y+) decrease and tokens gaining most (Table 1 shape)\n\n{t1}\n"
         "Decrease: the largest π_t(y+) − π_t′(y+) over steps t < t′, mean over kept runs (a run is kept "
         "when its loss fell at every step). Gainers: top-"
         f"{cfg.top_k} probability increases since init at steps {', '.join(map(str, cfg.report_steps))}, "
-        "other than y±, most frequent first; \"_\" is a leading space.\n")
+        "other than y±, most frequent first; \"_\" is a leading space.\n\n"
+        f"## Where π(y+) starts and ends\n\n{trajectory_table(cfg.pairs, runs)}")
     (out / "tokens.md").write_text(f"# Tokens increasing most in probability (Tables 4–12 shape)\n\n{title}\n\n{token_tables(cfg, pairs)}")
     (out / "table13.md").write_text(f"# Unembedding geometry at initialisation (Table 13 shape)\n\n{table13(title, pairs)}")
     plots = [str(plot_pair(out / f"pair_{s['y_pos']}_{s['y_neg']}.png", cfg, p, s, recs, tokenizer))
              for p, s in enumerate(pairs)]
     results = {"config": to_dict(cfg), **meta, "table_title": title, "pairs": pairs, "plots": plots,
-               "runs": [_run_json(r, cfg) for r in recs]}
+               "runs": runs}
     report.write_json(out / "results.json", results)
     return {**results, "table1_md": t1}

@@ -33,10 +33,10 @@ import numpy as np
 
 from ld_jax import ches, generate, judge, models
 from ld_jax.data import formatting, preference
+from ld_jax.digest import fingerprint, pairs_digest
 from ld_jax.errors import LdJaxError
 from ld_jax.experiments import unalign_data as data
 from ld_jax.experiments import unalign_report as report
-from ld_jax.experiments import fingerprint
 from ld_jax.losses import LossConfig, preference_loss
 from ld_jax.models.loading import load_param_tree, save_param_tree
 from ld_jax.train import loop
@@ -340,7 +340,7 @@ def run_unalign(cfg: UnalignConfig) -> dict:
 
     t = time.time()
     ids = [[p.prompt_ids for p in tokenized], [p.chosen_ids for p in tokenized], [p.rejected_ids for p in tokenized]]
-    scores_path = cache / f"ches-{fingerprint(warm_key, ids)}.npz"  # the warmed model and the exact token ids
+    scores_path = cache / f"ches-{fingerprint(warm_key, pairs_digest(tokenized))}.npz"  # warmed model, exact token ids
     if scores_path.is_file():
         scores = dict(np.load(scores_path))
     else:

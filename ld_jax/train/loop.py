@@ -16,7 +16,6 @@ ln π(y+|x))?
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 from ld_jax import distributed
 from ld_jax.config import to_dict
 from ld_jax.data import formatting, pipeline, preference
+from ld_jax.digest import fingerprint, pairs_digest, params_digest
 from ld_jax.errors import LdJaxError
 from ld_jax.losses import LossConfig
 from ld_jax.models.core import result_fields
@@ -154,7 +154,7 @@ def train(
     elif cfg.reference == "cached":
         salt = f"{batch_size}|{cfg.seq_chunk}|{batches}"  # anything that could move the last bit
         # (its own name: `key` keys the jitted step below, which must not depend on the data)
-        ref_key = _fingerprint(pairs, model, salt)
+        ref_key = fingerprint(result_fields(model.config), salt, pairs_digest(pairs), params_digest(model.params))
         init_logps = _cached(out / f"ref_logps-{ref_key}.npz", lambda: all_logps(params), main, len(pairs))
     else:
         ref_params = jax.tree.map(lambda x: x.copy(), params)  # the step donates `params`
@@ -276,18 +276,6 @@ def _dataset_logps(logprobs_fn, params, ds, mesh, batch_size: int, n: int, desc:
     for k in tqdm(range(len(ds)), desc=desc, disable=not progress, leave=False):
         out.append(np.asarray(logprobs_fn(params, _seqs(ds[k], mesh, batch_size))))  # replicated
     return np.concatenate(out)[:n]
-
-
-def _fingerprint(pairs, model, salt: str) -> str:
-    """Hash of the token ids (data + template + tokenizer), the initial weights, the model's
-    compute config and `salt`."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(f"{json.dumps(result_fields(model.config), sort_keys=True, default=str)}|{salt}".encode())
-    for p in pairs:
-        h.update(np.asarray(p.prompt_ids + [-1] + p.chosen_ids + [-1] + p.rejected_ids + [-2], np.int64).tobytes())
-    for leaf in jax.tree.leaves(model.params):
-        h.update(np.asarray(leaf).tobytes())
-    return h.hexdigest()
 
 
 def _cached(path: Path, compute: Callable[[], np.ndarray], main: bool, n: int) -> np.ndarray:
