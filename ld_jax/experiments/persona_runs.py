@@ -173,6 +173,7 @@ class Runner:
         rec = {**{k: np.stack([h[k] for h in hist]) for k in hist[0]}, "watch_ids": batch["watch"]}
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(path, **rec)
+        release_freed_memory()  # the run's params and optimizer state (3 model copies) are garbage now
         return {**rec, "run": run}
 
     def many(self, runs: list, desc: str, stop_on_rise: bool = False) -> list[dict] | None:
