@@ -57,6 +57,10 @@ class PersonaConfig:
         " Absolutely" where the bare word is two tokens). Any other multi-token word is an error.
     meanings: meaning -> words; gainers are benign when their meaning equals y+'s, catastrophic
         when it differs, unclassified when unknown. Lower-case and leading-space variants match.
+    reuse_freed_memory: keep glibc from unmapping freed blocks (persona_runs.keep_freed_memory),
+        which saves SmolLM2 a fifth of its step time. Off for Gemma-3-270m: its 0.7 GB
+        embedding-sized buffers fragment the single heap until the process is OOM-killed (RSS
+        from 8 to 24 GB within one run, twice).
     """
 
     model: str = "smollm2-135m-instruct"
@@ -80,6 +84,7 @@ class PersonaConfig:
     report_steps: tuple[int, ...] = (5, 25, 100)
     out_dir: str = "results/persona"
     title: str = ""  # model label in the tables; defaults to `model`
+    reuse_freed_memory: bool = True
 
     def __post_init__(self):
         # YAML 1.1 reads 1e-7 as a string; lists of lrs do not pass through the loader's float cast.
@@ -188,7 +193,8 @@ def run_persona(cfg: PersonaConfig) -> dict:
     from ld_jax import models
 
     t_start = time.time()
-    persona_runs.keep_freed_memory()
+    if cfg.reuse_freed_memory:
+        persona_runs.keep_freed_memory()
     records = load_records(cfg.data)
     for y_pos, _ in cfg.pairs:
         if y_pos not in cfg.no_set and y_pos not in cfg.yes_set:
