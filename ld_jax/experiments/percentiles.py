@@ -63,6 +63,8 @@ class PercentilesConfig:
     lr_grid: if not empty, the lr is the largest of the grid for which every search run (seed 0
         of each window of `measures[0]`) finishes with a finite loss lower over its window than
         at the start; those runs are kept as results. Empty: `optimizer.lr` as given.
+    reuse_freed_memory: as in PersonaConfig (persona_runs.keep_freed_memory): faster steps for
+        small models; turn it off for models whose step buffers fragment the single heap.
     """
 
     model: str = "smollm2-135m-instruct"
@@ -86,6 +88,7 @@ class PercentilesConfig:
     samples_shown: int = 3  # highest and lowest CHES pairs in samples.md (paper Tables 14/15)
     out_dir: str = "results/percentiles"
     progress: bool = True
+    reuse_freed_memory: bool = True
 
     def __post_init__(self):
         # YAML 1.1 reads 1e-7 as a string, and lists do not pass through the loader's float cast.
@@ -253,7 +256,8 @@ def run_percentiles(cfg: PercentilesConfig) -> dict:
     from ld_jax.experiments import percentiles_report
     from ld_jax.experiments.persona_runs import keep_freed_memory
 
-    keep_freed_memory()  # XLA:CPU's per-step temporaries are reused instead of page-faulted in
+    if cfg.reuse_freed_memory:
+        keep_freed_memory()  # XLA:CPU's per-step temporaries are reused instead of page-faulted in
     stages, clock = {}, time.perf_counter()
 
     def stage(name):
