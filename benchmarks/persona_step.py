@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from ld_jax import models
-from ld_jax.experiments import persona, persona_runs, persona_step
+from ld_jax import host_memory, models
+from ld_jax.experiments import persona, persona_step
 from ld_jax.losses import LossConfig
 from ld_jax.train.optim import OptimizerConfig
 
@@ -114,7 +114,7 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
 
-    persona_runs.keep_freed_memory()  # as `ld-jax persona` does; the PyTorch baseline shares it
+    host_memory.keep_freed_memory()  # as `ld-jax persona` does; the PyTorch baseline shares it
     lm = models.from_pretrained(MODEL)
     question = persona.load_records(DATA)[0]["question"]
     (ids,), _ = persona.encode_prompts(lm.tokenizer, [question], "chat")

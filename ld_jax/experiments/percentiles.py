@@ -38,7 +38,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from ld_jax import scoring
+from ld_jax import host_memory, scoring
 from ld_jax.data import preference
 from ld_jax.digest import fingerprint, pairs_digest, params_digest
 from ld_jax.errors import LdJaxError
@@ -63,7 +63,7 @@ class PercentilesConfig:
     lr_grid: if not empty, the lr is the largest of the grid for which every search run (seed 0
         of each window of `measures[0]`) finishes with a finite loss lower over its window than
         at the start; those runs are kept as results. Empty: `optimizer.lr` as given.
-    reuse_freed_memory: as in PersonaConfig (persona_runs.keep_freed_memory): faster steps for
+    reuse_freed_memory: as in PersonaConfig (host_memory.keep_freed_memory): faster steps for
         small models; turn it off for models whose step buffers fragment the single heap.
     """
 
@@ -254,10 +254,9 @@ def run_percentiles(cfg: PercentilesConfig) -> dict:
     and returns the results."""
     from ld_jax import models
     from ld_jax.experiments import percentiles_report
-    from ld_jax.experiments.persona_runs import keep_freed_memory
 
     if cfg.reuse_freed_memory:
-        keep_freed_memory()  # XLA:CPU's per-step temporaries are reused instead of page-faulted in
+        host_memory.keep_freed_memory()  # XLA:CPU's per-step temporaries are reused instead of page-faulted in
     stages, clock = {}, time.perf_counter()
 
     def stage(name):

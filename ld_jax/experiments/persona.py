@@ -21,6 +21,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from ld_jax import host_memory
 from ld_jax.digest import fingerprint
 from ld_jax.errors import LdJaxError
 from ld_jax.experiments import persona_runs, persona_tables
@@ -57,7 +58,7 @@ class PersonaConfig:
         " Absolutely" where the bare word is two tokens). Any other multi-token word is an error.
     meanings: meaning -> words; gainers are benign when their meaning equals y+'s, catastrophic
         when it differs, unclassified when unknown. Lower-case and leading-space variants match.
-    reuse_freed_memory: keep glibc from unmapping freed blocks (persona_runs.keep_freed_memory),
+    reuse_freed_memory: keep glibc from unmapping freed blocks (host_memory.keep_freed_memory),
         which saves SmolLM2 a fifth of its step time. Off for Gemma-3-270m: its 0.7 GB
         embedding-sized buffers fragment the single heap until the process is OOM-killed (RSS
         from 8 to 24 GB within one run, twice).
@@ -194,7 +195,7 @@ def run_persona(cfg: PersonaConfig) -> dict:
 
     t_start = time.time()
     if cfg.reuse_freed_memory:
-        persona_runs.keep_freed_memory()
+        host_memory.keep_freed_memory()
     records = load_records(cfg.data)
     for y_pos, _ in cfg.pairs:
         if y_pos not in cfg.no_set and y_pos not in cfg.yes_set:
