@@ -58,7 +58,7 @@ def main() -> None:
     ref = AutoModelForCausalLM.from_pretrained(str(loading.resolve(MODEL)), dtype=torch.float32).eval()
     tok = lm.tokenizer
     encoded = tok(generate.format_prompts(tok, PROMPTS), add_special_tokens=False)["input_ids"]
-    pad = generate.pad_token_id(lm)
+    pad = models.pad_id(lm)
     ids, mask = generate.left_pad(encoded, pad_id=pad)
     sampling = SamplingConfig(max_new_tokens=args.new, temperature=0.0, stop_token_ids=())
     hf_config = copy.deepcopy(ref.generation_config)

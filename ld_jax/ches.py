@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from rapidfuzz.distance import Levenshtein
 from tqdm.auto import tqdm
 
+from ld_jax import models
 from ld_jax.data.formatting import TokenizedPair
 from ld_jax.data.pipeline import make_batches
 from ld_jax.errors import LdJaxError
@@ -106,12 +107,11 @@ def length_batches(lm, pairs: Sequence[TokenizedPair], batch_size: int, pad_to_m
     """Pairs longest first, in padded batches of `ld_jax.data.pipeline`'s layout: neighbours in
     length share a batch, whose length is its longest pair rounded up to `pad_to_multiple`
     (which also bounds the number of shapes the kernel compiles for). -> grain.MapDataset."""
-    pad_id = lm.config.pad_token_id if lm.config.pad_token_id is not None else 0
     order = sorted(
         pairs, key=lambda p: -(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)))
     )
     return make_batches(
-        order, batch_size, shuffle=False, pad_id=pad_id, pad_to_multiple=pad_to_multiple
+        order, batch_size, shuffle=False, pad_id=models.pad_id(lm), pad_to_multiple=pad_to_multiple
     )
 
 

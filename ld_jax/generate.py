@@ -169,7 +169,7 @@ def sample_batch(lm, input_ids, attention_mask, sampling: SamplingConfig, key=No
         jnp.float32(sampling.top_p),
         max_new_tokens=sampling.max_new_tokens,
         stop_ids=tuple(sorted(set(stop))),
-        pad_id=pad_token_id(lm),
+        pad_id=models.pad_id(lm),
     )
 
 
@@ -186,14 +186,6 @@ def stop_token_ids(lm) -> tuple[int, ...]:
         vocab = tok.get_vocab()
         ids.update(int(vocab[t]) for t in END_OF_TURN if t in vocab)
     return tuple(sorted(ids))
-
-
-def pad_token_id(lm) -> int:
-    """Id written after a row stops (never attended to): the model's pad, else an EOS, else 0."""
-    for candidate in (lm.config.pad_token_id, getattr(lm.tokenizer, "pad_token_id", None)):
-        if candidate is not None:
-            return int(candidate)
-    return int(lm.config.eos_token_ids[0]) if lm.config.eos_token_ids else 0
 
 
 def format_prompts(tokenizer, prompts: Sequence, template: str = "auto") -> list[str]:
@@ -245,7 +237,7 @@ def generate_text(
     for c, start in enumerate(tqdm(starts, desc=progress, unit="batch", disable=progress is None)):
         chunk = rows[start : start + sampling.batch_size]
         filled = chunk + [chunk[0]] * (sampling.batch_size - len(chunk))
-        ids, mask = left_pad([encoded[p] for p, _ in filled], pad_token_id(lm), sampling.pad_prompts_to)
+        ids, mask = left_pad([encoded[p] for p, _ in filled], models.pad_id(lm), sampling.pad_prompts_to)
         gen = jax.device_get(sample_batch(lm, ids, mask, sampling, jax.random.fold_in(key, c)))
         for i, (p, s) in enumerate(chunk):
             token_ids = tuple(int(t) for t in gen.tokens[i, : gen.lengths[i]])

@@ -59,6 +59,11 @@ class LossConfig:
     sft_lambda: float = 0.0
     sft_length_average: bool = False  # RPO normalises the NLL by length
 
+    @property
+    def needs_rewards(self) -> bool:
+        """REBEL regresses the margin on r(x, y+) − r(x, y−): data without rewards cannot train it."""
+        return self.name == "rebel"
+
     def __post_init__(self):
         if self.name not in LOSS_NAMES:
             raise ValueError(f"unknown loss {self.name!r}; choose one of {', '.join(LOSS_NAMES)}")

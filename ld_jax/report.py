@@ -7,7 +7,6 @@ results directory looks the same: `results.json`, one or more `*.md` tables and 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -17,6 +16,8 @@ import matplotlib
 matplotlib.use("Agg")  # headless: experiments run on servers without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from ld_jax import files  # noqa: E402
 
 
 def format_number(x: float | None, digits: int = 2) -> str:
@@ -48,28 +49,7 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: 
     return "\n".join(lines) + "\n"
 
 
-def _to_jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _to_jsonable(dataclasses.asdict(obj))
-    if isinstance(obj, dict):
-        return {str(k): _to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_to_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray) or hasattr(obj, "__array__") and not np.isscalar(obj):
-        return _to_jsonable(np.asarray(obj).tolist())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None  # JSON has no NaN/inf
-    return obj
-
-
-def write_json(path: str | Path, obj: Any) -> Path:
-    """Write `obj` (dicts, dataclasses, numpy/jax arrays inside) as indented JSON."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_to_jsonable(obj), indent=1) + "\n")
-    return path
+write_json = files.write_json  # results.json of every experiment, written atomically
 
 
 @dataclasses.dataclass
@@ -121,8 +101,6 @@ def plot_panels(path: str | Path, panels: Sequence[Panel], title: str = "", ncol
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    files.save_figure(fig, path)
     plt.close(fig)
-    return path
+    return Path(path)

@@ -46,14 +46,6 @@ def test_matches_pytorch(cfg, make):
     np.testing.assert_allclose(_run_ours(cfg, w0, grads), _run_torch(make, w0, grads), rtol=1e-5, atol=1e-6)
 
 
-def test_gradient_accumulation_averages_micro_batches():
-    rng = np.random.default_rng(1)
-    w0 = rng.normal(size=(4,)).astype(np.float32)
-    g1, g2 = rng.normal(size=(2, 4)).astype(np.float32)
-    accumulated = _run_ours(OptimizerConfig("sgd", lr=0.1, grad_accum_steps=2), w0, [g1, g2])
-    np.testing.assert_allclose(accumulated, w0 - 0.1 * (g1 + g2) / 2, rtol=1e-6)
-
-
 def test_clipping_and_schedules():
     w0 = np.zeros(2, np.float32)
     clipped = _run_ours(OptimizerConfig("sgd", lr=1.0, max_grad_norm=1.0), w0, [np.array([3.0, 4.0], np.float32)])

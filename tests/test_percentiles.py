@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from ld_jax import ches, cli, models, scoring  # noqa: E402
 from ld_jax.config import load_config  # noqa: E402
 from ld_jax.experiments import percentiles  # noqa: E402
-from ld_jax.train import loop  # noqa: E402
+from ld_jax.train import loop, reference  # noqa: E402
 from test_logprobs import save_tiny_llama  # noqa: E402
 from test_scoring import char_tokenizer  # noqa: E402
 
@@ -155,7 +155,7 @@ def test_windows_and_initial_params_and_cache(setup, monkeypatch):
 
     monkeypatch.setattr(scoring, "score_file", boom)
     monkeypatch.setattr(ches, "score_batches", boom)
-    monkeypatch.setattr(loop, "_dataset_logps", boom)
+    monkeypatch.setattr(reference, "dataset_logps", boom)
     calls.clear()
     again = percentiles.run_percentiles(cfg)
     assert [c[0] for c in calls] == [0]  # only the cached initial log-probs pass
@@ -164,7 +164,7 @@ def test_windows_and_initial_params_and_cache(setup, monkeypatch):
     # an interrupted run (no record) is the only one trained again
     lost = next(out.glob("runs/*/ches_p50_s1_lr0.001/run.json"))
     lost.unlink()
-    monkeypatch.setattr(loop, "_dataset_logps", real_dataset_logps)
+    monkeypatch.setattr(reference, "dataset_logps", real_dataset_logps)
     calls.clear()
     percentiles.run_percentiles(cfg)
     assert len(calls) == 2 and lost.is_file()
@@ -178,7 +178,7 @@ def test_windows_and_initial_params_and_cache(setup, monkeypatch):
     assert len(calls) == 1 + len(PERCENTILES)  # the initial pass, then lr 1e3's search runs
 
 
-real_dataset_logps = loop._dataset_logps
+real_dataset_logps = reference.dataset_logps
 
 
 def test_cli_and_configs(setup, tmp_path, capsys):

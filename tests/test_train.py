@@ -18,7 +18,7 @@ from ld_jax.data import pipeline
 from ld_jax.errors import LdJaxError
 from ld_jax.losses import LossConfig
 from ld_jax.models import llama
-from ld_jax.train import loop, sharding
+from ld_jax.train import loop, reference, sharding
 from ld_jax.train.checkpoint import Checkpoints
 from ld_jax.train.optim import OptimizerConfig, make_optimizer
 from ld_jax.train.state import init_state
@@ -125,21 +125,32 @@ def test_bf16_compute_keeps_fp32_master_weights(tiny):
     assert not np.array_equal(wq, wq.astype(jax.numpy.bfloat16).astype(np.float32))
 
 
-def test_multisteps_accumulation_equals_one_big_batch(tiny):
+@pytest.mark.parametrize("micro_batches", [2, 4])
+def test_accumulated_step_equals_one_big_batch_with_unequal_valid_rows(tiny, micro_batches):
     _, lm = tiny
-    big = _batch(n=8, batch_size=8)
-    halves = [{k: v[i::2] if v.ndim else v for k, v in big.items()} for i in (0, 1)]
-    one, _ = _one_step(lm, big, OptimizerConfig(name="sgd", lr=1.0))
-    mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-    optimizer = make_optimizer(OptimizerConfig(name="sgd", lr=1.0, grad_accum_steps=2))
-    state = init_state(_copy(lm.params), optimizer)
-    shardings = sharding.tree_shardings(state, mesh, sharding.rules_for("llama"))
-    step = compile_step(lm, LossConfig("dpo", beta=BETA), optimizer, mesh, shardings, halves[0])
-    state = jax.device_put(state, shardings)
-    for half in halves:
-        state, _ = step(state, half)
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(one.params)):
+    batch = _batch(n=5, batch_size=8)  # 5 valid rows of 8: the micro-batches hold 3/2 or 2/1/1/1
+    opt = OptimizerConfig(name="sgd", lr=1.0)  # the update is the gradient itself
+    one, m1 = _one_step(lm, batch, opt)
+    acc, mk = _one_step(lm, batch, opt, micro_batches=micro_batches)
+    for a, b in zip(jax.tree.leaves(acc.params), jax.tree.leaves(one.params)):
         np.testing.assert_allclose(a, b, atol=1e-6)
+    for key in ("loss", "chosen_logp", "margin", "tokens", "grad_norm"):
+        assert mk[key] == pytest.approx(m1[key], rel=1e-5), key
+
+
+def test_accumulation_in_the_loop_applies_the_remainder_and_weighs_pairs_alike(tiny, tmp_path):
+    """10 pairs, batches of 8 pairs: 2 updates per epoch (8, then the remaining 2). With 2
+    micro-batches per update every update must equal the unsplit one; optax's MultiSteps (the old
+    accumulation) weighed each micro-batch 1/k and never applied a trailing partial one."""
+    _, lm = tiny
+    kw = dict(batch_size=8, num_epochs=1, final_eval=False, optimizer=OptimizerConfig(name="sgd", lr=0.5))
+    one = loop.train(_cfg(tmp_path / "one", **kw), model=lm, pairs=PAIRS)
+    kw["optimizer"] = OptimizerConfig(name="sgd", lr=0.5, grad_accum_steps=2)
+    acc = loop.train(_cfg(tmp_path / "acc", **kw), model=lm, pairs=PAIRS)
+    assert [r["step"] for r in acc.metrics] == [1, 2] and acc.summary["batch"]["updates_per_epoch"] == 2
+    for a, b in zip(jax.tree.leaves(acc.params), jax.tree.leaves(one.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    assert [r["loss"] for r in acc.metrics] == pytest.approx([r["loss"] for r in one.metrics], abs=1e-6)
 
 
 # ---- the loop -----------------------------------------------------------------------------------
@@ -178,12 +189,58 @@ def test_loop_writes_metrics_summary_and_reuses_the_reference_cache(tiny, tmp_pa
     (cache,) = tmp_path.glob("ref_logps-*.npz")
 
     calls = []
-    monkeypatch.setattr(loop, "_dataset_logps", lambda *a: calls.append(1) or result.final_logps)
+    monkeypatch.setattr(reference, "dataset_logps", lambda *a, **k: calls.append(1) or result.final_logps)
     loop.train(_cfg(tmp_path / "again", final_eval=False), model=lm, pairs=PAIRS)  # new dir: computes
     assert len(calls) == 1
     (tmp_path / "again" / "checkpoints").rename(tmp_path / "again" / "old")  # no resume
     loop.train(_cfg(tmp_path / "again", final_eval=False), model=lm, pairs=PAIRS)  # same key: cached
     assert len(calls) == 1 and cache.name in {p.name for p in (tmp_path / "again").glob("*.npz")}
+
+
+def test_a_rerun_in_another_parameter_dtype_recomputes_the_reference(tiny, tmp_path):
+    """The reference cache key once left out param_dtype: a bf16 rerun reused fp32 log-probs."""
+    _, lm = tiny
+    kw = dict(final_eval=False, max_steps=0)
+    fp32 = loop.train(_cfg(tmp_path / "a", **kw), model=lm, pairs=PAIRS)
+    (tmp_path / "b").mkdir()
+    (cache,) = (tmp_path / "a").glob("ref_logps-*.npz")
+    shutil.copy(cache, tmp_path / "b" / cache.name)
+    bf16 = loop.train(_cfg(tmp_path / "b", param_dtype="bfloat16", **kw), model=lm, pairs=PAIRS)
+    assert len(list((tmp_path / "b").glob("ref_logps-*.npz"))) == 2
+    assert not np.array_equal(fp32.init_logps, bf16.init_logps)
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["param_dtype", "compute_dtype", "seq_chunk", "rows", "pad_to_multiple", "padding_side", "pad_id", "pairs", "weights"],
+)
+def test_every_input_of_the_reference_cache_is_in_its_key(tiny, tmp_path, monkeypatch, change):
+    _, lm = tiny
+    calls = []
+    real = reference.dataset_logps
+    monkeypatch.setattr(reference, "dataset_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    base = dict(rows=4, param_dtype="float32", seq_chunk=None, padding=reference.Padding(0, 8, "right"))
+    reference.reference_logps(lm, PAIRS, cache_dir=tmp_path, **base)
+    reference.reference_logps(lm, PAIRS, cache_dir=tmp_path, **base)
+    assert len(calls) == 1  # the same inputs are read back
+    model, pairs, kw = lm, PAIRS, dict(base)
+    if change in ("param_dtype", "compute_dtype"):
+        kw["param_dtype"] = "bfloat16" if change == "param_dtype" else "float32"
+        model = lm.with_options(dtype="bfloat16") if change == "compute_dtype" else lm
+    elif change == "seq_chunk":
+        kw["seq_chunk"] = 5
+    elif change == "rows":
+        kw["rows"] = 2
+    elif change == "pairs":
+        pairs = PAIRS[:-1]
+    elif change == "weights":
+        model = dataclasses.replace(lm, params=jax.tree.map(lambda x: x * 1.001, lm.params))
+    else:
+        field = {"pad_to_multiple": ("pad_to_multiple", 16), "padding_side": ("padding_side", "left"),
+                 "pad_id": ("pad_id", 3)}[change]  # fmt: skip
+        kw["padding"] = dataclasses.replace(base["padding"], **dict([field]))
+    reference.reference_logps(model, pairs, cache_dir=tmp_path, **kw)
+    assert len(calls) == 2, change
 
 
 class Killed(Exception):

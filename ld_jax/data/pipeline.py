@@ -42,12 +42,18 @@ def make_batches(
     seq_len: int | None = None,
     padding_side: str = "right",
     rows: slice | None = None,
+    padded_rows: int | None = None,
+    drop_remainder: bool = False,
 ) -> grain.MapDataset:
-    """A dataset of `num_epochs * ceil(len(pairs) / batch_size)` batches.
+    """A dataset of `num_epochs * ceil(len(pairs) / batch_size)` batches (floor with
+    `drop_remainder`, which drops each epoch's last incomplete batch).
 
     ref_logps: `[len(pairs), 2]` reference log-probs of (chosen, rejected), in `pairs` order.
     seq_len: pad every batch to this length; otherwise to the batch's longest pair rounded up to
         `pad_to_multiple`, which bounds the number of distinct shapes the step compiles for.
+    padded_rows: rows of every batch array (default batch_size): the batch_size pairs come
+        first, then rows with valid = 0 (`train.loop` rounds a batch up to the devices this way
+        without changing which pairs form a batch).
     rows: keep only these rows of every batch (a process's share, `train.feed.local_rows`),
         padded to the length of the whole batch so that every process builds arrays of one shape.
     """
@@ -55,6 +61,9 @@ def make_batches(
         raise LdJaxError("no preference pairs to batch")
     if batch_size < 1:
         raise LdJaxError(f"batch_size must be >= 1, got {batch_size}")
+    padded_rows = padded_rows or batch_size
+    if padded_rows < batch_size:
+        raise LdJaxError(f"padded_rows={padded_rows} is fewer than batch_size={batch_size}")
     if padding_side not in ("right", "left"):
         raise LdJaxError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     if ref_logps is not None and np.shape(ref_logps) != (len(pairs), 2):
@@ -71,7 +80,7 @@ def make_batches(
     if shuffle:
         ds = ds.shuffle(seed=seed)  # followed by repeat: a new permutation every epoch
 
-    rows = rows or slice(0, batch_size)
+    rows = rows or slice(0, padded_rows)
     n_rows = rows.stop - rows.start
 
     def batch_fn(batch):
@@ -81,7 +90,7 @@ def make_batches(
             out["ref_logps"] = np.zeros((n_rows, 2), np.float32)
         return out
 
-    return ds.batch(batch_size, batch_fn=batch_fn).repeat(num_epochs)
+    return ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=batch_fn).repeat(num_epochs)
 
 
 def steps_per_epoch(num_pairs: int, batch_size: int) -> int:

@@ -59,7 +59,7 @@ class PercentilesConfig:
         responses are truncated (`overflow`, as in `ld-jax ches`); prompts over
         `data.max_prompt_length` are dropped. Pairs whose (truncated) replies are identical are
         left out: DPO's gradient on them is zero.
-    batch_size: pairs per loop step; an optimizer update averages `optimizer.grad_accum_steps`.
+    batch_size: pairs per optimizer update, run as `optimizer.grad_accum_steps` micro-batches.
     lr_grid: if not empty, the lr is the largest of the grid for which every search run (seed 0
         of each window of `measures[0]`) finishes with a finite loss lower over its window than
         at the start; those runs are kept as results. Empty: `optimizer.lr` as given.

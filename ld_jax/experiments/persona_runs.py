@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from ld_jax import models
 from ld_jax.experiments import persona_step
 from ld_jax.host_memory import release_freed_memory
 from ld_jax.models.loading import load_param_tree, save_param_tree
@@ -53,7 +54,7 @@ def sft_phase(lm, params, prompts: list[list[int]], labels: np.ndarray, cfg, key
         return load_param_tree(path), json.loads(info_path.read_text())
     opt = make_optimizer(OptimizerConfig(name="rmsprop", lr=cfg.lr))
     sft_step = persona_step.make_sft_step(lm, opt)
-    pad_id = lm.tokenizer.pad_token_id or 0
+    pad_id = models.pad_id(lm)
     ids, mask, last = pad(prompts, round_up(max(map(len, prompts))), pad_id)
     label_logp = jax.jit(functools.partial(persona_step.label_logprobs, lm))
     b = cfg.batch_size
@@ -109,7 +110,7 @@ class Runner:
     def _batch(self, run) -> dict:
         prompt = self.prompts[run.prompt]
         # Lengths rounded up to a multiple of 8: little padding, and few shapes to compile.
-        ids, mask, last = (a[0] for a in pad([prompt], round_up(len(prompt)), self.lm.tokenizer.pad_token_id or 0))
+        ids, mask, last = (a[0] for a in pad([prompt], round_up(len(prompt)), models.pad_id(self.lm)))
         logp0, _ = self.initial(self.params, ids, mask, last)  # [V]: the reference, computed once
         y_pos, y_neg = self.pair_ids[run.pair]
         watch = np.array([y_pos, y_neg, *self.predicted[run.pair], *self.watch_base], np.int32)

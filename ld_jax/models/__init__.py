@@ -35,6 +35,7 @@ __all__ = [
     "hidden_states_cached",
     "init_cache",
     "logits_from_hidden",
+    "pad_id",
     "unembedding",
 ]
 
@@ -98,6 +99,16 @@ class LanguageModel:
     def with_options(self, **changes) -> "LanguageModel":
         """Same parameters, config fields replaced (e.g. remat=True)."""
         return LanguageModel.build(dataclasses.replace(self.config, **changes), self.params, self.tokenizer)
+
+
+def pad_id(lm: "LanguageModel") -> int:
+    """The id that pads token arrays: the tokenizer's pad, else the config's, else an EOS, else
+    0, taking only ids inside the vocabulary. Padding is never attended to, so any real row of
+    the embedding serves; an id past it would make `jnp.take` return NaN rows, which masked
+    attention still multiplies into every output (0 · NaN = NaN)."""
+    config = lm.config
+    candidates = (getattr(lm.tokenizer, "pad_token_id", None), config.pad_token_id, *config.eos_token_ids, 0)
+    return next(int(c) for c in candidates if c is not None and 0 <= c < config.vocab_size)
 
 
 def from_pretrained(path_or_name: str, dtype: str = "float32", **options) -> LanguageModel:

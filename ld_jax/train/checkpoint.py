@@ -30,6 +30,14 @@ class Checkpoints:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self._manager.save(step, args=args)
 
+    def meta(self, step: int) -> dict:
+        """The JSON record saved with the checkpoint at `step` (no arrays are read)."""
+        try:
+            return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+        except Exception as e:  # orbax raises many types for a foreign or damaged checkpoint
+            raise LdJaxError(f"cannot read the checkpoint record at {self.directory} step {step}: "
+                             f"{' '.join(str(e).split())[:300]}") from e
+
     def restore(self, step: int, state_like, shardings):
         """The state at `step`, laid out as `shardings`, and its JSON record.
 

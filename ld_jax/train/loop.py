@@ -3,14 +3,15 @@
     result = train(cfg)                                  # data and model from the config
     result = train(cfg, model=lm, pairs=pairs, callback=fn)  # in-memory, from Python
 
-What it does: tokenized pairs -> reference log-probs (computed once with the initial model and
-cached next to the run, keyed by a hash of data, model and compute dtype; or recomputed for
-every batch with `reference="on_the_fly"`) -> grain batches (deterministic by seed) -> the jitted
-sharded step, with a progress bar, `metrics.jsonl`, orbax checkpoints every `checkpoint_every`
-steps and automatic resume from the latest one, a stop on a non-finite loss that leaves the last
-good checkpoint alone, and a final evaluation over the whole dataset written to `summary.json`:
-did likelihood displacement occur (SPEC §3 Definition 1: the loss went down and so did the mean
-ln π(y+|x))?
+What it does: tokenized pairs -> reference log-probs (`train.reference`, computed once with the
+initial model and cached next to the run; or recomputed for every batch with
+`reference="on_the_fly"`) -> grain batches (deterministic by seed) -> the jitted sharded step
+(one optimizer update per step, micro-batched inside it), with a progress bar, `metrics.jsonl`,
+orbax checkpoints every `checkpoint_every` steps and automatic resume from the latest one
+(refused when the checkpoint was written for another config, data or model), a stop on a
+non-finite loss that leaves the last good checkpoint alone, and a final evaluation over the
+whole dataset written to `summary.json`: did likelihood displacement occur (SPEC §3
+Definition 1: the loss went down and so did the mean ln π(y+|x))?
 """
 
 from __future__ import annotations
@@ -26,18 +27,17 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from ld_jax import distributed
+from ld_jax import distributed, files, models
 from ld_jax.config import to_dict
 from ld_jax.data import formatting, pipeline, preference
 from ld_jax.digest import fingerprint, pairs_digest, params_digest
 from ld_jax.errors import LdJaxError
 from ld_jax.losses import LossConfig
-from ld_jax.models.core import result_fields
-from ld_jax.train import feed, sharding
+from ld_jax.train import feed, reference, sharding
 from ld_jax.train.checkpoint import Checkpoints
 from ld_jax.train.optim import OptimizerConfig, make_optimizer
 from ld_jax.train.state import init_state
-from ld_jax.train.step import SEQUENCE_KEYS, batch_losses, compile_logprobs, compile_step
+from ld_jax.train.step import SEQUENCE_KEYS, batch_losses, compile_step
 
 Callback = Callable[[int, Any, dict], dict | None]
 
@@ -59,7 +59,9 @@ class DataConfig:
 class TrainConfig:
     model: str = "smollm2-135m-instruct"  # a checkpoint directory or a known model name
     output_dir: str = "runs/dpo"
-    batch_size: int = 32  # pairs per step; rounded to a multiple of the data-parallel size
+    batch_size: int = 32  # pairs per optimizer update (see train.feed.BatchLayout)
+    strict_batch: bool = False  # error, instead of padding rows, when batch_size does not divide
+    drop_last: bool = False  # drop each epoch's last incomplete batch instead of training on it
     num_epochs: int = 1
     max_steps: int | None = None
     seed: int = 0
@@ -72,6 +74,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0 saves only at the end
     keep_checkpoints: int = 2
     resume: bool = True  # continue from the latest checkpoint in output_dir
+    force_resume: bool = False  # resume even from a checkpoint of another config, data or model
     final_eval: bool = True  # log-probs of the whole dataset after training (summary.json)
     progress: bool = True
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -85,6 +88,15 @@ class TrainConfig:
         for name in ("compute_dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16"):
                 raise ValueError(f"{name} must be float32 or bfloat16, got {getattr(self, name)!r}")
+
+
+# TrainConfig fields that a resumed run may change: where and how long it runs and how it is
+# logged, and options that trade speed or memory for the same numbers. Every other field is
+# part of the run's identity, which every checkpoint stores.
+RESUMABLE_CHANGES = (
+    "output_dir", "num_epochs", "max_steps", "checkpoint_every", "keep_checkpoints", "resume",
+    "force_resume", "final_eval", "progress", "remat", "unroll_layers", "mesh", "strict_batch",
+)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -112,56 +124,51 @@ def train(
         raise LdJaxError("ref_logps needs reference='cached' and in-memory pairs")
     out = Path(cfg.output_dir)
     main = distributed.is_main_process()
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     if model is None:
-        from ld_jax import models
-
         model = models.from_pretrained(cfg.model)
-    model = model.with_options(
-        dtype=cfg.compute_dtype, remat=cfg.remat, unroll_layers=cfg.unroll_layers
-    )
+    model = model.with_options(dtype=cfg.compute_dtype, remat=cfg.remat, unroll_layers=cfg.unroll_layers)
     filter_summary = None
     if pairs is None:
         pairs, report = _read_pairs(cfg.data, model.tokenizer)
         filter_summary = report.summary()
         _say(main, cfg, f"data: {filter_summary}")
+    _check_rewards(cfg.loss, pairs)
 
     mesh = sharding.make_mesh(cfg.mesh)
-    per_device = sharding.batch_divisor(mesh)
-    batch_size = -(-min(cfg.batch_size, len(pairs)) // per_device) * per_device
+    layout = feed.batch_layout(cfg.batch_size, len(pairs), mesh, cfg.optimizer.grad_accum_steps, cfg.strict_batch)
+    _say(main, cfg, f"batch: {layout.describe()}")
+    ckpt = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
+    identity = run_identity(cfg, model, pairs, ref_logps)
+    start = _resume_step(cfg, ckpt, identity)
+    if main:
+        files.write_json(out / "config.json", to_dict(cfg), indent=2)
+
     rules = sharding.rules_for(model.config.family)
     param_shardings = sharding.tree_shardings(model.params, mesh, rules)
     params = sharding.put(model.params, param_shardings)
     if cfg.param_dtype != "float32":  # cast on the devices, already sharded
         params = jax.tree.map(lambda x: x.astype(cfg.param_dtype), params)
-    # The jitted functions see only the config (no weights), so later runs reuse their compilations.
-    bare = dataclasses.replace(model, params=None, tokenizer=None)
-    key = (model.config, mesh, cfg.seq_chunk)
-    logprobs_fn = _reuse(("logprobs", key), lambda: compile_logprobs(bare, mesh, param_shardings, cfg.seq_chunk))
-    pad_id = _pad_id(model)
-    batches = dict(pad_id=pad_id, pad_to_multiple=cfg.data.pad_to_multiple, padding_side=cfg.data.padding_side)
-    rows = feed.local_rows(mesh, batch_size)  # this process's rows of every global batch
+    padding = reference.Padding(models.pad_id(model), cfg.data.pad_to_multiple, cfg.data.padding_side)
 
-    def all_logps(p):
-        ds = pipeline.make_batches(pairs, batch_size, shuffle=False, rows=rows, **batches)
-        return _dataset_logps(logprobs_fn, p, ds, mesh, batch_size, len(pairs), "log-probs", main and cfg.progress)
+    def all_logps(p, desc):
+        return reference.dataset_logps(model, p, pairs, mesh, layout.eval_rows, padding=padding,
+                                       seq_chunk=cfg.seq_chunk, progress=main and cfg.progress, desc=desc)  # fmt: skip
 
     ref_params = None
     if ref_logps is not None:
         init_logps = np.asarray(ref_logps, np.float32)  # make_batches checks its shape
     elif cfg.reference == "cached":
-        salt = f"{batch_size}|{cfg.seq_chunk}|{batches}"  # anything that could move the last bit
-        # (its own name: `key` keys the jitted step below, which must not depend on the data)
-        ref_key = fingerprint(result_fields(model.config), salt, pairs_digest(pairs), params_digest(model.params))
-        init_logps = _cached(out / f"ref_logps-{ref_key}.npz", lambda: all_logps(params), main, len(pairs))
+        init_logps = reference.reference_logps(
+            model, pairs, mesh, rows=layout.eval_rows, params=params, param_dtype=cfg.param_dtype,
+            seq_chunk=cfg.seq_chunk, padding=padding, cache_dir=out, progress=main and cfg.progress,
+        )  # fmt: skip
     else:
         ref_params = jax.tree.map(lambda x: x.copy(), params)  # the step donates `params`
         init_logps = None
+    rows = feed.local_rows(mesh, layout.rows)  # this process's rows of every global batch
     ds = pipeline.make_batches(
-        pairs, batch_size, rows=rows, seed=cfg.seed, num_epochs=cfg.num_epochs, ref_logps=init_logps,
-        **batches,
+        pairs, layout.pairs, rows=rows, padded_rows=layout.rows, seed=cfg.seed, num_epochs=cfg.num_epochs,
+        ref_logps=init_logps, drop_remainder=cfg.drop_last, **dataclasses.asdict(padding),
     )  # fmt: skip
     total = len(ds) if cfg.max_steps is None else min(cfg.max_steps, len(ds))
 
@@ -170,17 +177,17 @@ def train(
     state_shardings = sharding.tree_shardings(state, mesh, rules)
     state = jax.device_put(state, state_shardings)
     example = _with_ref(ds[0], np.zeros((rows.stop - rows.start, 2), np.float32))
-    step_fn = _reuse(
-        ("step", key, cfg.loss, cfg.optimizer),
-        lambda: compile_step(bare, cfg.loss, optimizer, mesh, state_shardings, example, cfg.seq_chunk),
-    )
+    bare = dataclasses.replace(model, params=None, tokenizer=None)
+    step_fn = reference.reuse(
+        ("step", model.config, mesh, cfg.seq_chunk, cfg.loss, cfg.optimizer),
+        lambda: compile_step(bare, cfg.loss, optimizer, mesh, state_shardings, example, cfg.seq_chunk,
+                             layout.micro_batches),
+    )  # fmt: skip
+    ref_fn = None if ref_params is None else reference.logprobs_function(model, mesh, param_shardings, cfg.seq_chunk)
 
-    ckpt = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
     try:
-        start = 0
-        if cfg.resume and ckpt.latest_step() is not None:
-            state, _ = ckpt.restore(ckpt.latest_step(), state, state_shardings)
-            start = int(state.step)
+        if start:
+            state, _ = ckpt.restore(start, state, state_shardings)
             _say(main, cfg, f"resuming from the checkpoint at step {start}")
         records = _metrics_log(out / "metrics.jsonl", start, main)
 
@@ -188,10 +195,11 @@ def train(
         bar = tqdm(range(start, total), initial=start, total=total, desc="train", disable=not show)
         for k in bar:
             batch = ds[k]
-            if ref_params is not None:  # replicated [B, 2]: keep this process's rows
-                batch = _with_ref(batch, np.asarray(logprobs_fn(ref_params, _seqs(batch, mesh, batch_size)))[rows])
+            if ref_fn is not None:  # replicated [B, 2]: keep this process's rows
+                seqs = feed.to_global({key: batch[key] for key in SEQUENCE_KEYS}, mesh, layout.rows)
+                batch = _with_ref(batch, np.asarray(ref_fn(ref_params, seqs))[rows])
             t0 = time.perf_counter()
-            state, metrics = step_fn(state, feed.to_global(batch, mesh, batch_size))
+            state, metrics = step_fn(state, feed.to_global(batch, mesh, layout.rows))
             metrics = {name: float(v) for name, v in jax.device_get(metrics).items()}
             seconds = time.perf_counter() - t0
             if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
@@ -200,38 +208,27 @@ def train(
             if callback is not None:
                 record.update(callback(k + 1, state.params, record) or {})
             records.append(record)
-            if main:
+            if main:  # before the checkpoint: a checkpoint's steps always have their lines
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", dlogp_plus=f"{metrics['chosen_logp_change']:+.3f}")
             if (cfg.checkpoint_every and (k + 1) % cfg.checkpoint_every == 0) or k + 1 == total:
-                ckpt.save(k + 1, state, {"step": k + 1})
+                ckpt.save(k + 1, state, {"step": k + 1, "identity": identity})
     finally:
         ckpt.close()  # waits for pending saves, also when a step fails or the run is killed
 
     if init_logps is None and (cfg.final_eval or ref_params is not None):
-        init_logps = all_logps(ref_params)
-    final_logps = all_logps(state.params) if cfg.final_eval else None
-    summary = _summary(cfg, records, init_logps, final_logps, pairs, filter_summary)
+        init_logps = all_logps(ref_params, "reference log-probs")
+    final_logps = all_logps(state.params, "final log-probs") if cfg.final_eval else None
+    summary = _summary(cfg, layout, records, init_logps, final_logps, pairs, filter_summary)
     if main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        files.write_json(out / "summary.json", summary, indent=2)
         if final_logps is not None:
-            np.savez(out / "logps.npz", index=[p.index for p in pairs], init=init_logps, final=final_logps)
+            files.save_npz(out / "logps.npz", index=[p.index for p in pairs], init=init_logps, final=final_logps)
     return TrainResult(state.params, records, summary, init_logps, final_logps, out)
 
 
 # ---- pieces -------------------------------------------------------------------------------------
-
-_JITTED: dict = {}  # jitted functions of earlier runs in this process (e.g. E2's many subsets)
-
-
-def _reuse(key, build):
-    if key not in _JITTED:
-        if len(_JITTED) >= 16:
-            _JITTED.clear()
-        _JITTED[key] = build()
-    return _JITTED[key]
-
 
 
 def _read_pairs(data: DataConfig, tokenizer):
@@ -241,6 +238,58 @@ def _read_pairs(data: DataConfig, tokenizer):
     return formatting.tokenize_preferences(
         records, tokenizer, data.template, data.max_prompt_length, data.max_length
     )
+
+
+def _check_rewards(loss: LossConfig, pairs) -> None:
+    if not loss.needs_rewards:
+        return
+    missing = [p.index for p in pairs if p.reward_chosen is None or p.reward_rejected is None]
+    if missing:
+        raise LdJaxError(
+            f"loss {loss.name!r} needs rewards, but {len(missing)} of {len(pairs)} pairs have none "
+            f"(first: record {missing[0]}); map them with data.columns.reward_chosen/reward_rejected"
+        )
+
+
+def run_identity(cfg: TrainConfig, model, pairs, ref_logps=None) -> dict:
+    """What a checkpoint must have been trained on to be resumed by `cfg`: every config field
+    but RESUMABLE_CHANGES (dotted keys), the token ids, the initial weights and any given
+    reference log-probs."""
+    fields = {k: v for k, v in _flatten(to_dict(cfg)).items() if k.split(".")[0] not in RESUMABLE_CHANGES}
+    fields["data_digest"] = pairs_digest(pairs)
+    fields["weights_digest"] = params_digest(model.params, sample=64)
+    if ref_logps is not None:
+        fields["ref_logps_digest"] = fingerprint(np.asarray(ref_logps, np.float32).tobytes().hex())
+    return json.loads(json.dumps(fields, default=str))  # as the checkpoint's JSON gives it back
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _resume_step(cfg: TrainConfig, ckpt: Checkpoints, identity: dict) -> int:
+    """The step to resume from (0: start afresh); refuses a checkpoint of another run."""
+    latest = ckpt.latest_step() if cfg.resume else None
+    if latest is None:
+        return 0
+    saved = ckpt.meta(latest).get("identity")
+    if saved is None:
+        differ = ["(the checkpoint records no config: written by an older ld-jax)"]
+    else:
+        differ = [f"{k} ({saved.get(k)!r}, now {identity.get(k)!r})"
+                  for k in sorted(set(saved) | set(identity)) if saved.get(k) != identity.get(k)]  # fmt: skip
+    if differ and not cfg.force_resume:
+        raise LdJaxError(
+            f"cannot resume in {cfg.output_dir}: its checkpoint at step {latest} differs in "
+            f"{', '.join(differ)}; use another output_dir, or --force-resume to continue it anyway"
+        )
+    return latest
 
 
 def _non_finite(metrics: dict, step: int, ckpt: Checkpoints) -> LdJaxError:
@@ -253,67 +302,47 @@ def _non_finite(metrics: dict, step: int, ckpt: Checkpoints) -> LdJaxError:
     )
 
 
-def _pad_id(model) -> int:
-    tok = model.tokenizer
-    for candidate in (getattr(tok, "pad_token_id", None), model.config.pad_token_id):
-        if candidate is not None and 0 <= candidate < model.config.vocab_size:
-            return int(candidate)
-    return 0  # any id works: padding is masked out
-
-
 def _with_ref(batch: dict, ref_logps: np.ndarray) -> dict:
     return {**batch, "ref_logps": np.asarray(ref_logps, np.float32)}
 
 
-def _seqs(batch: dict, mesh, batch_size: int) -> dict:
-    return feed.to_global({k: batch[k] for k in SEQUENCE_KEYS}, mesh, batch_size)
-
-
-def _dataset_logps(logprobs_fn, params, ds, mesh, batch_size: int, n: int, desc: str, progress: bool) -> np.ndarray:
-    """ln π(y±|x) `[n, 2]` for every pair, in input order. `ds`: this process's rows of the
-    unshuffled single-epoch batches, so the padding rows are the last ones of the last batch."""
-    out = []
-    for k in tqdm(range(len(ds)), desc=desc, disable=not progress, leave=False):
-        out.append(np.asarray(logprobs_fn(params, _seqs(ds[k], mesh, batch_size))))  # replicated
-    return np.concatenate(out)[:n]
-
-
-def _cached(path: Path, compute: Callable[[], np.ndarray], main: bool, n: int) -> np.ndarray:
-    """Reference log-probs `[n, 2]` from `path` or `compute()` (then saved there by process 0).
-
-    Process 0 decides and broadcasts the cached values, so the processes agree even when only
-    process 0's disk has the file; all of them compute together otherwise (a collective)."""
-    found = bool(distributed.broadcast_from_main(np.array(main and path.is_file(), np.int32)))
-    if found:
-        logps = np.load(path)["logps"] if main else np.zeros((n, 2), np.float32)
-        return distributed.broadcast_from_main(np.asarray(logps, np.float32))
-    logps = compute()
-    if main:
-        np.savez(path, logps=logps)
-    return logps
-
-
 def _metrics_log(path: Path, start: int, main: bool) -> list[dict]:
-    """Records of steps <= start from an interrupted run; later lines are dropped from the file."""
+    """Records of steps 1..start of an interrupted run, one per step (the last line of each);
+    the file is rewritten to hold exactly those. A line torn by a kill is dropped."""
     if not path.is_file():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    records = [r for r in records if r["step"] <= start]
+    by_step = {}
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and 1 <= record.get("step", 0) <= start:
+            by_step[record["step"]] = record
+    records = [by_step[s] for s in sorted(by_step)]
     if main:
-        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        files.write_text(path, "".join(json.dumps(r) + "\n" for r in records))
     return records
 
 
-def _summary(cfg, records, init_logps, final_logps, pairs, filter_summary) -> dict:
+def _summary(cfg, layout, records, init_logps, final_logps, pairs, filter_summary) -> dict:
     steps = records[1:] or records  # the first step includes compilation
+    per_epoch = len(pairs) // layout.pairs if cfg.drop_last else -(-len(pairs) // layout.pairs)
     summary = {
         "steps": len(records),
         "pairs": len(pairs),
         "data_filter": filter_summary,
         "loss": cfg.loss.name,
+        "batch": {
+            "pairs_per_update": layout.pairs, "requested_batch_size": layout.requested,
+            "rows_per_step": layout.rows, "padding_rows_per_step": layout.padding,
+            "micro_batches": layout.micro_batches, "data_parallel_devices": layout.devices,
+            "updates_per_epoch": per_epoch,
+            "dropped_pairs_per_epoch": len(pairs) - per_epoch * layout.pairs if cfg.drop_last else 0,
+        },
         "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in steps])) if steps else None,
         "final_train_batch_loss": records[-1]["loss"] if records else None,
-    }
+    }  # fmt: skip
     if final_logps is None:
         return summary
     lengths = np.array([[len(p.chosen_ids), len(p.rejected_ids)] for p in pairs], np.float32)

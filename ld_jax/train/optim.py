@@ -27,7 +27,9 @@ class OptimizerConfig:
     b1: float = 0.9
     b2: float = 0.999
     max_grad_norm: float = 0.0  # global-norm clipping; 0 disables it
-    grad_accum_steps: int = 1  # micro-batches averaged per optimizer update
+    # micro-batches per update: the step splits each batch into this many and runs them one
+    # after another (train/step.py); the update equals the whole batch's, with less memory
+    grad_accum_steps: int = 1
 
     def __post_init__(self):
         if self.name not in OPTIMIZERS:
@@ -55,7 +57,9 @@ def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
 
 
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
-    """The optax transformation: clipping -> optimizer, wrapped for gradient accumulation."""
+    """The optax transformation: clipping -> optimizer. (Gradient accumulation is the step's
+    job, `grad_accum_steps`: it weighs every valid pair of an update alike, which optax's
+    MultiSteps cannot do for micro-batches with different numbers of valid rows.)"""
     lr = learning_rate_schedule(cfg)
     if cfg.name == "rmsprop":
         opt = optax.rmsprop(lr, decay=cfg.rmsprop_decay, eps=cfg.eps, eps_in_sqrt=False)
@@ -65,6 +69,4 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
         opt = optax.sgd(lr)
     if cfg.max_grad_norm > 0:
         opt = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), opt)
-    if cfg.grad_accum_steps > 1:
-        opt = optax.MultiSteps(opt, every_k_schedule=cfg.grad_accum_steps)
     return opt

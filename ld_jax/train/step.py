@@ -1,8 +1,16 @@
 """The pure training step `(state, batch) -> (state, metrics)` and its jitted, sharded form.
 
-One step: chosen and rejected log-probs in one forward pass (`logprobs.pair_logprobs`), the
-preference loss against the batch's reference log-probs, gradients, one optax update. The loss
-is the mean over the batch's valid pairs; padding rows contribute nothing.
+One step is one optimizer update: chosen and rejected log-probs in one forward pass
+(`logprobs.pair_logprobs`), the preference loss against the batch's reference log-probs,
+gradients, one optax update. The loss is the mean over the batch's *valid* pairs; padding rows
+(the end of an epoch, or rows that round a batch up to the devices) weigh nothing.
+
+Gradient accumulation happens inside the step: with `micro_batches = k` the batch's rows are
+split into k interleaved micro-batches (rows j, j+k, j+2k, ... form micro-batch j, so each
+device keeps its own rows) that run one after another under `lax.scan`, summing the gradient of
+Σ valid·loss / (valid pairs of the whole batch). The update is therefore exactly that of the
+whole batch at once, whatever the micro-batches' share of valid rows; only the activations of
+one micro-batch are live at a time.
 """
 
 from __future__ import annotations
@@ -30,48 +38,63 @@ def batch_losses(loss_cfg: LossConfig, logps, lengths, batch):
     )  # fmt: skip
 
 
-def train_step(state: TrainState, batch, *, model, loss_cfg, optimizer, seq_chunk=None):
-    """batch: the arrays of `data.pipeline` with `ref_logps` `[B, 2]`. Returns the new state and
-    scalar metrics (means over valid pairs; `tokens` counts their non-padding tokens)."""
-    valid = batch["valid"]
-    n = jnp.maximum(valid.sum(), 1.0)
+def micro_batches_of(batch, k: int):
+    """Batch arrays `[B, ...]` -> `[k, B/k, ...]`, micro-batch j holding rows j, j+k, ..."""
+    return jax.tree.map(lambda x: x.reshape(-1, k, *x.shape[1:]).swapaxes(0, 1), batch)
 
-    def mean(x):
-        return jnp.sum(x * valid) / n
 
-    def loss_fn(params):
-        logps, lengths = pair_logprobs(model, params, batch, seq_chunk)
-        losses, metrics = batch_losses(loss_cfg, logps, lengths, batch)
-        return mean(losses), (logps, metrics)
+def train_step(state: TrainState, batch, *, model, loss_cfg, optimizer, seq_chunk=None, micro_batches=1):
+    """batch: the arrays of `data.pipeline` with `ref_logps` `[B, 2]`, B a multiple of
+    `micro_batches`. Returns the new state and scalar metrics (means over valid pairs; `tokens`
+    counts their non-padding tokens)."""
+    n = jnp.maximum(batch["valid"].sum(), 1.0)
 
-    (loss, (logps, lm)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    def weighted_sums(params, mb):
+        """(Σ valid·loss / n, Σ valid·statistic) over one micro-batch; grad of the first."""
+        logps, lengths = pair_logprobs(model, params, mb, seq_chunk)
+        losses, lm = batch_losses(loss_cfg, logps, lengths, mb)
+        change = logps - mb["ref_logps"]  # the reference is the initial model
+        stats = {
+            "loss": losses,
+            "chosen_logp": logps[:, 0],
+            "rejected_logp": logps[:, 1],
+            "chosen_logp_change": change[:, 0],
+            "rejected_logp_change": change[:, 1],
+            "reward_accuracy": lm["accuracy"],
+            "margin": lm["margin"],
+            "tokens": mb["attention_mask"].sum((1, 2)).astype(jnp.float32),
+        }
+        sums = {k: jnp.sum(v * mb["valid"]) for k, v in stats.items()}
+        return sums["loss"] / n, sums
+
+    grad_fn = jax.grad(weighted_sums, has_aux=True)
+    if micro_batches == 1:
+        grads, sums = grad_fn(state.params, batch)
+    else:
+        def accumulate(total, mb):
+            return jax.tree.map(jnp.add, total, grad_fn(state.params, mb)), None
+
+        first = jax.tree.map(lambda x: x[0], micro_batches_of(batch, micro_batches))
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, first))
+        (grads, sums), _ = jax.lax.scan(accumulate, zeros, micro_batches_of(batch, micro_batches))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    change = logps - batch["ref_logps"]  # the reference is the initial model
-    metrics = {
-        "loss": loss,
-        "chosen_logp": mean(logps[:, 0]),
-        "rejected_logp": mean(logps[:, 1]),
-        "chosen_logp_change": mean(change[:, 0]),
-        "rejected_logp_change": mean(change[:, 1]),
-        "reward_accuracy": mean(lm["accuracy"]),
-        "margin": mean(lm["margin"]),
-        "grad_norm": optax.global_norm(grads),
-        "tokens": jnp.sum(batch["attention_mask"].sum((1, 2)) * valid),
-    }
+    metrics = {k: v if k == "tokens" else v / n for k, v in sums.items()}
+    metrics["grad_norm"] = optax.global_norm(grads)
     return TrainState(state.step + 1, params, opt_state), metrics
 
 
-def compile_step(model, loss_cfg, optimizer, mesh, state_shardings, batch, seq_chunk=None):
+def compile_step(model, loss_cfg, optimizer, mesh, state_shardings, batch, seq_chunk=None, micro_batches=1):
     """`train_step` under jit with explicit shardings; the input state's buffers are donated.
 
-    batch: an example batch (host arrays), for the batch shardings.
+    batch: an example batch (host arrays or ShapeDtypeStructs), for the batch shardings.
     """
 
     def step(state, batch):
         return train_step(
-            state, batch, model=model, loss_cfg=loss_cfg, optimizer=optimizer, seq_chunk=seq_chunk
-        )
+            state, batch, model=model, loss_cfg=loss_cfg, optimizer=optimizer, seq_chunk=seq_chunk,
+            micro_batches=micro_batches,
+        )  # fmt: skip
 
     replicated = NamedSharding(mesh, P())
     return jax.jit(
