@@ -18,6 +18,7 @@ def _config_command(sub, name: str, help: str, config_help: str, example: str, f
     p.add_argument("--config", required=True, help=config_help)
     p.add_argument("overrides", nargs="*", metavar="key=value", help=f"e.g. {example}")
     p.set_defaults(func=func)
+    return p
 
 
 def _add_models(sub) -> None:
@@ -79,6 +80,7 @@ def _add_ches(sub) -> None:
     p.add_argument("--template", choices=["auto", "chat", "plain"], help="default auto")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="sums are fp32 (float32)")
     p.add_argument("--limit", type=int, help="score only the first N samples")
+    p.add_argument("--resume", action="store_true", default=None, help="continue the <out>.partial file of a killed run")
     p.set_defaults(func=_ches)
 
 
@@ -89,7 +91,7 @@ def _ches(args) -> int:
 
     distributed.initialize_from_env()
     fields = ("model", "max_length", "max_prompt_length", "overflow", "batch_size", "template")
-    names = {**_DATA_FLAGS, **{f: f for f in (*fields, "dtype", "limit")}}
+    names = {**_DATA_FLAGS, **{f: f for f in (*fields, "dtype", "limit", "resume")}}
     print(score_file(load_config(ScoringConfig, args.config, _config_flags(args, names))))
     return 0
 
@@ -118,10 +120,12 @@ def _filter(args) -> int:
 
 
 def _add_train(sub) -> None:
-    _config_command(
+    p = _config_command(
         sub, "train", "preference training (DPO, IPO, ...) with metrics, checkpoints and resume",
         "YAML file of TrainConfig, e.g. configs/dpo_tiny_cpu.yaml", "optimizer.lr=1e-6 loss.name=ipo", _train,
     )  # fmt: skip
+    p.add_argument("--force-resume", action="store_true", help="resume a checkpoint written with another config")
+    p.add_argument("--strict-batch", action="store_true", help="error if batch_size needs padding rows")
 
 
 def _train(args) -> int:
@@ -130,7 +134,8 @@ def _train(args) -> int:
     from ld_jax.train.loop import TrainConfig, train
 
     distributed.initialize_from_env()
-    result = train(load_config(TrainConfig, args.config, args.overrides))
+    flags = [f"{name}=true" for name in ("force_resume", "strict_batch") if getattr(args, name)]
+    result = train(load_config(TrainConfig, args.config, args.overrides + flags))
     s = result.summary
     if "likelihood_displacement" in s:
         print(
@@ -221,6 +226,7 @@ def _add_flow(sub) -> None:
     v.add_argument("--horizon", type=float, default=0.3, help="flow length in units of 1/|l'(0)|")
     v.add_argument("--out", default="results/flow", help="directory for verify.json and verify.md")
     v.add_argument("--no-claims", action="store_true", help="skip the qualitative claims and the GD table")
+    v.add_argument("--tol", type=float, default=1e-8, help="max relative error of every closed form; exit 2 if missed")
     v.set_defaults(func=_flow_verify)
     _config_command(
         fsub, "simulate", "integrate one scenario and plot ln pi(y+), ln pi(y-), top gainers",
@@ -233,7 +239,7 @@ def _flow_verify(args) -> int:
 
     if args.instances < 1 or args.horizon <= 0:
         raise LdJaxError("--instances must be >= 1 and --horizon > 0")
-    verify.run(args.instances, args.seed, args.horizon, args.out, with_claims=not args.no_claims)
+    verify.run(args.instances, args.seed, args.horizon, args.out, with_claims=not args.no_claims, tol=args.tol)
     return 0
 
 

@@ -17,6 +17,7 @@ Length limit: `max_length` bounds prompt + response tokens of each sequence. Wit
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -27,9 +28,10 @@ import jax
 import numpy as np
 import scipy.stats
 
-from ld_jax import ches, distributed
+from ld_jax import ches, distributed, files
 from ld_jax.data import formatting, preference
 from ld_jax.data.preference import ColumnMap
+from ld_jax.digest import pairs_digest
 from ld_jax.errors import LdJaxError
 
 OVERFLOW = ("truncate", "skip")
@@ -50,6 +52,7 @@ class ScoringConfig:
     columns: ColumnMap = ColumnMap()
     split: str = "train"
     limit: int | None = None
+    resume: bool = False  # continue the `<out>.partial` file of a killed run
 
     def __post_init__(self):
         if self.overflow not in OVERFLOW:
@@ -143,7 +146,12 @@ def prepare_pairs(records, tokenizer, cfg: ScoringConfig):
 
 
 def score_file(cfg: ScoringConfig, lm=None, progress: bool = True) -> str:
-    """Score every sample of `cfg.data` into `cfg.out`; returns the printed summary."""
+    """Score every sample of `cfg.data` into `cfg.out`; returns the printed summary.
+
+    Lines go to `<out>.partial` as each batch finishes, and the file is renamed to `out` only
+    when every sample is in it, so `out` is never a truncated file. With `cfg.resume`, the
+    samples already in `<out>.partial` (from a killed run with the same model, data and
+    settings, checked against `<out>.partial.json`) are kept and only the rest are scored."""
     from ld_jax import models
 
     start = time.perf_counter()
@@ -153,41 +161,77 @@ def score_file(cfg: ScoringConfig, lm=None, progress: bool = True) -> str:
     records = preference.load_preferences(cfg.data, cfg.columns, cfg.split, cfg.limit)
     pairs, report, truncated = prepare_pairs(records, lm.tokenizer, cfg)
     del records
-    rows = []
-    # On N processes each scores its share on its own devices (no collectives in the kernel);
-    # process 0 gathers the rows at the end and writes the file.
-    multi, main = jax.process_count() > 1, distributed.is_main_process()
-    mine = distributed.process_share(pairs, key=_pair_length) if multi else pairs
+    main = distributed.is_main_process()
+    partial, stamp = Path(cfg.out + ".partial"), Path(cfg.out + ".partial.json")
+    key = {"scoring": dataclasses.asdict(dataclasses.replace(cfg, resume=False)), "pairs": pairs_digest(pairs)}
+    rows = _resumed_rows(partial, stamp, key) if cfg.resume and main else []
+    if cfg.resume and jax.process_count() > 1:
+        rows = distributed.gather_rows(rows)  # process 0's, on every process
+    done = {int(r["index"]) for r in rows}
     if main:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(cfg.out if main else os.devnull, "w") as f:
-        for index, reason in report.skipped:
-            f.write(json.dumps({"index": index, "skipped": reason}) + "\n")
-        scoring_start = time.perf_counter()
-        for batch in ches.score_batches(lm, mine, cfg.batch_size, progress=progress and main):
-            for k, index in enumerate(batch["index"]):
-                row = {"index": int(index)}
-                row.update({key: float(batch[key][k]) for key in SCORE_COLUMNS})
-                row.update(
-                    len_chosen=int(batch["len_chosen"][k]),
-                    len_rejected=int(batch["len_rejected"][k]),
-                )
-                row["truncated"] = int(index) in truncated
-                if not multi:
-                    f.write(json.dumps(row) + "\n")
-                rows.append(row)
-            f.flush()
-        if multi:
-            rows = distributed.gather_rows(rows)
+        files.write_json(stamp, key)
+        with open(partial, "w") as f:  # the kept lines of a resumed file, then the new ones
             f.writelines(json.dumps(row) + "\n" for row in rows)
+            f.writelines(json.dumps({"index": i, "skipped": why}) + "\n" for i, why in report.skipped if i not in done)
+    todo = [p for p in pairs if p.index not in done]
+    # On N processes each scores its share on its own devices (no collectives in the kernel);
+    # process 0 gathers the rows at the end and writes the file.
+    multi = jax.process_count() > 1
+    mine = distributed.process_share(todo, key=_pair_length) if multi else todo
+    new_rows = []
+    scoring_start = time.perf_counter()
+    with open(partial if main else os.devnull, "a") as f:
+        for batch in ches.score_batches(lm, mine, cfg.batch_size, progress=progress and main):
+            batch_rows = [_score_row(batch, k, truncated) for k in range(len(batch["index"]))]
+            if not multi:
+                f.writelines(json.dumps(row) + "\n" for row in batch_rows)
+                f.flush()
+            new_rows += batch_rows
+        if multi:
+            new_rows = distributed.gather_rows(new_rows)
+            f.writelines(json.dumps(row) + "\n" for row in new_rows)
+    if main:
+        os.replace(partial, cfg.out)
+        stamp.unlink()
+    rows = [r for r in rows if "skipped" not in r] + new_rows
     scoring_time = time.perf_counter() - scoring_start
     total = time.perf_counter() - start
+    resumed = f"; resumed {len(done)} samples from {partial}" if done else ""
     head = (
-        f"wrote {cfg.out}: {report.summary()}; truncated {len(truncated)}. Scoring took "
-        f"{scoring_time:.1f} s ({len(rows) / max(scoring_time, 1e-9):.2f} pairs/s), "
+        f"wrote {cfg.out}: {report.summary()}; truncated {len(truncated)}{resumed}. Scoring took "
+        f"{scoring_time:.1f} s ({len(new_rows) / max(scoring_time, 1e-9):.2f} pairs/s), "
         f"{total:.1f} s in all"
     )
     return head + "\n" + summarize(rows)
+
+
+def _score_row(batch: dict, k: int, truncated: set[int]) -> dict:
+    index = int(batch["index"][k])
+    row = {"index": index, **{key: float(batch[key][k]) for key in SCORE_COLUMNS}}
+    row.update(len_chosen=int(batch["len_chosen"][k]), len_rejected=int(batch["len_rejected"][k]))
+    row["truncated"] = index in truncated
+    return row
+
+
+def _resumed_rows(partial: Path, stamp: Path, key: dict) -> list[dict]:
+    """The complete lines of a partial scores file of the same scoring (model, data,
+    settings). A line torn by a kill is dropped."""
+    if not partial.is_file():
+        raise LdJaxError(f"--resume: no partial scores file {partial} to continue")
+    try:
+        saved = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        saved = None
+    if saved != json.loads(json.dumps(key)):
+        raise LdJaxError(f"--resume: {partial} was written with another model, data or settings; delete it or drop --resume")
+    rows = []
+    for line in partial.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
 
 
 def _pair_length(p) -> int:
@@ -224,8 +268,8 @@ def summarize(rows: list[dict]) -> str:
 # ---------------------------------------------------------------- filtering
 
 
-def read_scores(path: str) -> tuple[list[dict], dict[str, int]]:
-    """A scores .jsonl -> (scored rows, counts of skip reasons)."""
+def read_scores(path: str) -> tuple[list[dict], dict[int, str]]:
+    """A scores .jsonl -> (scored rows, {index: skip reason} of the skipped samples)."""
     if not Path(path).is_file():
         raise LdJaxError(f"scores file not found: {path}")
     rows, skipped = [], {}
@@ -239,7 +283,7 @@ def read_scores(path: str) -> tuple[list[dict], dict[str, int]]:
             except (ValueError, KeyError, TypeError) as e:
                 raise LdJaxError(f"{path} line {n}: not a scores line ({e})") from e
             if "skipped" in row:
-                skipped[row["skipped"]] = skipped.get(row["skipped"], 0) + 1
+                skipped[index] = row["skipped"]
             elif not all(isinstance(row.get(k), int | float) for k in SCORE_COLUMNS):
                 raise LdJaxError(
                     f"{path} line {n}: sample {index} lacks one of {', '.join(SCORE_COLUMNS)}"
@@ -293,10 +337,11 @@ def filter_file(cfg: FilterConfig) -> str:
         raise LdJaxError(f"{cfg.scores}: non-finite {cfg.by} values")
     chosen_rows = [rows[i] for i in select(values, cfg)]
     wanted = {r["index"]: r[cfg.by] for r in chosen_rows}
-    found = 0
-    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(cfg.out, "w") as f:
+    found, listed, unlisted = 0, {r["index"] for r in rows} | set(skipped), []
+    with files.atomic_path(cfg.out) as tmp, open(tmp, "w") as f:
         for rec in preference.load_preferences(cfg.data, cfg.columns, cfg.split):
+            if rec.index not in listed:
+                unlisted.append(rec.index)
             if rec.index not in wanted:
                 continue
             line = {
@@ -310,12 +355,19 @@ def filter_file(cfg: FilterConfig) -> str:
             line[cfg.by] = wanted[rec.index]
             f.write(json.dumps(line) + "\n")
             found += 1
-    if found != len(wanted):
-        raise LdJaxError(
-            f"{cfg.scores} names {len(wanted) - found} sample(s) that {cfg.data} does not have: "
-            "were the scores computed from this file?"
-        )
-    skipped_text = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"
+        if unlisted:
+            raise LdJaxError(
+                f"{cfg.scores} lists {len(listed)} samples, but {cfg.data} has {len(listed) + len(unlisted)}: "
+                f"{len(unlisted)} are neither scored nor skipped (first: index {unlisted[0]}); a scoring "
+                "that stopped early, or one with --limit? Continue it with `ld-jax ches ... --resume`"
+            )
+        if found != len(wanted):
+            raise LdJaxError(
+                f"{cfg.scores} names {len(wanted) - found} sample(s) that {cfg.data} does not have: "
+                "were the scores computed from this file?"
+            )
+    counts = collections.Counter(skipped.values())
+    skipped_text = ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"
     head = (
         f"wrote {cfg.out}: kept {found} of {len(rows)} scored samples ({describe_selection(cfg)}); "
         f"skipped at scoring: {skipped_text}\nkept samples:"

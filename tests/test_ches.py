@@ -219,6 +219,22 @@ def test_left_and_right_padded_kernel_agree(tiny):
         assert_scores_close(out["left"][key], out["right"][key], rel=1e-5, near_zero_abs=1e-5)
 
 
+def test_an_out_of_range_pad_id_does_not_make_scores_nan(tiny):
+    """A pad id past the vocabulary made `jnp.take` return NaN embeddings, which masked
+    attention still multiplies into every real position (0 · NaN = NaN)."""
+    import dataclasses
+
+    lm, model, _ = tiny
+    pairs = random_pairs(np.random.default_rng(6), 4, max_prompt=20, max_reply=30)  # unequal: padded
+    bad = dataclasses.replace(lm, config=lm.config.replace(pad_token_id=VOCAB + 7))
+    got = score(bad, pairs, batch_size=4)
+    want = torch_reference(model, pairs)
+    for key in want:
+        assert np.isfinite(got[key]).all(), key
+        assert_scores_close(got[key], want[key])
+    assert 0 <= models.pad_id(bad) < VOCAB
+
+
 def test_identical_responses_give_defined_zero_scores(tiny):
     lm = tiny[0]
     p = TokenizedPair(0, [5, 6, 7], [8, 9, 10, 2], [8, 9, 10, 2])

@@ -56,6 +56,20 @@ def test_cli_verify_every_theorem_matches_autodiff(cli_verify):
     assert all(r["median_abs_dlogpi_change"] > 0.3 for r in report["theorems"].values())
 
 
+def test_cli_verify_exits_non_zero_naming_the_theorem_that_misses_tol(monkeypatch, tmp_path, capsys):
+    from ld_jax.flow import verify
+
+    errors = dict.fromkeys(verify.THEOREMS, 1e-13) | {"theorem6": 3e-5}
+    report = {"summary": {**errors, "instances": 2, "max_abs_dlogpi_change": 1.0}, "theorems": {}}
+    monkeypatch.setattr(verify, "verify_all", lambda *a, **k: report)
+    argv = ["flow", "verify", "--instances", "2", "--no-claims", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "theorem6 (3e-05)" in err and "theorem4" not in err and (tmp_path / "verify.json").is_file()
+    assert main(argv + ["--tol", "1e-4"]) == 0
+    assert verify.misses(report["summary"], 1e-8) == ["theorem6 (3e-05)"]
+
+
 def test_cli_rejects_bad_arguments(capsys):
     assert main(["flow", "verify", "--instances", "0"]) == 2
     assert "error" in capsys.readouterr().err

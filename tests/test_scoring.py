@@ -4,6 +4,7 @@ checked against a plain sort of the scores."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -136,6 +137,60 @@ def test_skip_overflow_skips_long_pairs(model_dir, data_file, tmp_path):
     lines = {row["index"]: row for row in read_lines(out)}
     assert lines[5] == {"index": 5, "skipped": "too_long"}
     assert not any(r.get("truncated") for r in lines.values())
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_scoring_leaves_no_scores_file_and_resume_continues_it(model_dir, data_file, tmp_path, monkeypatch):
+    out = tmp_path / "scores.jsonl"
+    cfg = scoring.ScoringConfig(model_dir, str(data_file), str(out), max_length=MAX_LEN, batch_size=2)
+    full = scoring.score_file(cfg, progress=False)
+    want = {r["index"]: r for r in read_lines(out)}
+    out.unlink()
+
+    real, scored = ches.score_batches, []
+
+    def killed_after_one_batch(lm, pairs, *a, **k):
+        for i, batch in enumerate(real(lm, pairs, *a, **k)):
+            if i == 1:
+                raise Killed
+            scored.extend(int(x) for x in batch["index"])
+            yield batch
+
+    monkeypatch.setattr(ches, "score_batches", killed_after_one_batch)
+    with pytest.raises(Killed):
+        scoring.score_file(cfg, progress=False)
+    assert not out.exists()  # only <out>.partial: `ld-jax filter` cannot take it as complete
+    partial = read_lines(str(out) + ".partial")
+    assert {r["index"] for r in partial} == set(scored) | {3, 4}  # one batch plus the skipped
+    with open(str(out) + ".partial", "a") as f:
+        f.write('{"index": 99, "ch')  # the kill tore a line
+
+    resumed_pairs = []
+    monkeypatch.setattr(ches, "score_batches", lambda lm, pairs, *a, **k: resumed_pairs.extend(pairs) or real(lm, pairs, *a, **k))
+    with pytest.raises(LdJaxError, match="another model, data or settings"):
+        scoring.score_file(dataclasses.replace(cfg, resume=True, max_length=MAX_LEN - 8), progress=False)
+    assert cli.main(["ches", "--model", model_dir, "--data", str(data_file), "--out", str(out),
+                     "--max-length", str(MAX_LEN), "--batch-size", "2", "--resume"]) == 0  # fmt: skip
+    assert {p.index for p in resumed_pairs}.isdisjoint(scored) and resumed_pairs
+    got = read_lines(out)
+    assert len(got) == len(want) and {r["index"] for r in got} == set(want)
+    for row in got:  # other batch-mates, other padding: the same scores to float32 round-off
+        assert row == {k: pytest.approx(v, rel=1e-5, abs=1e-5) for k, v in want[row["index"]].items()}
+    assert not (tmp_path / "scores.jsonl.partial").exists() and "kept 6 of 8" in full
+
+
+def test_filter_refuses_a_truncated_scores_file(scored, tmp_path):
+    data, scores, _ = scored
+    lines = scores.read_text().splitlines()
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("\n".join(lines[:5]) + "\n")
+    cfg = scoring.FilterConfig(str(data), str(cut), str(tmp_path / "kept.jsonl"), keep_lowest=0.5)
+    with pytest.raises(LdJaxError, match=r"4 are neither scored nor skipped \(first: index 5\).*--resume"):
+        scoring.filter_file(cfg)
+    assert not (tmp_path / "kept.jsonl").exists()
 
 
 # ---------------------------------------------------------------- filter

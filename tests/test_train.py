@@ -147,9 +147,9 @@ def test_accumulation_in_the_loop_applies_the_remainder_and_weighs_pairs_alike(t
     one = loop.train(_cfg(tmp_path / "one", **kw), model=lm, pairs=PAIRS)
     kw["optimizer"] = OptimizerConfig(name="sgd", lr=0.5, grad_accum_steps=2)
     acc = loop.train(_cfg(tmp_path / "acc", **kw), model=lm, pairs=PAIRS)
-    assert [r["step"] for r in acc.metrics] == [1, 2] and acc.summary["batch"]["updates_per_epoch"] == 2
     for a, b in zip(jax.tree.leaves(acc.params), jax.tree.leaves(one.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    assert [r["step"] for r in acc.metrics] == [1, 2] and acc.summary["batch"]["updates_per_epoch"] == 2
     assert [r["loss"] for r in acc.metrics] == pytest.approx([r["loss"] for r in one.metrics], abs=1e-6)
 
 
@@ -229,8 +229,8 @@ def test_every_input_of_the_reference_cache_is_in_its_key(tiny, tmp_path, monkey
         model = lm.with_options(dtype="bfloat16") if change == "compute_dtype" else lm
     elif change == "seq_chunk":
         kw["seq_chunk"] = 5
-    elif change == "rows":
-        kw["rows"] = 2
+    elif change == "rows":  # rows round up to the data-parallel size: change by more than it
+        kw["rows"] = 4 + 2 * jax.device_count()
     elif change == "pairs":
         pairs = PAIRS[:-1]
     elif change == "weights":
@@ -241,6 +241,27 @@ def test_every_input_of_the_reference_cache_is_in_its_key(tiny, tmp_path, monkey
         kw["padding"] = dataclasses.replace(base["padding"], **dict([field]))
     reference.reference_logps(model, pairs, cache_dir=tmp_path, **kw)
     assert len(calls) == 2, change
+
+
+def test_batch_padding_is_logged_in_the_summary_and_strict_batch_refuses_it(tiny, tmp_path, capsys):
+    """The batch was once rounded up to the devices silently, which changed the number of steps;
+    now the pairs of an update stay as asked and the padding rows are reported."""
+    _, lm = tiny
+    devices = jax.device_count()
+    cfg = _cfg(tmp_path / "a", batch_size=3, num_epochs=1, final_eval=False, progress=True)
+    result = loop.train(cfg, model=lm, pairs=PAIRS)
+    rows = -(-3 // devices) * devices
+    assert result.summary["batch"] == {
+        "pairs_per_update": 3, "requested_batch_size": 3, "rows_per_step": rows, "padding_rows_per_step": rows - 3,
+        "micro_batches": 1, "data_parallel_devices": devices, "updates_per_epoch": 4, "dropped_pairs_per_epoch": 0,
+    }  # fmt: skip
+    assert len(result.metrics) == 4  # ceil(10 / 3), on any number of devices
+    assert "batch: 3 pairs per update" in capsys.readouterr().out
+    with pytest.raises(LdJaxError, match=f"batch_size 3 is not a multiple of .* micro-batches = {2 * devices}"):
+        loop.train(_cfg(tmp_path / "b", batch_size=3, strict_batch=True, optimizer=OptimizerConfig(grad_accum_steps=2)),
+                   model=lm, pairs=PAIRS)  # fmt: skip
+    dropped = loop.train(_cfg(tmp_path / "c", batch_size=3, drop_last=True, final_eval=False), model=lm, pairs=PAIRS)
+    assert len(dropped.metrics) == 6 and dropped.summary["batch"]["dropped_pairs_per_epoch"] == 1
 
 
 class Killed(Exception):

@@ -30,9 +30,9 @@ def test_sharded_step_equals_single_device(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     print(json.dumps(results, indent=1))
-    assert {(r["family"], tuple(r["mesh"])) for r in results} == {
-        (f, m) for f in ("llama", "gemma3") for m in MESHES
-    }
+    assert {(r["family"], tuple(r["mesh"]), r["micro_batches"]) for r in results} == {
+        (f, m, 1) for f in ("llama", "gemma3") for m in MESHES
+    } | {("llama", (2, 2, 2), 2)}
     for r in results:
         where = f"{r['family']} mesh {r['mesh']}"
         assert r["loss_diff"] <= TOL and r["param_diff"] <= TOL, (where, r)
@@ -78,13 +78,13 @@ def _child(root: Path) -> list[dict]:
     optimizer = make_optimizer(OptimizerConfig(name="adamw", lr=1e-3, max_grad_norm=1.0))
     loss_cfg = LossConfig("dpo", beta=0.5)
 
-    def one_step(lm, mesh):
+    def one_step(lm, mesh, micro_batches=1):
         rules = sharding.rules_for(lm.config.family)
         params = sharding.put(lm.params, sharding.tree_shardings(lm.params, mesh, rules))
         state = init_state(params, optimizer)
         shardings = sharding.tree_shardings(state, mesh, rules)
         state = jax.device_put(state, shardings)
-        step = compile_step(lm, loss_cfg, optimizer, mesh, shardings, batch)
+        step = compile_step(lm, loss_cfg, optimizer, mesh, shardings, batch, micro_batches=micro_batches)
         new, metrics = step(state, sharding.put(batch, sharding.batch_shardings(batch, mesh)))
         spec = new.params["layers"]["wq"].sharding.spec
         return jax.device_get(new.params), float(metrics["loss"]), list(spec)
@@ -98,15 +98,16 @@ def _child(root: Path) -> list[dict]:
         single = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
         ref_params, ref_loss, _ = one_step(lm, single)
         change = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(lm.params)))
-        for shape in MESHES:
+        cases = [(shape, 1) for shape in MESHES] + ([((2, 2, 2), 2)] if family == "llama" else [])
+        for shape, micro_batches in cases:  # accumulated: 2 micro-batches of 4 rows, 1 per device
             mesh = sharding.make_mesh(sharding.MeshConfig(*shape))
-            params, loss, spec = one_step(lm, mesh)
+            params, loss, spec = one_step(lm, mesh, micro_batches)
             diff = max(
                 float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params))
             )
             expected = [None, "fsdp" if shape[1] > 1 else None, "tensor" if shape[2] > 1 else None]
             results.append(dict(
-                family=family, mesh=list(shape), loss=loss, loss_diff=abs(loss - ref_loss),
+                family=family, mesh=list(shape), micro_batches=micro_batches, loss=loss, loss_diff=abs(loss - ref_loss),
                 param_diff=diff, param_change=change, wq_spec=spec + [None] * (3 - len(spec)),
                 expected_wq_spec=expected,
             ))  # fmt: skip

@@ -38,6 +38,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from ld_jax import files
 from ld_jax import host_memory, scoring
 from ld_jax.data import preference
 from ld_jax.digest import fingerprint, pairs_digest, params_digest
@@ -230,7 +231,7 @@ class Runner:
         rec.update(dataclasses.asdict(run), indices=[self.pool[i].index for i in positions], seconds=time.perf_counter() - t0)
         if not cfg.keep_checkpoints:
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        (out / "run.json").write_text(json.dumps(rec, indent=1))
+        files.write_text(out / "run.json", json.dumps(rec, indent=1))
         return rec
 
     def many(self, runs: list[Run], desc: str, search: bool = False) -> list[dict]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import scipy.stats
 
+from ld_jax import files
 from ld_jax import report
 from ld_jax.report import format_number, markdown_table
 
@@ -110,7 +111,7 @@ def figure2(path: Path, cfg, meta: dict, agg: dict) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    files.save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -154,9 +155,9 @@ def write_outputs(cfg, meta, pool, scores, wins, recs, records) -> dict:
     agg = aggregate(cfg, recs)
     rho = spearman(cfg, agg, recs)
     md = table(cfg, meta, scores, wins, agg, rho)
-    (out / "table.md").write_text(md)
+    files.write_text(out / "table.md", md)
     figure2(out / "figure2.png", cfg, meta, agg)
-    (out / "samples.md").write_text(samples_md(cfg, meta, pool, scores, records))
+    files.write_text(out / "samples.md", samples_md(cfg, meta, pool, scores, records))
     window_info = {
         f"{m}/p{p:g}": {"indices": [pool[i].index for i in pos], "min": float(scores[m][pos].min()),
                         "max": float(scores[m][pos].max())}

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from ld_jax import files
 from ld_jax import models
 from ld_jax.experiments import persona_step
 from ld_jax.host_memory import release_freed_memory
@@ -82,7 +83,7 @@ def sft_phase(lm, params, prompts: list[list[int]], labels: np.ndarray, cfg, key
             "mean_label_prob_before": before, "mean_label_prob_after": mean_label_prob(params),
             "seconds": time.time() - t0}
     save_param_tree(path, params)
-    info_path.write_text(json.dumps(info))
+    files.write_text(info_path, json.dumps(info))
     return params, info
 
 
@@ -146,7 +147,7 @@ class Runner:
         hist.append(jax.device_get(self.measure(params, batch)))
         rec = {**{k: np.stack([h[k] for h in hist]) for k in hist[0]}, "watch_ids": batch["watch"]}
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, **rec)
+        files.save_npz(path, **rec)
         release_freed_memory()  # the run's params and optimizer state (3 model copies) are garbage now
         return {**rec, "run": run}
 

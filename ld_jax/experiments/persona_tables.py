@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ld_jax import files
 from ld_jax import report
 from ld_jax.config import to_dict
 from ld_jax.experiments.persona_runs import loss_rose
@@ -193,15 +194,15 @@ def write_outputs(cfg, meta: dict, recs: list[dict], tokenizer) -> dict:
     title = f"{meta['title']} ({cfg.loss.name.upper()}, {'SFT' if cfg.sft.enabled else 'no SFT'}, lr {meta['lr']:g})"
     t1 = table1(title, pairs)
     runs = [_run_json(r, cfg) for r in recs]
-    (out / "table1.md").write_text(
+    files.write_text(out / "table1.md",
         f"# Largest π(y+) decrease and tokens gaining most (Table 1 shape)\n\n{t1}\n"
         "Decrease: the largest π_t(y+) − π_t′(y+) over steps t < t′, mean over kept runs (a run is kept "
         "when its loss fell at every step). Gainers: top-"
         f"{cfg.top_k} probability increases since init at steps {', '.join(map(str, cfg.report_steps))}, "
         "other than y±, most frequent first; \"_\" is a leading space.\n\n"
         f"## Where π(y+) starts and ends\n\n{trajectory_table(cfg.pairs, runs)}")
-    (out / "tokens.md").write_text(f"# Tokens increasing most in probability (Tables 4–12 shape)\n\n{title}\n\n{token_tables(cfg, pairs)}")
-    (out / "table13.md").write_text(f"# Unembedding geometry at initialisation (Table 13 shape)\n\n{table13(title, pairs)}")
+    files.write_text(out / "tokens.md", f"# Tokens increasing most in probability (Tables 4–12 shape)\n\n{title}\n\n{token_tables(cfg, pairs)}")
+    files.write_text(out / "table13.md", f"# Unembedding geometry at initialisation (Table 13 shape)\n\n{table13(title, pairs)}")
     plots = [str(plot_pair(out / f"pair_{s['y_pos']}_{s['y_neg']}.png", cfg, p, s, recs, tokenizer))
              for p, s in enumerate(pairs)]
     results = {"config": to_dict(cfg), **meta, "table_title": title, "pairs": pairs, "plots": plots,

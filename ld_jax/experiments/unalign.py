@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ld_jax import files
 from ld_jax import ches, generate, judge, models
 from ld_jax.data import formatting, preference
 from ld_jax.digest import fingerprint, pairs_digest
@@ -204,7 +205,7 @@ def warm_up(cfg: UnalignConfig, lm, prompts, held_out, judge_fn, cache: Path):
             "sft_prompts": len(pairs), "held_out_prompts": len(held_out), "seconds": time.time() - t0}  # fmt: skip
     save_param_tree(weights, params)
     shutil.rmtree(root / "loop", ignore_errors=True)
-    info_path.write_text(json.dumps(info, indent=2))
+    files.write_text(info_path, json.dumps(info, indent=2))
     return load_param_tree(weights), info
 
 
@@ -225,7 +226,7 @@ def build_data(cfg: UnalignConfig, lm, prompts, judge_fn, cache: Path, warm_key:
     labels = [[verdicts[2 * i].label, verdicts[2 * i + 1].label] for i in range(len(prompts))]
     result = {"samples": responses, "labels": labels, "judge": judge.summarize(verdicts), "seconds": time.time() - t0}
     cache.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result))
+    files.write_text(path, json.dumps(result))
     return result
 
 
@@ -269,7 +270,7 @@ def run_condition(cfg, lm, name, pairs, loss, lr, out: Path, train_prompts, test
     }  # fmt: skip
     shutil.rmtree(root / "loop" / "checkpoints", ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rec))
+    files.write_text(path, json.dumps(rec))
     return rec
 
 
@@ -335,7 +336,7 @@ def run_unalign(cfg: UnalignConfig) -> dict:
     else:
         before = {"train": refusal_rates(cfg, lm, train_prompts, judge_fn, cfg.eval.seeds, "before train"),
                   "test": refusal_rates(cfg, lm, test_prompts, judge_fn, cfg.eval.seeds, "before test")}  # fmt: skip
-        before_path.write_text(json.dumps(before))
+        files.write_text(before_path, json.dumps(before))
     stages["refusal rates before"] = time.time() - t
 
     t = time.time()
@@ -345,7 +346,7 @@ def run_unalign(cfg: UnalignConfig) -> dict:
         scores = dict(np.load(scores_path))
     else:
         scores = ches.ches_scores(lm, *ids, progress=cfg.progress)
-        np.savez(scores_path, **scores)
+        files.save_npz(scores_path, **scores)
     stages["CHES scores"] = time.time() - t
 
     t = time.time()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ld_jax import files
 from ld_jax.experiments.unalign_data import PAIR_TYPES
 from ld_jax.report import format_number, markdown_table, plt, write_json
 
@@ -105,7 +106,7 @@ def figure3(path: Path, result: dict, lambdas) -> None:
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"{result['title']}: refusal rate before and after training (error bars: min/max over seeds)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    files.save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -124,7 +125,7 @@ def figure4(path: Path, result: dict) -> None:
     ax.grid(alpha=0.3)
     ax.set_title(f"{result['title']}: on-policy pairs (paper Figure 4)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    files.save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -149,9 +150,9 @@ def examples(result: dict, shown: int) -> str:
 def write_all(out: Path, result: dict, lambdas, shown: int) -> dict:
     texts = {"table_md": table(result, lambdas), "pair_types_md": pair_type_table(result) + displacement_by_type(out, result),
              "examples_md": examples(result, shown)}  # fmt: skip
-    (out / "table.md").write_text(texts["table_md"])
-    (out / "pair_types.md").write_text(texts["pair_types_md"])
-    (out / "examples.md").write_text(texts["examples_md"])
+    files.write_text(out / "table.md", texts["table_md"])
+    files.write_text(out / "pair_types.md", texts["pair_types_md"])
+    files.write_text(out / "examples.md", texts["examples_md"])
     figure3(out / "figure3.png", result, lambdas)
     figure4(out / "figure4.png", result)
     write_json(out / "results.json", result)

@@ -23,6 +23,7 @@ import jax
 import matplotlib
 import numpy as np
 
+from ld_jax import files
 from ld_jax.flow import claims, dynamics, state, theorems
 from ld_jax.losses import LossConfig
 
@@ -136,8 +137,8 @@ def simulate(cfg: SimulateConfig) -> dict:
         result["ches"] = ches.tolist()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "trajectory.json").write_text(json.dumps(result) + "\n")
-    (out / "summary.md").write_text(_summary(result, y_plus, top))
+    files.write_text(out / "trajectory.json", json.dumps(result) + "\n")
+    files.write_text(out / "summary.md", _summary(result, y_plus, top))
     _plot(result, y_plus, top, out / "flow.png")
     return result
 
@@ -186,6 +187,6 @@ def _plot(r: dict, y_plus: int, top: list[int], path: Path) -> None:
     for ax in axes[:2]:
         ax.legend()
     fig.suptitle(f"unconstrained features flow: {r['config']['scenario']} ({r['config']['loss']['name']})")
-    fig.savefig(path, dpi=120)
+    files.save_figure(fig, path, dpi=120)
     plt.close(fig)
 

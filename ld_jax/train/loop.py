@@ -16,8 +16,11 @@ Definition 1: the loss went down and so did the mean ln π(y+|x))?
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -133,7 +136,13 @@ def train(
         filter_summary = report.summary()
         _say(main, cfg, f"data: {filter_summary}")
     _check_rewards(cfg.loss, pairs)
+    with _locked(out) if main else contextlib.nullcontext():
+        return _train(cfg, model, pairs, callback, ref_logps, filter_summary)
 
+
+def _train(cfg: TrainConfig, model, pairs, callback, ref_logps, filter_summary) -> TrainResult:
+    """`train` once the inputs are known and the run directory is this process's."""
+    out, main = Path(cfg.output_dir), distributed.is_main_process()
     mesh = sharding.make_mesh(cfg.mesh)
     layout = feed.batch_layout(cfg.batch_size, len(pairs), mesh, cfg.optimizer.grad_accum_steps, cfg.strict_batch)
     _say(main, cfg, f"batch: {layout.describe()}")
@@ -271,6 +280,25 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
         else:
             flat[prefix + key] = value
     return flat
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """An exclusive lock on the run directory for the block: two processes training into one
+    directory would interleave their metrics lines and overwrite each other's checkpoints. The
+    OS drops the lock of a killed process by itself."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise LdJaxError(f"another process (pid {holder}) is training in {out}; wait for it or use another output_dir") from None
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
 
 
 def _resume_step(cfg: TrainConfig, ckpt: Checkpoints, identity: dict) -> int:
