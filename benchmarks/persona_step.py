@@ -2,7 +2,7 @@
 prompt, y+/y− read from the last position, RMSProp on every parameter, tracking included.
 
 Measured in one run:
-- ours: the jitted, donated step of `ld_jax.experiments.persona_step` that the experiment uses
+- ours: the jitted, donated step of `ld_jax.experiments.persona.step` that the experiment uses
   (runs executed one after another);
 - vmapped: the same step vmapped over R runs stacked on a leading axis (the alternative we
   rejected), per run-step;
@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from ld_jax import host_memory, models
-from ld_jax.experiments import persona, persona_step
+from ld_jax.experiments.persona import run as persona_run
+from ld_jax.experiments.persona import step as persona_step
 from ld_jax.losses import LossConfig
 from ld_jax.train.optim import OptimizerConfig
 
@@ -116,8 +117,8 @@ def main():
 
     host_memory.keep_freed_memory()  # as `ld-jax persona` does; the PyTorch baseline shares it
     lm = models.from_pretrained(MODEL)
-    question = persona.load_records(DATA)[0]["question"]
-    (ids,), _ = persona.encode_prompts(lm.tokenizer, [question], "chat")
+    question = persona_run.load_records(DATA)[0]["question"]
+    (ids,), _ = persona_run.encode_prompts(lm.tokenizer, [question], "chat")
     y_pos, y_neg = (lm.tokenizer.convert_tokens_to_ids(w) for w in ("No", "Never"))
     batch = batch_for(lm, ids, y_pos, y_neg)
 

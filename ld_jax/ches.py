@@ -164,6 +164,22 @@ def score_batches(
     bar.close()
 
 
+def score_pairs(lm, pairs: Sequence[TokenizedPair], batch_size: int = 8, mesh: Mesh | None = None,
+                progress: bool = False) -> dict[str, np.ndarray]:  # fmt: skip
+    """Every score of `pairs`, in memory: dict of `[len(pairs)]` arrays in `pairs` order, the
+    SCORE_KEYS plus len_chosen and len_rejected (the number of states each sum covers)."""
+    position = {p.index: k for k, p in enumerate(pairs)}
+    if len(position) != len(pairs):
+        raise LdJaxError("score_pairs: the pairs' indices must be distinct")
+    keys = (*SCORE_KEYS, "len_chosen", "len_rejected")
+    result = {key: np.zeros(len(pairs), np.float64) for key in keys}
+    for out in score_batches(lm, pairs, batch_size, mesh, progress=progress):
+        rows = [position[int(i)] for i in out["index"]]
+        for key in keys:
+            result[key][rows] = out[key]
+    return result
+
+
 def ches_scores(
     lm,
     prompt_ids: Sequence[Sequence[int]],
@@ -191,8 +207,5 @@ def ches_scores(
         TokenizedPair(i, list(p), list(c), list(r))
         for i, (p, c, r) in enumerate(zip(prompt_ids, chosen_ids, rejected_ids))
     ]
-    result = {key: np.zeros(n, np.float64) for key in SCORE_KEYS}
-    for out in score_batches(lm, pairs, batch_size, mesh, progress=progress):
-        for key in SCORE_KEYS:
-            result[key][out["index"]] = out[key]
-    return result
+    scores = score_pairs(lm, pairs, batch_size, mesh, progress)
+    return {key: scores[key] for key in SCORE_KEYS}

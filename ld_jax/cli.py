@@ -167,34 +167,47 @@ def _plan(args) -> int:
     return 0
 
 
-def _experiment(module: str, config_class: str, run: str, tables: tuple[str, ...], outputs: str):
-    """The handler of an experiment subcommand: load its config, run it, print its tables and
-    where the outputs went."""
+def _print_experiment(result: dict, tables: tuple[str, ...], outputs: str, out_dir: str) -> int:
+    """An experiment's tables, then where its outputs went."""
+    print()
+    for key in tables:
+        print(result[key])
+    lr = f"lr {result['lr']:g}; " if "lr" in result else ""
+    seconds = f" ({result['seconds']:.0f} s)" if "seconds" in result else ""
+    print(f"{lr}{outputs} in {out_dir}/{seconds}")
+    return 0
 
-    def handler(args) -> int:
-        import importlib
 
-        from ld_jax.config import load_config
+def _persona(args) -> int:
+    from ld_jax.config import load_config
+    from ld_jax.experiments import persona
 
-        mod = importlib.import_module(f"ld_jax.experiments.{module}")
-        cfg = load_config(getattr(mod, config_class), args.config, args.overrides)
-        result = getattr(mod, run)(cfg)
-        print()
-        for key in tables:
-            print(result[key])
-        lr = f"lr {result['lr']:g}; " if "lr" in result else ""
-        seconds = f" ({result['seconds']:.0f} s)" if "seconds" in result else ""
-        print(f"{lr}{outputs} in {cfg.out_dir}/{seconds}")
-        return 0
+    cfg = load_config(persona.PersonaConfig, args.config, args.overrides)
+    return _print_experiment(persona.run_persona(cfg), ("table1_md",), "tables, plots and results.json", cfg.out_dir)
 
-    return handler
+
+def _percentiles(args) -> int:
+    from ld_jax.config import load_config
+    from ld_jax.experiments import percentiles
+
+    cfg = load_config(percentiles.PercentilesConfig, args.config, args.overrides)
+    outputs = "results.json, table.md, figure2.png and samples.md"
+    return _print_experiment(percentiles.run_percentiles(cfg), ("table_md",), outputs, cfg.out_dir)
+
+
+def _unalign(args) -> int:
+    from ld_jax.config import load_config
+    from ld_jax.experiments import unalign
+
+    cfg = load_config(unalign.UnalignConfig, args.config, args.overrides)
+    outputs = "results.json, table.md, pair_types.md, figure3.png, figure4.png and examples.md"
+    return _print_experiment(unalign.run_unalign(cfg), ("table_md", "pair_types_md"), outputs, cfg.out_dir)
 
 
 def _add_persona(sub) -> None:
     _config_command(
         sub, "persona", "E1: likelihood displacement with single-token responses (paper Table 1)",
-        "YAML file of PersonaConfig, e.g. configs/persona_demo.yaml", "seeds=10 loss.name=ipo out_dir=results/x",
-        _experiment("persona", "PersonaConfig", "run_persona", ("table1_md",), "tables, plots and results.json"),
+        "YAML file of PersonaConfig, e.g. configs/persona_demo.yaml", "seeds=10 loss.name=ipo out_dir=results/x", _persona,
     )  # fmt: skip
 
 
@@ -202,9 +215,7 @@ def _add_percentiles(sub) -> None:
     _config_command(
         sub, "percentiles", "E2: train on percentile windows of CHES / edit distance / last-hidden IP (paper Figure 2)",
         "YAML file of PercentilesConfig, e.g. configs/percentiles_smollm2_ultrafeedback.yaml",
-        "window=8 seeds=1 loss.name=ipo out_dir=results/x",
-        _experiment("percentiles", "PercentilesConfig", "run_percentiles", ("table_md",),
-                    "results.json, table.md, figure2.png and samples.md"),
+        "window=8 seeds=1 loss.name=ipo out_dir=results/x", _percentiles,
     )  # fmt: skip
 
 
@@ -212,8 +223,7 @@ def _add_unalign(sub) -> None:
     _config_command(
         sub, "unalign", "E3: unalignment from on-policy refusal data; SFT term vs CHES filtering (paper Figure 3)",
         "YAML file of UnalignConfig, e.g. configs/unalign_smollm2.yaml", "n_prompts=100 loss.name=ipo out_dir=results/x",
-        _experiment("unalign", "UnalignConfig", "run_unalign", ("table_md", "pair_types_md"),
-                    "results.json, table.md, pair_types.md, figure3.png, figure4.png and examples.md"),
+        _unalign,
     )  # fmt: skip
 
 

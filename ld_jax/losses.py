@@ -60,6 +60,11 @@ class LossConfig:
     sft_length_average: bool = False  # RPO normalises the NLL by length
 
     @property
+    def needs_reference(self) -> bool:
+        """Whether ℓ reads ln π_ref (SLiC, SimPO and plain SFT do not)."""
+        return self.name not in ("slic", "simpo", "sft")
+
+    @property
     def needs_rewards(self) -> bool:
         """REBEL regresses the margin on r(x, y+) − r(x, y−): data without rewards cannot train it."""
         return self.name == "rebel"
@@ -93,7 +98,7 @@ def preference_loss(
     gpo_f: a custom convex f for `name="gpo"`, overriding `cfg.gpo_f`.
     """
     name = cfg.name
-    needs_ref = name not in ("slic", "simpo", "sft")
+    needs_ref = cfg.needs_reference
     length_normalised = name == "simpo" or (name == "ipo" and cfg.ipo_length_average)
     if needs_ref and (ref_chosen is None or ref_rejected is None):
         raise ValueError(f"loss {name!r} needs reference log-probs")

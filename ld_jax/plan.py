@@ -35,7 +35,7 @@ from jax.sharding import AbstractMesh, AxisType, NamedSharding
 from ld_jax import models
 from ld_jax.architectures import ARCHITECTURES
 from ld_jax.errors import LdJaxError
-from ld_jax.models import loading
+from ld_jax.models import loading, registry
 from ld_jax.train import sharding
 from ld_jax.train.loop import TrainConfig
 from ld_jax.train.optim import make_optimizer
@@ -141,22 +141,9 @@ def model_config(name_or_dir: str) -> tuple[str, models.ModelConfig]:
 
 
 def abstract_params(config: models.ModelConfig, dtype: str = "float32"):
-    """The parameter pytree as ShapeDtypeStructs (jax.eval_shape; nothing is allocated), laid out
-    as `loading.load_params` lays out a checkpoint: layers stacked `[L, ...]`, linears `[in, out]`."""
-    table = loading.FAMILIES[config.family].weights(config)
-
-    def init():
-        params = {"layers": {}}
-        for leaf, (_, fields) in table.items():
-            shape = tuple(getattr(config, f) for f in fields)
-            if leaf.startswith("layers/"):
-                shape = (config.n_layers, *(shape[::-1] if len(shape) == 2 else shape))
-                params["layers"][leaf[len("layers/"):]] = jnp.zeros(shape, dtype)
-            else:
-                params[leaf] = jnp.zeros(shape, dtype)
-        return params
-
-    return jax.eval_shape(init)
+    """The parameter pytree as ShapeDtypeStructs (nothing is allocated), laid out as
+    `loading.load_params` lays out a checkpoint: the family's registry entry says how."""
+    return registry.family(config.family).abstract_params(config, dtype)
 
 
 def abstract_mesh(cfg: sharding.MeshConfig, devices: int | None) -> AbstractMesh:

@@ -23,7 +23,7 @@ from ld_jax import ches, models  # noqa: E402
 from ld_jax.data import formatting, pipeline, preference  # noqa: E402
 from ld_jax.data.formatting import TokenizedPair  # noqa: E402
 from ld_jax.errors import LdJaxError  # noqa: E402
-from test_logprobs import save_tiny_llama  # noqa: E402
+from conftest import save_tiny_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 128

@@ -10,37 +10,14 @@ import numpy as np
 import pytest
 
 from ld_jax.data import formatting, pipeline, preference
-from ld_jax.data.formatting import ASSISTANT_TOKEN, PROMPT_TOKEN, TokenizedPair
+from conftest import tiny_tokenizer
+
+from ld_jax.data.formatting import PROMPT_TOKEN, TokenizedPair
 from ld_jax.data.preference import ColumnMap, PreferenceRecord
 from ld_jax.errors import LdJaxError
 
 # The shared data directory sits next to the repository (shared/data/README.md).
 SHARED = str(Path(__file__).resolve().parents[2] / "shared" / "data")
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def tiny_tokenizer(chat: bool = True):
-    """A character-level tokenizer (no hub): specials, then printable ASCII, one id each."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<unk>", "<|im_end|>", "<|im_start|>", PROMPT_TOKEN, ASSISTANT_TOKEN]
-    chars = [chr(c) for c in range(32, 127)] + ["\n"]
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)}, "<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok.decoder = decoders.Fuse()
-    out = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>",
-        additional_special_tokens=specials[3:],
-    )  # fmt: skip
-    if chat:
-        out.chat_template = CHATML
-    return out
-
-
 def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

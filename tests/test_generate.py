@@ -10,7 +10,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from test_data import tiny_tokenizer  # noqa: E402
+from conftest import tiny_tokenizer  # noqa: E402
 from test_models import CASES  # noqa: E402
 from test_models import build as build_models  # noqa: E402
 

@@ -12,8 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from test_data import tiny_tokenizer  # noqa: E402
-from test_logprobs import save_tiny_llama  # noqa: E402
+from conftest import tiny_tokenizer  # noqa: E402
+from conftest import save_tiny_llama  # noqa: E402
 
 from ld_jax import config, judge  # noqa: E402
 from ld_jax.errors import LdJaxError  # noqa: E402

@@ -12,6 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from conftest import tiny_llama
+
 from ld_jax import cli, models
 from ld_jax.errors import LdJaxError
 from ld_jax.models import pull
@@ -19,13 +21,9 @@ from ld_jax.models import pull
 VOCAB = 24
 
 
-def save_tiny_llama(path, dtype=torch.float32, **save_kwargs):
-    config = AutoConfig.for_model(
-        "llama", vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).to(dtype)
+def save_llama(path, dtype=torch.float32, **save_kwargs):
+    """An even smaller Llama (vocab 24, d=16, MQA) saved to `path`; returns the torch model."""
+    model = tiny_llama(vocab=VOCAB, hidden=16, ff=24, heads=2, kv_heads=1).to(dtype)
     model.save_pretrained(path, **save_kwargs)
     return model
 
@@ -76,7 +74,7 @@ def test_unknown_model_type_lists_supported_ones(tmp_path, capsys):
 
 
 def test_corrupted_safetensors(tmp_path, capsys):
-    save_tiny_llama(tmp_path)
+    save_llama(tmp_path)
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated download
     assert "corrupted" in one_line_error(models.from_pretrained, str(tmp_path))
@@ -86,7 +84,7 @@ def test_corrupted_safetensors(tmp_path, capsys):
 
 
 def test_missing_and_misshapen_tensors(tmp_path):
-    save_tiny_llama(tmp_path)
+    save_llama(tmp_path)
     weights = tmp_path / "model.safetensors"
     tensors = load_file(weights)
     name = "model.layers.1.mlp.up_proj.weight"
@@ -100,22 +98,22 @@ def test_missing_and_misshapen_tensors(tmp_path):
 
 
 def test_tokenizer_larger_than_embedding(tmp_path, capsys):
-    save_tiny_llama(tmp_path)
+    save_llama(tmp_path)
     save_tokenizer(tmp_path, VOCAB + 8)
     message = one_line_error(models.from_pretrained, str(tmp_path))
     assert "mismatch" in message and str(VOCAB + 8) in message and str(VOCAB) in message
 
 
 def test_tokenizer_loaded_when_present(tmp_path):
-    save_tiny_llama(tmp_path)
+    save_llama(tmp_path)
     assert models.from_pretrained(str(tmp_path)).tokenizer is None
     save_tokenizer(tmp_path, VOCAB)
     assert len(models.from_pretrained(str(tmp_path)).tokenizer) == VOCAB
 
 
 def test_sharded_and_bf16_checkpoints_load_the_same_weights(tmp_path):
-    model = save_tiny_llama(tmp_path / "single")
-    save_tiny_llama(tmp_path / "sharded", max_shard_size="4KB")
+    model = save_llama(tmp_path / "single")
+    save_llama(tmp_path / "sharded", max_shard_size="4KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     single = models.from_pretrained(str(tmp_path / "single"))
     sharded = models.from_pretrained(str(tmp_path / "sharded"))
@@ -124,7 +122,7 @@ def test_sharded_and_bf16_checkpoints_load_the_same_weights(tmp_path):
     wq0 = model.model.layers[0].self_attn.q_proj.weight.detach().numpy().T
     np.testing.assert_array_equal(np.asarray(single.params["layers"]["wq"][0]), wq0)
 
-    save_tiny_llama(tmp_path / "bf16", dtype=torch.bfloat16)
+    save_llama(tmp_path / "bf16", dtype=torch.bfloat16)
     from_bf16 = models.from_pretrained(str(tmp_path / "bf16"))
     expected = model.lm_head.weight.detach().to(torch.bfloat16).float().numpy()
     np.testing.assert_array_equal(np.asarray(from_bf16.params["lm_head"]), expected)
@@ -163,7 +161,7 @@ def jax_leaves(tree):
 
 
 def test_models_info_describes_a_checkpoint(tmp_path, capsys):
-    save_tiny_llama(tmp_path)
+    save_llama(tmp_path)
     assert cli.main(["models", "info", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "llama" in out and "2 x d_model 16" in out
@@ -185,7 +183,7 @@ def cache(tmp_path, monkeypatch):
 
 def test_pull_returns_a_finished_cache_without_downloading(cache, capsys):
     done = cache / "smollm2-135m-instruct"
-    save_tiny_llama(done)
+    save_llama(done)
     (done / pull.MARKER).write_text("{}")
     assert pull.pull("smollm2-135m-instruct") == str(done)
     assert cli.main(["models", "pull", "smollm2-135m-instruct"]) == 0

@@ -5,43 +5,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
-from test_data import tiny_tokenizer
+from conftest import random_pairs
 
-from ld_jax import logprobs, models
+from ld_jax import logprobs
 from ld_jax.data import pipeline
-from ld_jax.data.formatting import TokenizedPair
-
-
-def save_tiny_llama(path, seed=0, vocab=128, tokenizer="tiny"):
-    """A random 2-layer Llama (d=32, GQA 4/2 heads), saved as a Hugging Face checkpoint
-    directory with `tokenizer` ("tiny": the character tokenizer of test_data; None: none; or a
-    tokenizer object). The one tiny-model builder the test files share."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )  # fmt: skip
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    if tokenizer is not None:
-        (tiny_tokenizer() if tokenizer == "tiny" else tokenizer).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = save_tiny_llama(tmp_path_factory.mktemp("llama"))
-    return path, models.from_pretrained(str(path))
-
-
-def random_pairs(n, vocab=128, seed=0, max_len=12):
-    rng = np.random.default_rng(seed)
-    ids = lambda: [int(t) for t in rng.integers(3, vocab, rng.integers(1, max_len))]
-    return [TokenizedPair(i, ids(), ids(), ids()) for i in range(n)]
 
 
 def _torch_pair_logps(path, batch):

@@ -16,12 +16,14 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ld_jax import ches, cli, models, scoring  # noqa: E402
+from ld_jax import ches, cli, models  # noqa: E402
 from ld_jax.config import load_config  # noqa: E402
+from ld_jax.data import preference  # noqa: E402
 from ld_jax.experiments import percentiles  # noqa: E402
+from ld_jax.experiments.percentiles import run as percentiles_run  # noqa: E402
 from ld_jax.train import loop, reference  # noqa: E402
-from test_logprobs import save_tiny_llama  # noqa: E402
-from test_scoring import char_tokenizer  # noqa: E402
+from conftest import save_tiny_llama  # noqa: E402
+from conftest import tiny_tokenizer  # noqa: E402
 
 PERCENTILES = (0, 50, 100)  # trained; the windows of more percentiles are checked untrained
 WINDOW = 4
@@ -49,7 +51,7 @@ def _rows(n=26, seed=0):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2")
-    model_dir = str(save_tiny_llama(root / "model", tokenizer=char_tokenizer()))
+    model_dir = str(save_tiny_llama(root / "model", tokenizer=tiny_tokenizer(markers=False)))
     data = root / "prefs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
     return model_dir, data, root
@@ -95,14 +97,20 @@ def test_windows_and_initial_params_and_cache(setup, monkeypatch):
         calls.append((tc.max_steps, _digest(model.params), [p.index for p in pairs]))
         return real_train(tc, model=model, pairs=pairs, **kw)
 
+    initial_passes = []
+    real_reference = reference.reference_logps
+
+    def spy_reference(model, pairs, *a, **kw):
+        initial_passes.append(_digest(model.params))
+        return real_reference(model, pairs, *a, **kw)
+
     monkeypatch.setattr(loop, "train", spy)
+    monkeypatch.setattr(reference, "reference_logps", spy_reference)
     result = percentiles.run_percentiles(cfg)
 
     # the windows: an independent ranking of independently computed scores of the pool
     lm = models.from_pretrained(model_dir)
-    pool, report = percentiles.training_pool(
-        percentiles.preference.load_preferences(data), lm.tokenizer, cfg
-    )
+    _, pool, report = percentiles_run.training_pool(preference.load_preferences(data), lm.tokenizer, cfg)
     assert report.counts.get("identical_responses") == 1 and 3 not in {p.index for p in pool}
     assert max(len(p.prompt_ids) + len(p.chosen_ids) for p in pool) == 80  # truncated to fit
     direct = ches.ches_scores(lm, *([getattr(p, f) for p in pool] for f in ("prompt_ids", "chosen_ids", "rejected_ids")))
@@ -118,7 +126,7 @@ def test_windows_and_initial_params_and_cache(setup, monkeypatch):
         for size in (1, 3, 4, len(pool)):
             for m in cfg.measures:
                 cfg_p = dataclasses.replace(cfg, percentiles=(p,), window=size)
-                got = percentiles.windows(direct, cfg_p)[(m, float(p))]
+                got = percentiles_run.windows(direct, cfg_p)[(m, float(p))]
                 assert set(got) == _numpy_window(direct[m], p, size), (m, p, size)
     assert set(result["windows"]["ches/p100"]["indices"]) == {
         pool[i].index for i in np.argsort(direct["ches"])[-WINDOW:]
@@ -127,13 +135,14 @@ def test_windows_and_initial_params_and_cache(setup, monkeypatch):
     # every run starts from the initial parameters: the loop is handed the same weights, and
     # its first step sees a policy equal to the model whose log-probs were computed once
     initial = _digest(lm.params)
-    assert calls[0][0] == 0 and len(calls) == 1 + len(runs)  # the initial log-probs pass, then runs
+    assert initial_passes == [initial] and len(calls) == len(runs)  # the initial log-probs pass, then runs
     assert all(digest == initial for _, digest, _ in calls)
     for r in runs:
         assert r["first_step"]["chosen_logp_change"] == pytest.approx(0.0, abs=1e-4)
         assert r["first_step"]["loss"] == pytest.approx(math.log(2), abs=1e-5)
         assert r["loss_decreased"] and np.isfinite(r["mean_chosen_logp_change"])
     assert not list(out.glob("runs/*/*/checkpoints"))  # deleted once recorded
+    assert len(list(out.glob("runs/*/*.json"))) == len(runs)
 
     # the outputs
     for name in ("results.json", "table.md", "figure2.png", "samples.md"):
@@ -153,21 +162,20 @@ def test_windows_and_initial_params_and_cache(setup, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("recomputed")
 
-    monkeypatch.setattr(scoring, "score_file", boom)
     monkeypatch.setattr(ches, "score_batches", boom)
     monkeypatch.setattr(reference, "dataset_logps", boom)
     calls.clear()
     again = percentiles.run_percentiles(cfg)
-    assert [c[0] for c in calls] == [0]  # only the cached initial log-probs pass
+    assert calls == []
     assert again["aggregate"] == result["aggregate"]
 
     # an interrupted run (no record) is the only one trained again
-    lost = next(out.glob("runs/*/ches_p50_s1_lr0.001/run.json"))
+    lost = next(out.glob("runs/*/ches_p50_s1_lr0.001.json"))
     lost.unlink()
     monkeypatch.setattr(reference, "dataset_logps", real_dataset_logps)
     calls.clear()
     percentiles.run_percentiles(cfg)
-    assert len(calls) == 2 and lost.is_file()
+    assert len(calls) == 1 and lost.is_file()
 
     # lr search: an lr whose loss blows up is rejected; the next one's search runs (seed 0 of
     # the CHES windows, finished above) are reused, so nothing else trains
@@ -175,7 +183,7 @@ def test_windows_and_initial_params_and_cache(setup, monkeypatch):
     searched = percentiles.run_percentiles(dataclasses.replace(cfg, lr_grid=(1e-3, 1e3)))
     assert searched["meta"]["lr"] == 1e-3
     assert [(s["lr"], s["stable"]) for s in searched["meta"]["lr_search"]] == [(1e3, False), (1e-3, True)]
-    assert len(calls) == 1 + len(PERCENTILES)  # the initial pass, then lr 1e3's search runs
+    assert len(calls) == len(PERCENTILES)  # lr 1e3's search runs
 
 
 real_dataset_logps = reference.dataset_logps

@@ -22,7 +22,10 @@ from ld_jax import models
 from ld_jax.cli import main
 from ld_jax.config import ConfigError, load_config
 from ld_jax.errors import LdJaxError
-from ld_jax.experiments import persona, persona_runs, persona_step, persona_tables
+from ld_jax.experiments import persona
+from ld_jax.experiments.persona import report as persona_tables
+from ld_jax.experiments.persona import run as persona_runs
+from ld_jax.experiments.persona import step as persona_step
 from ld_jax.flow import theorems
 from ld_jax.flow.state import population, take
 from ld_jax.losses import LossConfig
@@ -77,14 +80,14 @@ def _config(tiny, out_dir, **changes) -> persona.PersonaConfig:
 
 def test_tokens_are_single_vocabulary_entries_or_configured_substitutes(lm):
     tok = lm.tokenizer
-    got = persona.resolve_tokens(tok, ["Yes", "No", "Yep"], {"Yep": "Yeah"})
+    got = persona_runs.resolve_tokens(tok, ["Yes", "No", "Yep"], {"Yep": "Yeah"})
     assert {w: t["id"] for w, t in got.items()} == {w: tok.convert_tokens_to_ids(v) for w, v in
                                                      [("Yes", "Yes"), ("No", "No"), ("Yep", "Yeah")]}
     assert got["Yep"]["substitute"] and not got["Yes"]["substitute"]
     with pytest.raises(LdJaxError, match="substitutes"):
-        persona.resolve_tokens(tok, ["Yes Sure"], {})  # two tokens
+        persona_runs.resolve_tokens(tok, ["Yes Sure"], {})  # two tokens
     with pytest.raises(LdJaxError, match="not one"):
-        persona.resolve_tokens(tok, ["Nope"], {})  # out of vocabulary: the unknown token
+        persona_runs.resolve_tokens(tok, ["Nope"], {})  # out of vocabulary: the unknown token
 
 
 def test_config_rejects_yaml_booleans_and_reads_lr_grid(tmp_path):
@@ -163,7 +166,7 @@ def test_per_step_tracking_equals_recomputation_from_saved_params(tiny, lm, tmp_
     cfg = _config(tiny, tmp_path, optimizer=OptimizerConfig(lr=3e-3), steps=5, report_steps=(2, 5))
     tok = lm.tokenizer
     pair_ids = [(tok.convert_tokens_to_ids("No"), tok.convert_tokens_to_ids("Never"))]
-    prompts, _ = persona.encode_prompts(tok, [r["question"] for r in persona.load_records(tiny["data"])], "auto")
+    prompts, _ = persona_runs.encode_prompts(tok, [r["question"] for r in persona_runs.load_records(tiny["data"])], "auto")
     runner = persona_runs.Runner(lm, lm.params, cfg, prompts, pair_ids, [[5, 6]], [7, 8, 9], tmp_path / "runs")
     run = persona.Run(pair=0, seed=0, prompt=2, lr=3e-3)
     batch = runner._batch(run)
@@ -191,10 +194,10 @@ def test_per_step_tracking_equals_recomputation_from_saved_params(tiny, lm, tmp_
     assert tracked[-1]["logp_pos"] > tracked[0]["logp_pos"] + 0.1  # the steps did train
 
     # The runner's own loop gives the same history (and saves it for resuming).
-    rec = runner.one(run, "test")
+    (rec,) = runner.many([run], "test")
     np.testing.assert_allclose(rec["loss"], [m["loss"] for m in tracked], rtol=1e-6)
     np.testing.assert_array_equal(rec["top_ids"], np.stack([m["top_ids"] for m in tracked]))
-    assert runner._path(run).is_file()
+    assert runner.store.path(runner.name(run)).is_file()
 
 
 # ------------------------------------------------------------------ Theorem 5 on the first steps
@@ -210,7 +213,7 @@ def test_first_steps_follow_theorem5_in_sign_and_ranking(tiny, lm, tmp_path, pro
     tok = lm.tokenizer
     y_pos, y_neg = (tok.convert_tokens_to_ids(w) for w in pair)
     cfg = _config(tiny, tmp_path, optimizer=OptimizerConfig(lr=1e-6))
-    prompts, _ = persona.encode_prompts(tok, [r["question"] for r in persona.load_records(tiny["data"])], "auto")
+    prompts, _ = persona_runs.encode_prompts(tok, [r["question"] for r in persona_runs.load_records(tiny["data"])], "auto")
     runner = persona_runs.Runner(lm, lm.params, cfg, prompts, [(y_pos, y_neg)], [[]], [], tmp_path / "runs")
     batch = runner._batch(persona.Run(0, 0, prompt, 1e-6))
     params = jax.tree.map(jnp.copy, lm.params)
@@ -311,14 +314,14 @@ def test_smollm2_tokens_and_initial_probabilities_match_transformers(tmp_path):
     cfg = load_config(persona.PersonaConfig, "configs/persona_demo.yaml", [f"out_dir={tmp_path}", "seeds=1", "steps=1",
                                                                            "report_steps=[1]"])
     lm = models.from_pretrained(cfg.model)
-    tokens = persona.resolve_tokens(lm.tokenizer, ["Yes", "No", "Never", "Sure", "Absolutely"], {"Absolutely": " Absolutely"})
+    tokens = persona_runs.resolve_tokens(lm.tokenizer, ["Yes", "No", "Never", "Sure", "Absolutely"], {"Absolutely": " Absolutely"})
     assert {w: t["id"] for w, t in tokens.items()} == {"Yes": 10539, "No": 5230, "Never": 19525, "Sure": 34355,
                                                        "Absolutely": 24784}
     with pytest.raises(LdJaxError, match="2 tokens"):
-        persona.resolve_tokens(lm.tokenizer, ["Absolutely"], {})
+        persona_runs.resolve_tokens(lm.tokenizer, ["Absolutely"], {})
     result = persona.run_persona(cfg)
     torch_lm = AutoModelForCausalLM.from_pretrained(str(models.loading.resolve(cfg.model)), dtype=torch.float32).eval()
-    records = persona.load_records(cfg.data)
+    records = persona_runs.load_records(cfg.data)
     for run in result["runs"]:
         question = records[run["prompt"]]["question"]
         text = lm.tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,

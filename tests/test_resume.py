@@ -16,9 +16,8 @@ import jax
 import numpy as np
 import pytest
 import yaml
-from test_logprobs import random_pairs, save_tiny_llama
+from conftest import random_pairs, save_tiny_llama
 
-from ld_jax import models
 from ld_jax.errors import LdJaxError
 from ld_jax.losses import LossConfig
 from ld_jax.train import loop
@@ -27,12 +26,6 @@ from ld_jax.train.optim import OptimizerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = random_pairs(10, seed=7)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = save_tiny_llama(tmp_path_factory.mktemp("llama"))
-    return path, models.from_pretrained(str(path))
 
 
 def _cfg(out, **kw):

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import pytest
 import yaml
-from test_logprobs import save_tiny_llama
+from conftest import save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5

@@ -16,41 +16,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from ld_jax import ches, cli, models, scoring  # noqa: E402
 from ld_jax.data import formatting, preference  # noqa: E402
 from ld_jax.errors import LdJaxError  # noqa: E402
-from test_logprobs import save_tiny_llama  # noqa: E402
+from conftest import save_tiny_llama, tiny_tokenizer  # noqa: E402
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 MAX_LEN = 64
-
-
-def char_tokenizer():
-    """One id per printable character, plus ChatML specials; no hub access."""
-    from tokenizers import Tokenizer, decoders, pre_tokenizers
-    from tokenizers import models as tok_models
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<unk>", "<|im_end|>", "<|im_start|>"]
-    chars = [chr(c) for c in range(32, 127)] + ["\n"]
-    tok = Tokenizer(tok_models.WordLevel({t: i for i, t in enumerate(specials + chars)}, "<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok.decoder = decoders.Fuse()
-    out = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        additional_special_tokens=["<|im_start|>"],
-    )
-    out.chat_template = CHATML
-    return out
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-chat-llama")
-    return str(save_tiny_llama(path, tokenizer=char_tokenizer()))
+    return str(save_tiny_llama(path, tokenizer=tiny_tokenizer(markers=False)))
 
 
 ROWS = [

@@ -11,9 +11,9 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from test_logprobs import random_pairs, save_tiny_llama
+from conftest import random_pairs
 
-from ld_jax import cli, logprobs, models
+from ld_jax import cli, logprobs
 from ld_jax.data import pipeline
 from ld_jax.errors import LdJaxError
 from ld_jax.losses import LossConfig
@@ -25,12 +25,6 @@ from ld_jax.train.state import init_state
 from ld_jax.train.step import compile_step
 
 BETA = 0.5
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = save_tiny_llama(tmp_path_factory.mktemp("llama"))
-    return path, models.from_pretrained(str(path))
 
 
 def _batch(n=6, seed=5, batch_size=8):

@@ -43,24 +43,10 @@ def test_sharded_step_equals_single_device(tmp_path):
 # ---- the child process --------------------------------------------------------------------------
 
 
-def _save_tiny_gemma3(path):
-    import torch
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(1)
-    cfg = Gemma3TextConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
-        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256,
-    )  # fmt: skip
-    Gemma3ForCausalLM(cfg).save_pretrained(path)
-    return path
-
-
 def _child(root: Path) -> list[dict]:
     import jax
     import numpy as np
-    from test_logprobs import random_pairs, save_tiny_llama
+    from conftest import random_pairs, save_tiny_gemma3, save_tiny_llama
 
     from ld_jax import models
     from ld_jax.data import pipeline
@@ -92,7 +78,7 @@ def _child(root: Path) -> list[dict]:
     results = []
     lms = {
         "llama": models.from_pretrained(str(save_tiny_llama(root / "llama"))),
-        "gemma3": models.from_pretrained(str(_save_tiny_gemma3(root / "gemma3"))),
+        "gemma3": models.from_pretrained(str(save_tiny_gemma3(root / "gemma3"))),
     }
     for family, lm in lms.items():
         single = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices=jax.devices()[:1])

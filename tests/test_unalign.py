@@ -16,10 +16,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ld_jax import ches, cli, judge, models  # noqa: E402
 from ld_jax.config import load_config  # noqa: E402
+from ld_jax.experiments import protocol  # noqa: E402
 from ld_jax.experiments import unalign  # noqa: E402
-from ld_jax.experiments import unalign_data as data  # noqa: E402
-from test_logprobs import save_tiny_llama  # noqa: E402
-from test_scoring import char_tokenizer  # noqa: E402
+from ld_jax.experiments.unalign import onpolicy as data  # noqa: E402
+from ld_jax.experiments.unalign import run as unalign_run  # noqa: E402
+from conftest import save_tiny_llama  # noqa: E402
+from conftest import tiny_tokenizer  # noqa: E402
 
 HH = "../shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
 
@@ -47,7 +49,7 @@ def _prompt_file(path):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("e3")
-    return str(save_tiny_llama(root / "model", tokenizer=char_tokenizer())), root
+    return str(save_tiny_llama(root / "model", tokenizer=tiny_tokenizer(markers=False))), root
 
 
 def _overrides(model_dir, root, *extra):
@@ -125,9 +127,12 @@ def test_data_stage_is_deterministic_by_seed(tiny, tmp_path):
     prompts, _ = data.read_prompts(cfg.prompts, lambda t: len(t))
     exp, _ = data.choose_prompts(prompts, 8, 0, cfg.seed, need_gold=False)
     fn = judge.build_judge(cfg.judge)
-    first = unalign.build_data(cfg, lm, exp, fn, tmp_path / "a", "k")["samples"]
-    again = unalign.build_data(cfg, lm, exp, fn, tmp_path / "b", "k")["samples"]
-    other = unalign.build_data(dataclasses.replace(cfg, seed=1), lm, exp, fn, tmp_path / "c", "k")["samples"]
+    log = protocol.Log("test", enabled=False)
+
+    def samples(name, **change):
+        return unalign_run.build_data(dataclasses.replace(cfg, cache_dir=str(tmp_path / name), **change), lm, exp, fn, "k", log)
+
+    first, again, other = samples("a")["samples"], samples("b")["samples"], samples("c", seed=1)["samples"]
     assert first == again and first != other
     labels = [[rule_label(a), rule_label(b)] for a, b in first]
     pairs_a, _ = data.build_pairs(exp, first, labels, seed=0)
@@ -161,7 +166,7 @@ def test_ches_scores_of_the_run_match_an_independent_call(run, tiny):
         data.OnPolicyPair(data.UnsafePrompt(i, p["prompt"]), p["chosen"], p["rejected"], "refusal", "refusal", True)
         for i, p in enumerate(result["train_pairs"])
     ])  # fmt: skip
-    pairs, _ = unalign.tokenize(cfg, lm.tokenizer, records)
+    pairs, _ = unalign_run.tokenize(cfg, lm.tokenizer, records)
     scores = ches.ches_scores(lm, [p.prompt_ids for p in pairs], [p.chosen_ids for p in pairs], [p.rejected_ids for p in pairs])
     np.testing.assert_allclose(scores["ln_ches"], result["ches"]["ln_ches"], rtol=1e-5, atol=1e-5)
     (cached,) = (tiny[1] / "cache").glob("ches-*.npz")  # what a re-run reads instead of scoring again
@@ -173,5 +178,5 @@ def test_a_seed_with_only_unparsable_verdicts_gives_nan_not_a_crash(tiny):
     cfg = load_config(unalign.UnalignConfig, "configs/unalign_smollm2.yaml", _overrides(model_dir, root))
     lm = models.from_pretrained(model_dir)
     never = lambda prompts, responses: [judge.Verdict("unparsable", "?") for _ in responses]  # noqa: E731
-    out = unalign.refusal_rates(cfg, lm, [data.UnsafePrompt(0, "hi?")], never, (0,), "all unparsable")
+    out = unalign_run.refusal_rates(cfg, lm, [data.UnsafePrompt(0, "hi?")], never, (0,), "all unparsable", protocol.Log("t"))
     assert np.isnan(out["rates"][0]) and out["unparsable"] == [1]

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import jax
 
 from ld_jax.errors import LdJaxError
-from ld_jax.models import core, loading
+from ld_jax.models import core, loading, registry
 from ld_jax.models.core import KVCache, ModelConfig, Output, Params, RopeConfig
 from ld_jax.models.loading import from_hf_config
 
@@ -44,7 +44,7 @@ def hidden_states(config: ModelConfig, params: Params, input_ids, attention_mask
     """input_ids, attention_mask [batch, seq] int32 -> [batch, seq, d_model] in the compute
     dtype: the final hidden states after the final norm (the LM-head input, SPEC's h)."""
     params = core.cast_params(params, config.dtype)
-    return loading.FAMILIES[config.family].hidden_states(config, params, input_ids, attention_mask)[0]
+    return registry.family(config.family).hidden_states(config, params, input_ids, attention_mask)[0]
 
 
 def hidden_states_cached(config: ModelConfig, params: Params, input_ids, attention_mask, cache: KVCache):
@@ -53,7 +53,7 @@ def hidden_states_cached(config: ModelConfig, params: Params, input_ids, attenti
     hidden states [batch, seq, d_model], updated KVCache). Prefill is a call with
     `init_cache(config, batch, max_len)`; each decode step passes one token per row."""
     params = core.cast_params(params, config.dtype)
-    return loading.FAMILIES[config.family].hidden_states(config, params, input_ids, attention_mask, cache)
+    return registry.family(config.family).hidden_states(config, params, input_ids, attention_mask, cache)
 
 
 init_cache = core.init_cache

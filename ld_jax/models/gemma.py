@@ -43,11 +43,6 @@ _FAMILY = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
 _LAYER_TYPES = {"full_attention": "full", "sliding_attention": "sliding"}
 
 
-def weights(config: ModelConfig) -> dict:
-    table = WEIGHTS[config.family]
-    return {k: v for k, v in table.items() if k != "lm_head" or not config.tie_embeddings}
-
-
 def config_from_hf(hf) -> ModelConfig:
     family = _FAMILY[hf.model_type]
     fields = core.common_fields(hf, family)
@@ -107,3 +102,14 @@ def hidden_states(config: ModelConfig, params: Params, input_ids, attention_mask
     x = core.embed(config, params, input_ids, scale=True)
     x, cache = core.run_layers(config, params, x, attention_mask, block, cache)
     return core.rms_norm(x, params["final_norm"], config.norm_eps, plus_one=True), cache
+
+
+def _family(name: str, model_types: tuple[str, ...]) -> core.Family:
+    return core.Family(
+        name=name, model_types=model_types, config_from_hf=config_from_hf, weight_table=WEIGHTS[name],
+        hidden_states=hidden_states, partition_rules=core.MATRIX_RULES, renames=RENAMES,
+    )  # q_norm/k_norm of Gemma 3 are per head_dim: replicated by the last rule
+
+
+# gemma3 is the multimodal wrapper: loading takes its text_config, a gemma3_text
+GEMMA, GEMMA2, GEMMA3 = _family("gemma", ("gemma",)), _family("gemma2", ("gemma2",)), _family("gemma3", ("gemma3_text", "gemma3"))

@@ -27,10 +27,6 @@ WEIGHTS = {
 }
 
 
-def weights(config: ModelConfig) -> dict:
-    return {k: v for k, v in WEIGHTS.items() if k != "lm_head" or not config.tie_embeddings}
-
-
 def config_from_hf(hf) -> ModelConfig:
     return ModelConfig(
         **core.common_fields(hf, "llama"),
@@ -56,3 +52,9 @@ def hidden_states(config: ModelConfig, params: Params, input_ids, attention_mask
     x = core.embed(config, params, input_ids, scale=False)
     x, cache = core.run_layers(config, params, x, attention_mask, block, cache)
     return core.rms_norm(x, params["final_norm"], config.norm_eps), cache
+
+
+FAMILY = core.Family(
+    name="llama", model_types=("llama",), config_from_hf=config_from_hf, weight_table=WEIGHTS,
+    hidden_states=hidden_states, partition_rules=core.MATRIX_RULES,
+)

@@ -16,21 +16,8 @@ import numpy as np
 from safetensors import safe_open
 
 from ld_jax.errors import LdJaxError
-from ld_jax.models import gemma, llama, olmo
 from ld_jax.models.core import ModelConfig, Params
-
-# config.json `model_type` -> family module (gemma3 is the multimodal wrapper; we take its text_config).
-MODEL_TYPES = {
-    "llama": llama,
-    "gemma": gemma,
-    "gemma2": gemma,
-    "gemma3_text": gemma,
-    "gemma3": gemma,
-    "olmo": olmo,
-    "olmo2": olmo,
-}
-# ModelConfig.family -> module holding its weight table and forward.
-FAMILIES = {"llama": llama, "gemma": gemma, "gemma2": gemma, "gemma3": gemma, "olmo": olmo, "olmo2": olmo}
+from ld_jax.models.registry import MODEL_TYPES, family
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
@@ -53,7 +40,7 @@ def from_hf_config(hf) -> ModelConfig:
             hf = AutoConfig.for_model(**hf)
         except Exception as e:  # transformers validates the fields; report them as one line
             raise LdJaxError(f"invalid {model_type} config: {_one_line(e)}") from e
-    if model_type == "gemma3":
+    if model_type == "gemma3":  # the multimodal wrapper: its text model
         hf = hf.get_text_config()
     return MODEL_TYPES[model_type].config_from_hf(hf)
 
@@ -127,14 +114,14 @@ def load_params(path: Path, config: ModelConfig, dtype: str = "float32") -> Para
     """Read every tensor of the family's weight table, check its shape, stack the layers.
 
     Returns the nested-dict pytree (leaves jax arrays in `dtype`)."""
-    family = FAMILIES[config.family]
-    table = family.weights(config)
+    entry = family(config.family)
+    table = entry.weights(config)
     names = {}
     for leaf, (hf_name, _) in table.items():
         layers = range(config.n_layers) if leaf.startswith("layers/") else [None]
         names[leaf] = [hf_name.format(i=i) for i in layers]
     wanted = {n for ns in names.values() for n in ns}
-    tensors = _read_tensors(path, getattr(family, "RENAMES", {}), wanted)
+    tensors = _read_tensors(path, entry.renames, wanted)
     missing = sorted(wanted - set(tensors))
     if missing:
         raise LdJaxError(f"{path}: checkpoint lacks {len(missing)} expected tensor(s), e.g. {missing[0]}")

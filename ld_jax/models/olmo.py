@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from ld_jax.models import core
 from ld_jax.models.core import LayerContext, ModelConfig, Params
@@ -40,11 +41,6 @@ WEIGHTS = {
     },
 }
 _OLMO_LAYER_NORM_EPS = 1e-5  # hard-coded in OLMo-1B
-
-
-def weights(config: ModelConfig) -> dict:
-    table = WEIGHTS[config.family]
-    return {k: v for k, v in table.items() if k != "lm_head" or not config.tie_embeddings}
 
 
 def config_from_hf(hf) -> ModelConfig:
@@ -87,3 +83,15 @@ def hidden_states(config: ModelConfig, params: Params, input_ids, attention_mask
         return core.layer_norm(x, config.norm_eps), cache
     x, cache = core.run_layers(config, params, x, attention_mask, _olmo2_block, cache)
     return core.rms_norm(x, params["final_norm"], config.norm_eps), cache
+
+
+OLMO = core.Family(
+    name="olmo", model_types=("olmo",), config_from_hf=config_from_hf, weight_table=WEIGHTS["olmo"],
+    hidden_states=hidden_states, partition_rules=core.MATRIX_RULES,
+)
+OLMO2 = core.Family(
+    name="olmo2", model_types=("olmo2",), config_from_hf=config_from_hf, weight_table=WEIGHTS["olmo2"],
+    hidden_states=hidden_states,
+    # OLMo 2 normalises q and k over the whole projection, so its norms follow wq/wk's outputs
+    partition_rules=((r"(^|/)layers/(q_norm|k_norm)$", P(None, "tensor")),) + core.MATRIX_RULES,
+)

@@ -166,6 +166,8 @@ def _train(cfg: TrainConfig, model, pairs, callback, ref_logps, filter_summary) 
     ref_params = None
     if ref_logps is not None:
         init_logps = np.asarray(ref_logps, np.float32)  # make_batches checks its shape
+    elif not (cfg.loss.needs_reference or cfg.final_eval):  # neither the loss nor the summary reads it
+        init_logps = np.zeros((len(pairs), 2), np.float32)
     elif cfg.reference == "cached":
         init_logps = reference.reference_logps(
             model, pairs, mesh, rows=layout.eval_rows, params=params, param_dtype=cfg.param_dtype,

@@ -1,11 +1,10 @@
-"""Device mesh with axes ("data", "fsdp", "tensor") and partition rules for every model family.
+"""Device mesh with axes ("data", "fsdp", "tensor") and the mechanism that applies a model
+family's partition rules (the rules themselves are data in each family's registry entry,
+`ld_jax.models.core.MATRIX_RULES` for most).
 
-Rules are data: (regex, PartitionSpec) pairs, searched in order against a leaf's path
-("layers/wq", or "1/0/nu/layers/wq" inside an optimizer state), first match wins. Layer
-parameters carry a leading `[n_layers]` axis, never sharded. Projections are sharded Megatron
-style over "tensor" (column-parallel in, row-parallel out) and ZeRO-3 style over "fsdp" on the
-other matrix axis. A mesh axis that does not divide a dimension is dropped for that leaf, so the
-same rules serve any model size.
+Rules are (regex, PartitionSpec) pairs, searched in order against a leaf's path ("layers/wq",
+or "1/0/nu/layers/wq" inside an optimizer state), first match wins. A mesh axis that does not
+divide a dimension is dropped for that leaf, so the same rules serve any model size.
 
 Batches are split over ("data", "fsdp") on their leading pair axis.
 """
@@ -27,23 +26,6 @@ AXES = ("data", "fsdp", "tensor")
 BATCH = P(("data", "fsdp"))
 
 Rules = tuple[tuple[str, P], ...]
-
-_MATRICES: Rules = (
-    (r"(^|/)layers/(wq|wk|wv|w_gate|w_up)$", P(None, "fsdp", "tensor")),  # [L, d_model, out]
-    (r"(^|/)layers/(wo|w_down)$", P(None, "tensor", "fsdp")),  # [L, in, d_model]
-    (r"(^|/)(embed|lm_head)$", P("tensor", "fsdp")),  # [vocab, d_model]
-)
-_REPLICATED: Rules = ((r".*", P()),)  # norms, scalars: small
-PARTITION_RULES: dict[str, Rules] = {
-    "llama": _MATRICES + _REPLICATED,
-    "gemma": _MATRICES + _REPLICATED,
-    "gemma2": _MATRICES + _REPLICATED,
-    "gemma3": _MATRICES + _REPLICATED,  # q_norm/k_norm are per head_dim: replicated
-    "olmo": _MATRICES + _REPLICATED,
-    # OLMo 2 normalises q and k over the whole projection, so its norms follow wq/wk's outputs
-    "olmo2": ((r"(^|/)layers/(q_norm|k_norm)$", P(None, "tensor")),) + _MATRICES + _REPLICATED,
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
@@ -104,9 +86,10 @@ def batch_shardings(batch, mesh: Mesh):
 
 
 def rules_for(family: str) -> Rules:
-    if family not in PARTITION_RULES:
-        raise LdJaxError(f"no partition rules for model family {family!r}")
-    return PARTITION_RULES[family]
+    """The partition rules of a model family (its registry entry, `ld_jax.models.registry`)."""
+    from ld_jax.models.registry import family as entry
+
+    return entry(family).partition_rules
 
 
 def put(tree, shardings):

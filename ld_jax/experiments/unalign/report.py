@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ld_jax import files
-from ld_jax.experiments.unalign_data import PAIR_TYPES
+from ld_jax.experiments.unalign.onpolicy import PAIR_TYPES
 from ld_jax.report import format_number, markdown_table, plt, write_json
 
 COLORS = {"refusal/refusal": "tab:blue", "refusal/compliance": "tab:green", "compliance/compliance": "tab:red"}
@@ -75,7 +75,7 @@ def displacement_by_type(out: Path, result: dict, name: str = "full") -> str:
     """Mean change of ln π(y±|x) per pair type over the train pairs of run `name` (from the
     loop's logps.npz), and how many pairs lost ln π(y+): where the displacement happened."""
     run = result["runs"].get(name)
-    path = None if run is None else out / "runs" / run["name"] / "loop" / "logps.npz"  # name: the run's directory
+    path = None if run is None else out / "runs" / run["name"] / "logps.npz"  # the run's loop directory
     if path is None or not path.is_file():
         return ""
     z = np.load(path)

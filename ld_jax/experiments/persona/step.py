@@ -1,10 +1,11 @@
-"""The jitted pieces of the Persona experiment (E1): a tracked DPO/IPO step over many runs at once,
-and the SFT step.
+"""The jitted step of a Persona run (E1): one DPO/IPO update that also records what the paper's
+tables need.
 
-Each run trains its own copy of the model on one prompt whose responses y+ and y− are single
-tokens, so ln π(y+|x) and ln π(y−|x) both come from the next-token distribution at the prompt's
-last position: one forward pass of the prompt, and only that position goes through the
-unembedding. Runs are independent and run one after another: vmapping them over a stacked
+Why a step of its own beside `train.step`: a run is one prompt whose responses are single
+tokens, so both log-probs come from one position of one prompt's forward pass (the LM head runs
+on that position only), and every step measures the whole next-token distribution on the device
+(top gainers, watched tokens, Table 13 geometry) before updating; the optimizer, loss and
+models are the library's. Runs are independent and run one after another: vmapping them over a stacked
 `[runs]` axis of params measured 1.5x slower per run-step on CPU than this plain step
 (benchmarks/persona_step.py), because the layer scan then works on batched weight slices.
 
@@ -123,30 +124,3 @@ def make_run_fns(lm, loss_cfg: LossConfig, opt_cfg: OptimizerConfig, track_k: in
     initial = jax.jit(functools.partial(last_position_logprobs, lm))
     _RUN_FNS[key] = RunFns(opt, jax.jit(one_step, donate_argnums=(0, 1)), jax.jit(one_measure), initial)
     return _RUN_FNS[key]
-
-
-def label_logprobs(lm, params, ids: Array, mask: Array, last: Array, label: Array) -> Array:
-    """ln π(label|prompt) `[b]` at each prompt's last position; ids, mask `[b, s]`, last, label `[b]`."""
-    hidden = lm.hidden_states(params, ids, mask)  # [b, s, d]
-    h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [b, 1, d]
-    logp = jax.nn.log_softmax(lm.logits_from_hidden(params, h)[:, 0].astype(jnp.float32))  # [b, V]
-    return jnp.take_along_axis(logp, label[:, None], axis=1)[:, 0]
-
-
-def make_sft_step(lm, opt: optax.GradientTransformation) -> Callable:
-    """sft_step(params, opt_state, ids, mask, last, label, weight) -> (params, opt_state, loss).
-
-    Cross-entropy of the single label token at each prompt's last position, a weighted mean over
-    the batch (`weight` `[b]` is 0 for the filler rows of a last, partial batch).
-    """
-
-    def loss_fn(params, ids, mask, last, label, weight):
-        nll = -label_logprobs(lm, params, ids, mask, last, label)
-        return jnp.sum(weight * nll) / jnp.sum(weight)
-
-    def sft_step(params, opt_state, ids, mask, last, label, weight):
-        loss, grads = jax.value_and_grad(loss_fn)(params, ids, mask, last, label, weight)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return jax.jit(sft_step, donate_argnums=(0, 1))

@@ -1,6 +1,6 @@
 """Tracked Persona runs -> the paper's tables (1/2/3, 4-12 and 13), plots and results.json.
 
-A run record (from `persona._Runner.execute`) holds `[steps + 1, ...]` arrays: loss, logp_pos,
+A run record (from `persona.run.Runner.train`) holds `[steps + 1, ...]` arrays: loss, logp_pos,
 logp_neg, top_ids / top_inc `[.., track_k]`, watch_p `[.., n_watch]`, w_inner, proj_par,
 proj_perp, h_norm, plus `run` (pair, seed, prompt, lr) and `watch_ids` `[n_watch]`, whose first
 two entries are y+ and y−.
@@ -14,10 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ld_jax import files
-from ld_jax import report
+from ld_jax import files, report
 from ld_jax.config import to_dict
-from ld_jax.experiments.persona_runs import loss_rose
+from ld_jax.experiments.protocol import STABILITY_RULES
+
+
+def loss_rose(loss: np.ndarray) -> bool:
+    """Whether a training loss `[steps + 1]` failed to fall strictly at some step (the run is then
+    excluded, and in the lr search the lr is rejected)."""
+    return not STABILITY_RULES["falls_every_step"](np.asarray(loss, np.float64))
 
 
 def largest_decrease(pi: np.ndarray) -> tuple[float, float, float]:
