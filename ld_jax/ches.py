@@ -29,6 +29,7 @@ from ld_jax import models
 from ld_jax.data.formatting import TokenizedPair
 from ld_jax.data.pipeline import make_batches
 from ld_jax.errors import LdJaxError
+from ld_jax.train import feed, sharding
 
 SCORE_KEYS = ("ches", "ln_ches", "last_hidden_ip", "edit_distance")
 
@@ -98,17 +99,12 @@ def edit_distance(
     )
 
 
-def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh with axis "data" over `devices` (default: all local devices)."""
-    return Mesh(np.array(devices if devices is not None else jax.local_devices()), ("data",))
-
-
 def length_batches(lm, pairs: Sequence[TokenizedPair], batch_size: int, pad_to_multiple: int = 64):
     """Pairs longest first, in padded batches of `ld_jax.data.pipeline`'s layout: neighbours in
     length share a batch, whose length is its longest pair rounded up to `pad_to_multiple`
     (which also bounds the number of shapes the kernel compiles for). -> grain.MapDataset."""
     order = sorted(
-        pairs, key=lambda p: -(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)))
+        pairs, key=lambda p: -p.length
     )
     return make_batches(
         order, batch_size, shuffle=False, pad_id=models.pad_id(lm), pad_to_multiple=pad_to_multiple
@@ -133,12 +129,11 @@ def score_batches(
     """
     if not pairs:
         return
-    mesh = mesh or data_mesh()
-    n_dev = mesh.devices.size
-    batch_size = n_dev * -(-batch_size // n_dev)
+    mesh = mesh or sharding.make_mesh(devices=jax.local_devices())
+    batch_size = feed.batch_layout(batch_size, batch_size, mesh).rows
     batches = length_batches(lm, pairs, batch_size, pad_to_multiple)
     by_index = {p.index: p for p in pairs}
-    data = NamedSharding(mesh, PartitionSpec("data"))
+    data = NamedSharding(mesh, sharding.BATCH)
     params = jax.device_put(lm.params, NamedSharding(mesh, PartitionSpec()))
 
     def launch(k):

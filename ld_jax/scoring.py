@@ -178,7 +178,7 @@ def score_file(cfg: ScoringConfig, lm=None, progress: bool = True) -> str:
     # On N processes each scores its share on its own devices (no collectives in the kernel);
     # process 0 gathers the rows at the end and writes the file.
     multi = jax.process_count() > 1
-    mine = distributed.process_share(todo, key=_pair_length) if multi else todo
+    mine = distributed.process_share(todo, key=lambda p: p.length) if multi else todo
     new_rows = []
     scoring_start = time.perf_counter()
     with open(partial if main else os.devnull, "a") as f:
@@ -232,10 +232,6 @@ def _resumed_rows(partial: Path, stamp: Path, key: dict) -> list[dict]:
         except ValueError:
             continue
     return rows
-
-
-def _pair_length(p) -> int:
-    return len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
 
 
 # ---------------------------------------------------------------- summary

@@ -33,6 +33,11 @@ class TokenizedPair:
     reward_chosen: float | None = None
     reward_rejected: float | None = None
 
+    @property
+    def length(self) -> int:
+        """Tokens of the pair's longer sequence, prompt included (what a padded row must hold)."""
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
 
 @dataclasses.dataclass
 class FilterReport:

@@ -68,7 +68,7 @@ def make_batches(
         raise LdJaxError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     if ref_logps is not None and np.shape(ref_logps) != (len(pairs), 2):
         raise LdJaxError(f"ref_logps must have shape ({len(pairs)}, 2), got {np.shape(ref_logps)}")
-    longest = max(map(_length, pairs))
+    longest = max(p.length for p in pairs)
     if seq_len is not None and longest > seq_len:
         raise LdJaxError(f"seq_len={seq_len} is shorter than the longest pair ({longest} tokens)")
 
@@ -97,14 +97,9 @@ def steps_per_epoch(num_pairs: int, batch_size: int) -> int:
     return math.ceil(num_pairs / batch_size)
 
 
-def _length(p: TokenizedPair) -> int:
-    """Tokens of the pair's longer sequence, prompt included."""
-    return len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
-
-
 def _padded_length(pairs: Sequence[TokenizedPair], pad_to_multiple: int) -> int:
     """The longest pair's length rounded up to `pad_to_multiple`."""
-    return pad_to_multiple * math.ceil(max(map(_length, pairs)) / pad_to_multiple)
+    return pad_to_multiple * math.ceil(max(p.length for p in pairs) / pad_to_multiple)
 
 
 def collate(
