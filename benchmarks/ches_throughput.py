@@ -39,7 +39,9 @@ from ld_jax import ches, models, scoring
 from ld_jax.data import formatting, preference
 from ld_jax.models import loading
 
-DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "ultrafeedback" / "train.jsonl")
+DATA = str(
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "ultrafeedback" / "train.jsonl"
+)
 MODEL = "smollm2-135m-instruct"
 RESULTS = Path(__file__).parent / "results" / "ches_throughput.json"
 

@@ -30,7 +30,9 @@ def machine() -> dict:
     }
 
 
-def write_rates(result: dict, times: dict[str, list[float]], tokens: int, out: Path, baseline: str = "torch") -> dict:
+def write_rates(
+    result: dict, times: dict[str, list[float]], tokens: int, out: Path, baseline: str = "torch"
+) -> dict:
     """Add each side's timings, median and tokens/s plus `ratio` (ld_jax / baseline) to `result`,
     write it to `out` and print it."""
     for name, ts in times.items():
@@ -40,12 +42,16 @@ def write_rates(result: dict, times: dict[str, list[float]], tokens: int, out: P
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
-    print(f"ld_jax {result['ld_jax']['tokens_per_s']:.1f} tok/s, {baseline} {result[baseline]['tokens_per_s']:.1f} tok/s, "
-          f"ratio {result['ratio']:.2f}x")  # fmt: skip
+    print(
+        f"ld_jax {result['ld_jax']['tokens_per_s']:.1f} tok/s, {baseline} {result[baseline]['tokens_per_s']:.1f} tok/s, "
+        f"ratio {result['ratio']:.2f}x"
+    )
     return result
 
 
-def interleaved_times(sides: dict, warmup: int, repeats: int, desc: str) -> tuple[float, dict[str, list[float]]]:
+def interleaved_times(
+    sides: dict, warmup: int, repeats: int, desc: str
+) -> tuple[float, dict[str, list[float]]]:
     """Time each side `repeats` times, alternating sides so that a change in the machine's load
     hits both alike. The first call of the first side (ld_jax: its compilation) is timed apart
     and returned first; then `warmup` untimed calls of each."""

@@ -36,14 +36,20 @@ from pathlib import Path
 
 import numpy as np
 
-DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "ultrafeedback" / "train.jsonl")
+DATA = str(
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "ultrafeedback" / "train.jsonl"
+)
 MODEL = "smollm2-135m-instruct"
 PAIRS, SEQ, LR, WARMUP = 4, 256, 1e-7, 2
 RESULTS = Path(__file__).parent / "results" / "dpo_step.json"
 # glibc keeps freed memory for reuse instead of unmapping it, so the large per-step temporaries
 # of both XLA and torch are not page-faulted in again every step. Applied to both sides with
 # --malloc-reuse; off by default, because the ld_jax worker then grew to 23 GB (OOM-killed).
-MALLOC_REUSE = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1), "MALLOC_ARENA_MAX": "1"}
+MALLOC_REUSE = {
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1),
+    "MALLOC_ARENA_MAX": "1",
+}
 # glibc asks the kernel for transparent huge pages on its large (mmapped) blocks, so fresh
 # per-step buffers take 512x fewer page faults; applied to both sides with --hugepages.
 HUGEPAGES = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
@@ -55,13 +61,21 @@ def make_batch_file(path: Path) -> None:
     from ld_jax.data import formatting, preference
 
     lm = models.from_pretrained(MODEL)
-    pairs, _ = formatting.tokenize_preferences(preference.load_preferences(DATA, limit=200), lm.tokenizer)
+    pairs, _ = formatting.tokenize_preferences(
+        preference.load_preferences(DATA, limit=200), lm.tokenizer
+    )
     chosen = []
     for p in pairs:
         n = SEQ - len(p.prompt_ids)
         if len(p.prompt_ids) <= SEQ // 2 and min(len(p.chosen_ids), len(p.rejected_ids)) >= n:
-            chosen.append({"index": p.index, "prompt_ids": p.prompt_ids,
-                           "chosen_ids": p.chosen_ids[:n], "rejected_ids": p.rejected_ids[:n]})  # fmt: skip
+            chosen.append(
+                {
+                    "index": p.index,
+                    "prompt_ids": p.prompt_ids,
+                    "chosen_ids": p.chosen_ids[:n],
+                    "rejected_ids": p.rejected_ids[:n],
+                }
+            )
         if len(chosen) == PAIRS:
             break
     path.write_text(json.dumps(chosen))
@@ -95,7 +109,9 @@ def worker_ld_jax(batch_file: Path, steps: int, seq_chunk: int | None, unroll_la
     optimizer = make_optimizer(OptimizerConfig(name="rmsprop", lr=LR))
     state = init_state(params, optimizer)
     state_sh = sharding.tree_shardings(state, mesh, rules)
-    step = compile_step(lm, LossConfig("dpo", beta=0.1), optimizer, mesh, state_sh, batch, seq_chunk)
+    step = compile_step(
+        lm, LossConfig("dpo", beta=0.1), optimizer, mesh, state_sh, batch, seq_chunk
+    )
     device_batch = sharding.put(batch, sharding.batch_shardings(batch, mesh))
     times, losses = [], []
     for _ in range(WARMUP + steps):
@@ -103,9 +119,16 @@ def worker_ld_jax(batch_file: Path, steps: int, seq_chunk: int | None, unroll_la
         state, metrics = step(state, device_batch)
         losses.append(float(metrics["loss"]))  # waits for the step
         times.append(time.perf_counter() - t0)
-    return {"step_s": times[WARMUP:], "warmup_s": times[:WARMUP], "losses": losses,
-            "ref_logps": batch["ref_logps"].tolist(), "tokens_per_step": int(batch["attention_mask"].sum()),
-            "peak_rss_mb": peak_rss_mb(), "seq_chunk": seq_chunk, "unroll_layers": unroll_layers}  # fmt: skip
+    return {
+        "step_s": times[WARMUP:],
+        "warmup_s": times[:WARMUP],
+        "losses": losses,
+        "ref_logps": batch["ref_logps"].tolist(),
+        "tokens_per_step": int(batch["attention_mask"].sum()),
+        "peak_rss_mb": peak_rss_mb(),
+        "seq_chunk": seq_chunk,
+        "unroll_layers": unroll_layers,
+    }
 
 
 def worker_trl(batch_file: Path, steps: int) -> dict:
@@ -120,15 +143,29 @@ def worker_trl(batch_file: Path, steps: int) -> dict:
     model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     rows = json.loads(batch_file.read_text())
-    text = Dataset.from_dict({"prompt": ["a"] * PAIRS, "chosen": ["b"] * PAIRS, "rejected": ["c"] * PAIRS})
+    text = Dataset.from_dict(
+        {"prompt": ["a"] * PAIRS, "chosen": ["b"] * PAIRS, "rejected": ["c"] * PAIRS}
+    )
     with tempfile.TemporaryDirectory() as out:
         args = DPOConfig(
-            output_dir=out, report_to=[], use_cpu=True, bf16=False, per_device_train_batch_size=PAIRS,
-            precompute_ref_log_probs=True, beta=0.1, learning_rate=LR, optim="rmsprop",
-            max_grad_norm=0.0, max_length=None, lr_scheduler_type="constant", disable_tqdm=True,
-        )  # fmt: skip
+            output_dir=out,
+            report_to=[],
+            use_cpu=True,
+            bf16=False,
+            per_device_train_batch_size=PAIRS,
+            precompute_ref_log_probs=True,
+            beta=0.1,
+            learning_rate=LR,
+            optim="rmsprop",
+            max_grad_norm=0.0,
+            max_length=None,
+            lr_scheduler_type="constant",
+            disable_tqdm=True,
+        )
         trainer = DPOTrainer(model=model, args=args, train_dataset=text, processing_class=tokenizer)
-        tokens = Dataset.from_dict({k: [r[k] for r in rows] for k in ("prompt_ids", "chosen_ids", "rejected_ids")})
+        tokens = Dataset.from_dict(
+            {k: [r[k] for r in rows] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+        )
         tokens = trainer._precompute_ref_logps(tokens, "benchmark", PAIRS)
         inputs = trainer.data_collator([tokens[i] for i in range(PAIRS)])
         trainer.create_optimizer()
@@ -142,41 +179,79 @@ def worker_trl(batch_file: Path, steps: int) -> dict:
             losses.append(float(loss))
             times.append(time.perf_counter() - t0)
     ref = torch.stack([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]], 1)
-    return {"step_s": times[WARMUP:], "warmup_s": times[:WARMUP], "losses": losses,
-            "ref_logps": ref.tolist(), "tokens_per_step": int(inputs["attention_mask"].sum()),
-            "peak_rss_mb": peak_rss_mb(), "torch_threads": torch.get_num_threads()}  # fmt: skip
+    return {
+        "step_s": times[WARMUP:],
+        "warmup_s": times[:WARMUP],
+        "losses": losses,
+        "ref_logps": ref.tolist(),
+        "tokens_per_step": int(inputs["attention_mask"].sum()),
+        "peak_rss_mb": peak_rss_mb(),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def run_worker(name: str, batch_file: Path, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", name, "--batch-file", str(batch_file), "--steps", str(args.steps)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        name,
+        "--batch-file",
+        str(batch_file),
+        "--steps",
+        str(args.steps),
+    ]
     if args.seq_chunk:
         cmd += ["--seq-chunk", str(args.seq_chunk)]
     cmd.append("--unroll-layers" if args.unroll_layers else "--no-unroll-layers")
     load_before = os.getloadavg()[0]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(MALLOC_REUSE if args.malloc_reuse else {}),
-           **(HUGEPAGES if args.hugepages else {})}  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        **(MALLOC_REUSE if args.malloc_reuse else {}),
+        **(HUGEPAGES if args.hugepages else {}),
+    }
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode:
         raise SystemExit(f"{name} worker failed:\n{proc.stderr[-3000:]}")
     # The machine may be shared: the 1-minute load average around each side says how much.
-    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "load_1min": [load_before, os.getloadavg()[0]]}
+    return {
+        **json.loads(proc.stdout.strip().splitlines()[-1]),
+        "load_1min": [load_before, os.getloadavg()[0]],
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=8, help="timed steps after 2 warm-up steps")
-    ap.add_argument("--seq-chunk", type=int, default=None, help="ld_jax LM-head chunk (default: none)")
-    ap.add_argument("--malloc-reuse", action="store_true",
-                    help="run both sides with glibc's memory reuse (see MALLOC_REUSE; may exhaust memory)")  # fmt: skip
-    ap.add_argument("--unroll-layers", action=argparse.BooleanOptionalAction, default=True,
-                    help="ld_jax's unroll_layers run option (default: on)")
-    ap.add_argument("--hugepages", action="store_true",
-                    help="run both sides with glibc.malloc.hugetlb=1 (see HUGEPAGES)")
+    ap.add_argument(
+        "--seq-chunk", type=int, default=None, help="ld_jax LM-head chunk (default: none)"
+    )
+    ap.add_argument(
+        "--malloc-reuse",
+        action="store_true",
+        help="run both sides with glibc's memory reuse (see MALLOC_REUSE; may exhaust memory)",
+    )
+    ap.add_argument(
+        "--unroll-layers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ld_jax's unroll_layers run option (default: on)",
+    )
+    ap.add_argument(
+        "--hugepages",
+        action="store_true",
+        help="run both sides with glibc.malloc.hugetlb=1 (see HUGEPAGES)",
+    )
     ap.add_argument("--worker", choices=["ld_jax", "trl"])
     ap.add_argument("--batch-file", type=Path)
     args = ap.parse_args()
     if args.worker == "ld_jax":
-        print(json.dumps(worker_ld_jax(args.batch_file, args.steps, args.seq_chunk, args.unroll_layers)))
+        print(
+            json.dumps(
+                worker_ld_jax(args.batch_file, args.steps, args.seq_chunk, args.unroll_layers)
+            )
+        )
         return
     if args.worker == "trl":
         print(json.dumps(worker_trl(args.batch_file, args.steps)))
@@ -200,20 +275,31 @@ def main() -> None:
         "ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
         "ld_jax": ours,
         "trl_dpo_trainer": theirs,
-        "malloc_env_both_sides": {**(MALLOC_REUSE if args.malloc_reuse else {}),
-                                  **(HUGEPAGES if args.hugepages else {})} or None,
-        "same_tokens_check": {"max_ref_logp_diff": ref_diff,
-                              "step1_loss": [ours["losses"][0], theirs["losses"][0]]},  # fmt: skip
+        "malloc_env_both_sides": {
+            **(MALLOC_REUSE if args.malloc_reuse else {}),
+            **(HUGEPAGES if args.hugepages else {}),
+        }
+        or None,
+        "same_tokens_check": {
+            "max_ref_logp_diff": ref_diff,
+            "step1_loss": [ours["losses"][0], theirs["losses"][0]],
+        },
         "machine": {
-            "cpu_cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "jax": jax.__version__, "torch": torch.__version__, "trl": trl.__version__,
-        },  # fmt: skip
+            "cpu_cores": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+            "torch": torch.__version__,
+            "trl": trl.__version__,
+        },
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2))
-    print(f"ld_jax {ours['tokens_per_s']:.0f} tok/s (peak RSS {ours['peak_rss_mb']:.0f} MB), "
-          f"TRL {theirs['tokens_per_s']:.0f} tok/s (peak RSS {theirs['peak_rss_mb']:.0f} MB), "
-          f"ratio {result['ratio']:.2f}; ref log-probs agree to {ref_diff:.1e}")  # fmt: skip
+    print(
+        f"ld_jax {ours['tokens_per_s']:.0f} tok/s (peak RSS {ours['peak_rss_mb']:.0f} MB), "
+        f"TRL {theirs['tokens_per_s']:.0f} tok/s (peak RSS {theirs['peak_rss_mb']:.0f} MB), "
+        f"ratio {result['ratio']:.2f}; ref log-probs agree to {ref_diff:.1e}"
+    )
 
 
 if __name__ == "__main__":

@@ -73,13 +73,22 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     with jax.enable_x64(True):
-        settings = {name: bench_setting(name, args.instances, args.repeats, args.seed) for name in verify.SETTINGS}
-    total = {k: sum(float(np.median(s["seconds"][k])) for s in settings.values()) for k in ("vmapped", "loop")}
+        settings = {
+            name: bench_setting(name, args.instances, args.repeats, args.seed)
+            for name in verify.SETTINGS
+        }
+    total = {
+        k: sum(float(np.median(s["seconds"][k])) for s in settings.values())
+        for k in ("vmapped", "loop")
+    }
     n = args.instances * len(settings)
     result = {
         "benchmark": "flow verification throughput (integrate + closed forms vs autodiff at 8 points)",
         "ratio": total["loop"] / total["vmapped"],
-        "instances_per_s": {"ld_jax_vmapped": n / total["vmapped"], "baseline_loop": n / total["loop"]},
+        "instances_per_s": {
+            "ld_jax_vmapped": n / total["vmapped"],
+            "baseline_loop": n / total["loop"],
+        },
         "settings": settings,
         "args": vars(args),
         "machine": {
@@ -96,10 +105,14 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
     for name, s in settings.items():
-        print(f"{name:>13}: vmapped {s['instances_per_s']['vmapped']:9.1f} inst/s, "
-              f"loop {s['instances_per_s']['loop']:8.1f} inst/s, ratio {s['ratio']:.1f}")  # fmt: skip
-    print(f"all settings: ld_jax vmapped {result['instances_per_s']['ld_jax_vmapped']:.1f} inst/s vs "
-          f"loop {result['instances_per_s']['baseline_loop']:.1f} inst/s; ratio {result['ratio']:.1f} -> {RESULTS}")  # fmt: skip
+        print(
+            f"{name:>13}: vmapped {s['instances_per_s']['vmapped']:9.1f} inst/s, "
+            f"loop {s['instances_per_s']['loop']:8.1f} inst/s, ratio {s['ratio']:.1f}"
+        )
+    print(
+        f"all settings: ld_jax vmapped {result['instances_per_s']['ld_jax_vmapped']:.1f} inst/s vs "
+        f"loop {result['instances_per_s']['baseline_loop']:.1f} inst/s; ratio {result['ratio']:.1f} -> {RESULTS}"
+    )
 
 
 if __name__ == "__main__":

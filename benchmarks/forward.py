@@ -20,9 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM
-
 from common import interleaved_times, machine, write_rates
+from transformers import AutoModelForCausalLM
 
 from ld_jax import models
 from ld_jax.models import loading
@@ -40,7 +39,9 @@ def main() -> None:
     args = parser.parse_args()
 
     lm = models.from_pretrained(MODEL)
-    ref = AutoModelForCausalLM.from_pretrained(str(loading.resolve(MODEL)), dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(
+        str(loading.resolve(MODEL)), dtype=torch.float32
+    ).eval()
     rng = np.random.default_rng(0)
     ids = rng.integers(0, lm.config.vocab_size, (args.batch, args.seq)).astype(np.int32)
     mask = np.ones_like(ids)

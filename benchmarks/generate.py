@@ -21,9 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import jax
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM
-
 from common import interleaved_times, machine, write_rates
+from transformers import AutoModelForCausalLM
 
 from ld_jax import generate, models
 from ld_jax.generate import SamplingConfig
@@ -48,14 +47,18 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 
     lm = models.from_pretrained(MODEL)
-    ref = AutoModelForCausalLM.from_pretrained(str(loading.resolve(MODEL)), dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(
+        str(loading.resolve(MODEL)), dtype=torch.float32
+    ).eval()
     tok = lm.tokenizer
     encoded = tok(generate.format_prompts(tok, PROMPTS), add_special_tokens=False)["input_ids"]
     pad = models.pad_id(lm)
@@ -68,14 +71,19 @@ def main() -> None:
     outputs = {}
 
     def run_jax():
-        outputs["ld_jax"] = np.asarray(jax.block_until_ready(generate.sample_batch(lm, ids, mask, sampling).tokens))
+        outputs["ld_jax"] = np.asarray(
+            jax.block_until_ready(generate.sample_batch(lm, ids, mask, sampling).tokens)
+        )
 
     def run_torch():
         with torch.inference_mode():
             out = ref.generate(
-                input_ids=torch_ids, attention_mask=torch_mask, generation_config=hf_config,
-                max_new_tokens=args.new, do_sample=False,
-            )  # fmt: skip
+                input_ids=torch_ids,
+                attention_mask=torch_mask,
+                generation_config=hf_config,
+                max_new_tokens=args.new,
+                do_sample=False,
+            )
         outputs["torch"] = out[:, ids.shape[1] :].numpy()
 
     sides = {"ld_jax": run_jax, "torch": run_torch}

@@ -25,7 +25,9 @@ def read(name):
 
 def smollm2_sample():
     rows = read("judge_labels_smollm2.jsonl")
-    verdicts = judge.build_judge(judge.JudgeConfig())([r["last_human"] for r in rows], [r["response"] for r in rows])
+    verdicts = judge.build_judge(judge.JudgeConfig())(
+        [r["last_human"] for r in rows], [r["response"] for r in rows]
+    )
     labels = [r["label"] for r in rows]
     clear = [i for i, r in enumerate(rows) if r["clear"]]
     return {
@@ -35,16 +37,24 @@ def smollm2_sample():
         "clear_only": judge.agreement([verdicts[i] for i in clear], [labels[i] for i in clear]),
         "judge": judge.summarize(verdicts),
         "mistakes": [
-            {"index": i, "hand": labels[i], "judge": verdicts[i].label, "matched": verdicts[i].raw,
-             "response": rows[i]["response"][:160]}
-            for i in range(len(rows)) if verdicts[i].label != labels[i]
-        ],  # fmt: skip
+            {
+                "index": i,
+                "hand": labels[i],
+                "judge": verdicts[i].label,
+                "matched": verdicts[i].raw,
+                "response": rows[i]["response"][:160],
+            }
+            for i in range(len(rows))
+            if verdicts[i].label != labels[i]
+        ],
     }
 
 
 def main():
     rows = read("judge_labels.jsonl")
-    verdicts = judge.build_judge(judge.JudgeConfig())([r["last_human"] for r in rows], [r["response"] for r in rows])
+    verdicts = judge.build_judge(judge.JudgeConfig())(
+        [r["last_human"] for r in rows], [r["response"] for r in rows]
+    )
     labels = [r["label"] for r in rows]
     clear = [i for i, r in enumerate(rows) if r["clear"]]
     by_role = {}
@@ -59,10 +69,12 @@ def main():
     pairs = {}
     for i, r in enumerate(rows):
         pairs.setdefault(r["row"], {})[r["role"]] = i
+
     def refusal_is_chosen(is_refusal):
         split = [(is_refusal(p["chosen"]), is_refusal(p["rejected"])) for p in pairs.values()]
         one = [c for c, rj in split if c != rj]
         return {"pairs_with_one_refusal": len(one), "refusal_is_chosen": sum(one)}
+
     result = {
         "n": len(rows),
         "hand_refusals": labels.count("refusal"),
@@ -72,16 +84,29 @@ def main():
         "pairs_hand": refusal_is_chosen(lambda i: labels[i] == "refusal"),
         "pairs_judge": refusal_is_chosen(lambda i: verdicts[i].label == "refusal"),
         "mistakes": [
-            {"index": i, "role": rows[i]["role"], "hand": labels[i], "judge": verdicts[i].label,
-             "matched": verdicts[i].raw, "response": rows[i]["response"][:160]}
-            for i in range(len(rows)) if verdicts[i].label != labels[i]
-        ],  # fmt: skip
+            {
+                "index": i,
+                "role": rows[i]["role"],
+                "hand": labels[i],
+                "judge": verdicts[i].label,
+                "matched": verdicts[i].raw,
+                "response": rows[i]["response"][:160],
+            }
+            for i in range(len(rows))
+            if verdicts[i].label != labels[i]
+        ],
         "smollm2": smollm2_sample(),
     }
     out = ROOT / "benchmarks/results/judge_agreement.json"
     out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    print(json.dumps({k: result[k] for k in ("all", "clear_only", "pairs_hand", "pairs_judge")}, indent=1))
-    print({role: (v["hand_refusal_rate"], v["judge"]["refusal_rate"]) for role, v in by_role.items()})
+    print(
+        json.dumps(
+            {k: result[k] for k in ("all", "clear_only", "pairs_hand", "pairs_judge")}, indent=1
+        )
+    )
+    print(
+        {role: (v["hand_refusal_rate"], v["judge"]["refusal_rate"]) for role, v in by_role.items()}
+    )
     for m in result["mistakes"]:
         print(m)
     print("smollm2:", json.dumps({k: result["smollm2"][k] for k in ("all", "clear_only", "judge")}))

@@ -23,7 +23,6 @@ import statistics
 from pathlib import Path
 
 import numpy as np
-
 from common import interleaved_times, machine
 
 RESULTS = Path(__file__).parent / "results" / "matmul_peak.json"
@@ -67,10 +66,13 @@ def bounds(result: dict) -> dict:
     go at each framework's measured rates, against the committed TRL step time."""
     flops = sum(3 * 2 * m * k * n * times for _, m, k, n, times in SHAPES)
     secs = {
-        side: sum(3 * 2 * m * k * n * times / (result["shapes"][name][side]["gflops"] * 1e9)
-                  for name, m, k, n, times in SHAPES if times)
+        side: sum(
+            3 * 2 * m * k * n * times / (result["shapes"][name][side]["gflops"] * 1e9)
+            for name, m, k, n, times in SHAPES
+            if times
+        )
         for side in ("xla", "torch")
-    }  # fmt: skip
+    }
     out = {"step_matmul_tflop": flops / 1e12, "step_matmul_s": secs}
     dpo = Path(__file__).parent / "results" / "dpo_step.json"
     if dpo.is_file():
@@ -90,17 +92,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    result = {"benchmark": "float32 matmul rates, XLA vs PyTorch, CPU", "machine": machine(), "shapes": {}}
+    result = {
+        "benchmark": "float32 matmul rates, XLA vs PyTorch, CPU",
+        "machine": machine(),
+        "shapes": {},
+    }
     for name, m, k, n, times in SHAPES:
         _, ts = interleaved_times(sides(m, k, n), warmup=1, repeats=args.repeats, desc=name)
         flop = 3 * 2 * m * k * n
         result["shapes"][name] = {"m": m, "k": k, "n": n, "per_step": times} | {
-            side: {"times_s": t, "median_s": statistics.median(t), "gflops": flop / statistics.median(t) / 1e9}
+            side: {
+                "times_s": t,
+                "median_s": statistics.median(t),
+                "gflops": flop / statistics.median(t) / 1e9,
+            }
             for side, t in ts.items()
         }
     result["bounds"] = bounds(result)
     secs = result["bounds"]["step_matmul_s"]
-    rate = {side: result["bounds"]["step_matmul_tflop"] * 1e3 / s for side, s in secs.items()}  # GFLOP/s
+    rate = {
+        side: result["bounds"]["step_matmul_tflop"] * 1e3 / s for side, s in secs.items()
+    }  # GFLOP/s
     result["step_mix_gflops"] = rate
     result["ratio"] = rate["xla"] / rate["torch"]
     result["machine"]["load_average_after"] = machine()["load_average"]
@@ -108,8 +120,12 @@ def main() -> None:
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     for name, *_ in SHAPES:
         r = result["shapes"][name]
-        print(f"{name:12s} XLA {r['xla']['gflops']:6.1f} GFLOP/s   torch {r['torch']['gflops']:6.1f} GFLOP/s")
-    print(f"step mix: XLA {rate['xla']:.1f}, torch {rate['torch']:.1f} GFLOP/s, ratio {result['ratio']:.2f}")
+        print(
+            f"{name:12s} XLA {r['xla']['gflops']:6.1f} GFLOP/s   torch {r['torch']['gflops']:6.1f} GFLOP/s"
+        )
+    print(
+        f"step mix: XLA {rate['xla']:.1f}, torch {rate['torch']:.1f} GFLOP/s, ratio {result['ratio']:.2f}"
+    )
     print(json.dumps(result["bounds"], indent=2))
 
 

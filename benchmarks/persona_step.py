@@ -34,7 +34,9 @@ from ld_jax.losses import LossConfig
 from ld_jax.train.optim import OptimizerConfig
 
 MODEL = "smollm2-135m-instruct"
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "persona" / "ends-justify-means.jsonl"
+DATA = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "persona" / "ends-justify-means.jsonl"
+)
 
 
 def timed(fn, steps: int) -> dict:
@@ -48,20 +50,38 @@ def timed(fn, steps: int) -> dict:
         fn()
         wall.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
-    return {"first_call_s": compile_s, "wall_s": wall, "cpu_s": cpu, "median_wall_s": float(np.median(wall))}
+    return {
+        "first_call_s": compile_s,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "median_wall_s": float(np.median(wall)),
+    }
 
 
 def batch_for(lm, ids: list[int], y_pos: int, y_neg: int) -> dict:
     ids = np.asarray(ids, np.int32)
     mask = np.ones_like(ids)
-    logp0, _ = jax.jit(lambda p: persona_step.last_position_logprobs(lm, p, ids, mask, len(ids) - 1))(lm.params)
-    return {"ids": ids, "mask": mask, "last": np.int32(len(ids) - 1), "y_pos": y_pos, "y_neg": y_neg,
-            "ref_pos": logp0[y_pos], "ref_neg": logp0[y_neg], "p0": jnp.exp(logp0),
-            "watch": np.array([y_pos, y_neg], np.int32), "lr": np.float32(1e-6)}
+    logp0, _ = jax.jit(
+        lambda p: persona_step.last_position_logprobs(lm, p, ids, mask, len(ids) - 1)
+    )(lm.params)
+    return {
+        "ids": ids,
+        "mask": mask,
+        "last": np.int32(len(ids) - 1),
+        "y_pos": y_pos,
+        "y_neg": y_neg,
+        "ref_pos": logp0[y_pos],
+        "ref_neg": logp0[y_neg],
+        "p0": jnp.exp(logp0),
+        "watch": np.array([y_pos, y_neg], np.int32),
+        "lr": np.float32(1e-6),
+    }
 
 
 def bench_ours(lm, batch, steps):
-    opt, step, _, _ = persona_step.make_run_fns(lm, LossConfig(), OptimizerConfig(lr=1.0), track_k=10)
+    opt, step, _, _ = persona_step.make_run_fns(
+        lm, LossConfig(), OptimizerConfig(lr=1.0), track_k=10
+    )
     state = {"params": jax.tree.map(jnp.copy, lm.params)}
     state["opt"] = opt.init(state["params"])
 
@@ -73,7 +93,9 @@ def bench_ours(lm, batch, steps):
 
 
 def bench_vmapped(lm, batch, steps, runs):
-    opt, step, _, _ = persona_step.make_run_fns(lm, LossConfig(), OptimizerConfig(lr=1.0), track_k=10)
+    opt, step, _, _ = persona_step.make_run_fns(
+        lm, LossConfig(), OptimizerConfig(lr=1.0), track_k=10
+    )
     vstep = jax.jit(jax.vmap(step.__wrapped__), donate_argnums=(0, 1))
     params = jax.tree.map(lambda x: jnp.tile(x[None], (runs,) + (1,) * x.ndim), lm.params)
     state = {"params": params, "opt": jax.vmap(opt.init)(params)}
@@ -91,7 +113,9 @@ def bench_vmapped(lm, batch, steps, runs):
 def bench_torch(ids: list[int], y_pos: int, y_neg: int, steps: int):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(models.loading.resolve(MODEL)), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(models.loading.resolve(MODEL)), dtype=torch.float32
+    )
     opt = torch.optim.RMSprop(model.parameters(), lr=1e-6)
     x = torch.tensor([ids])
     with torch.no_grad():
@@ -125,7 +149,9 @@ def main():
     results = {"ours": bench_ours(lm, batch, args.steps)}
     print(f"ours (plain jitted step):  {results['ours']['median_wall_s']:.2f} s/step")
     results["vmapped"] = bench_vmapped(lm, batch, args.steps, args.runs)
-    print(f"vmapped over {args.runs} runs:       {results['vmapped']['per_run_median_wall_s']:.2f} s/run-step")
+    print(
+        f"vmapped over {args.runs} runs:       {results['vmapped']['per_run_median_wall_s']:.2f} s/run-step"
+    )
     results["baseline_torch"] = bench_torch(ids, y_pos, y_neg, args.steps)
     print(f"PyTorch + transformers:    {results['baseline_torch']['median_wall_s']:.2f} s/step")
 
@@ -133,11 +159,22 @@ def main():
     vmap_ratio = results["vmapped"]["per_run_median_wall_s"] / results["ours"]["median_wall_s"]
     print(f"ratio (PyTorch / ours): {ratio:.2f}x; vmapped / plain per run-step: {vmap_ratio:.2f}")
     out = {
-        "benchmark": "persona_step", "model": MODEL, "prompt_tokens": len(ids), "steps": args.steps,
-        "ratio": ratio, "vmapped_over_plain_per_run_step": vmap_ratio, **results,
-        "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
-                    "jax": jax.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                    "load_average_at_end": os.getloadavg()},
+        "benchmark": "persona_step",
+        "model": MODEL,
+        "prompt_tokens": len(ids),
+        "steps": args.steps,
+        "ratio": ratio,
+        "vmapped_over_plain_per_run_step": vmap_ratio,
+        **results,
+        "machine": {
+            "cores": os.cpu_count(),
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "jax": jax.__version__,
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "load_average_at_end": os.getloadavg(),
+        },
     }
     path = Path(__file__).parent / "results" / "persona_step.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ holds a response token, which is how `score_positions` finds them on either padd
 from __future__ import annotations
 
 import functools
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -103,9 +103,7 @@ def length_batches(lm, pairs: Sequence[TokenizedPair], batch_size: int, pad_to_m
     """Pairs longest first, in padded batches of `ld_jax.data.pipeline`'s layout: neighbours in
     length share a batch, whose length is its longest pair rounded up to `pad_to_multiple`
     (which also bounds the number of shapes the kernel compiles for). -> grain.MapDataset."""
-    order = sorted(
-        pairs, key=lambda p: -p.length
-    )
+    order = sorted(pairs, key=lambda p: -p.length)
     return make_batches(
         order, batch_size, shuffle=False, pad_id=models.pad_id(lm), pad_to_multiple=pad_to_multiple
     )
@@ -159,8 +157,13 @@ def score_batches(
     bar.close()
 
 
-def score_pairs(lm, pairs: Sequence[TokenizedPair], batch_size: int = 8, mesh: Mesh | None = None,
-                progress: bool = False) -> dict[str, np.ndarray]:  # fmt: skip
+def score_pairs(
+    lm,
+    pairs: Sequence[TokenizedPair],
+    batch_size: int = 8,
+    mesh: Mesh | None = None,
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
     """Every score of `pairs`, in memory: dict of `[len(pairs)]` arrays in `pairs` order, the
     SCORE_KEYS plus len_chosen and len_rejected (the number of states each sum covers)."""
     position = {p.index: k for k, p in enumerate(pairs)}

@@ -55,9 +55,13 @@ def _config_flags(args, names: dict[str, str]) -> list[str]:
 
 
 _DATA_FLAGS = {
-    "data": "data", "out": "out", "split": "split", "prompt_column": "columns.prompt",
-    "chosen_column": "columns.chosen", "rejected_column": "columns.rejected",
-}  # fmt: skip
+    "data": "data",
+    "out": "out",
+    "split": "split",
+    "prompt_column": "columns.prompt",
+    "chosen_column": "columns.chosen",
+    "rejected_column": "columns.rejected",
+}
 
 
 def _add_data_flags(p) -> None:
@@ -80,7 +84,12 @@ def _add_ches(sub) -> None:
     p.add_argument("--template", choices=["auto", "chat", "plain"], help="default auto")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="sums are fp32 (float32)")
     p.add_argument("--limit", type=int, help="score only the first N samples")
-    p.add_argument("--resume", action="store_true", default=None, help="continue the <out>.partial file of a killed run")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        default=None,
+        help="continue the <out>.partial file of a killed run",
+    )
     p.set_defaults(func=_ches)
 
 
@@ -121,11 +130,21 @@ def _filter(args) -> int:
 
 def _add_train(sub) -> None:
     p = _config_command(
-        sub, "train", "preference training (DPO, IPO, ...) with metrics, checkpoints and resume",
-        "YAML file of TrainConfig, e.g. configs/dpo_tiny_cpu.yaml", "optimizer.lr=1e-6 loss.name=ipo", _train,
-    )  # fmt: skip
-    p.add_argument("--force-resume", action="store_true", help="resume a checkpoint written with another config")
-    p.add_argument("--strict-batch", action="store_true", help="error if batch_size needs padding rows")
+        sub,
+        "train",
+        "preference training (DPO, IPO, ...) with metrics, checkpoints and resume",
+        "YAML file of TrainConfig, e.g. configs/dpo_tiny_cpu.yaml",
+        "optimizer.lr=1e-6 loss.name=ipo",
+        _train,
+    )
+    p.add_argument(
+        "--force-resume",
+        action="store_true",
+        help="resume a checkpoint written with another config",
+    )
+    p.add_argument(
+        "--strict-batch", action="store_true", help="error if batch_size needs padding rows"
+    )
 
 
 def _train(args) -> int:
@@ -148,10 +167,18 @@ def _train(args) -> int:
 
 
 def _add_plan(sub) -> None:
-    p = sub.add_parser("plan", help="per-device memory, FLOPs per step and MFU of a training config (shapes only)")
-    p.add_argument("--config", required=True, help="YAML file of TrainConfig, e.g. configs/paper/dpo_llama3_8b_v5p32.yaml")
+    p = sub.add_parser(
+        "plan", help="per-device memory, FLOPs per step and MFU of a training config (shapes only)"
+    )
+    p.add_argument(
+        "--config",
+        required=True,
+        help="YAML file of TrainConfig, e.g. configs/paper/dpo_llama3_8b_v5p32.yaml",
+    )
     p.add_argument("--chip", help="v5e, v5p, h100 or h200: peak FLOP/s and memory per device")
-    p.add_argument("--step-time", type=float, metavar="SECONDS", help="a measured step time: prints its MFU")
+    p.add_argument(
+        "--step-time", type=float, metavar="SECONDS", help="a measured step time: prints its MFU"
+    )
     p.add_argument("--devices", type=int, help="device count, when the config's mesh has a -1 size")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. mesh.data=4 mesh.fsdp=8")
     p.set_defaults(func=_plan)
@@ -183,7 +210,9 @@ def _persona(args) -> int:
     from ld_jax.experiments import persona
 
     cfg = load_config(persona.PersonaConfig, args.config, args.overrides)
-    return _print_experiment(persona.run_persona(cfg), ("table1_md",), "tables, plots and results.json", cfg.out_dir)
+    return _print_experiment(
+        persona.run_persona(cfg), ("table1_md",), "tables, plots and results.json", cfg.out_dir
+    )
 
 
 def _percentiles(args) -> int:
@@ -201,47 +230,74 @@ def _unalign(args) -> int:
 
     cfg = load_config(unalign.UnalignConfig, args.config, args.overrides)
     outputs = "results.json, table.md, pair_types.md, figure3.png, figure4.png and examples.md"
-    return _print_experiment(unalign.run_unalign(cfg), ("table_md", "pair_types_md"), outputs, cfg.out_dir)
+    return _print_experiment(
+        unalign.run_unalign(cfg), ("table_md", "pair_types_md"), outputs, cfg.out_dir
+    )
 
 
 def _add_persona(sub) -> None:
     _config_command(
-        sub, "persona", "E1: likelihood displacement with single-token responses (paper Table 1)",
-        "YAML file of PersonaConfig, e.g. configs/persona_demo.yaml", "seeds=10 loss.name=ipo out_dir=results/x", _persona,
-    )  # fmt: skip
+        sub,
+        "persona",
+        "E1: likelihood displacement with single-token responses (paper Table 1)",
+        "YAML file of PersonaConfig, e.g. configs/persona_demo.yaml",
+        "seeds=10 loss.name=ipo out_dir=results/x",
+        _persona,
+    )
 
 
 def _add_percentiles(sub) -> None:
     _config_command(
-        sub, "percentiles", "E2: train on percentile windows of CHES / edit distance / last-hidden IP (paper Figure 2)",
+        sub,
+        "percentiles",
+        "E2: train on percentile windows of CHES / edit distance / last-hidden IP (paper Figure 2)",
         "YAML file of PercentilesConfig, e.g. configs/percentiles_smollm2_ultrafeedback.yaml",
-        "window=8 seeds=1 loss.name=ipo out_dir=results/x", _percentiles,
-    )  # fmt: skip
+        "window=8 seeds=1 loss.name=ipo out_dir=results/x",
+        _percentiles,
+    )
 
 
 def _add_unalign(sub) -> None:
     _config_command(
-        sub, "unalign", "E3: unalignment from on-policy refusal data; SFT term vs CHES filtering (paper Figure 3)",
-        "YAML file of UnalignConfig, e.g. configs/unalign_smollm2.yaml", "n_prompts=100 loss.name=ipo out_dir=results/x",
+        sub,
+        "unalign",
+        "E3: unalignment from on-policy refusal data; SFT term vs CHES filtering (paper Figure 3)",
+        "YAML file of UnalignConfig, e.g. configs/unalign_smollm2.yaml",
+        "n_prompts=100 loss.name=ipo out_dir=results/x",
         _unalign,
-    )  # fmt: skip
+    )
 
 
 def _add_flow(sub) -> None:
-    p = sub.add_parser("flow", help="unconstrained features gradient flow: verify the theorems, simulate scenarios")
+    p = sub.add_parser(
+        "flow", help="unconstrained features gradient flow: verify the theorems, simulate scenarios"
+    )
     fsub = p.add_subparsers(dest="flow_command", required=True)
-    v = fsub.add_parser("verify", help="closed forms of Theorems 4-9 and Propositions 1-2 against autodiff")
+    v = fsub.add_parser(
+        "verify", help="closed forms of Theorems 4-9 and Propositions 1-2 against autodiff"
+    )
     v.add_argument("--instances", type=int, default=1000, help="random instances per theorem")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--horizon", type=float, default=0.3, help="flow length in units of 1/|l'(0)|")
     v.add_argument("--out", default="results/flow", help="directory for verify.json and verify.md")
-    v.add_argument("--no-claims", action="store_true", help="skip the qualitative claims and the GD table")
-    v.add_argument("--tol", type=float, default=1e-8, help="max relative error of every closed form; exit 2 if missed")
+    v.add_argument(
+        "--no-claims", action="store_true", help="skip the qualitative claims and the GD table"
+    )
+    v.add_argument(
+        "--tol",
+        type=float,
+        default=1e-8,
+        help="max relative error of every closed form; exit 2 if missed",
+    )
     v.set_defaults(func=_flow_verify)
     _config_command(
-        fsub, "simulate", "integrate one scenario and plot ln pi(y+), ln pi(y-), top gainers",
-        "YAML file of SimulateConfig, e.g. configs/flow_no_vs_never.yaml", "t1=200 loss.name=ipo", _flow_simulate,
-    )  # fmt: skip
+        fsub,
+        "simulate",
+        "integrate one scenario and plot ln pi(y+), ln pi(y-), top gainers",
+        "YAML file of SimulateConfig, e.g. configs/flow_no_vs_never.yaml",
+        "t1=200 loss.name=ipo",
+        _flow_simulate,
+    )
 
 
 def _flow_verify(args) -> int:
@@ -249,7 +305,14 @@ def _flow_verify(args) -> int:
 
     if args.instances < 1 or args.horizon <= 0:
         raise LdJaxError("--instances must be >= 1 and --horizon > 0")
-    verify.run(args.instances, args.seed, args.horizon, args.out, with_claims=not args.no_claims, tol=args.tol)
+    verify.run(
+        args.instances,
+        args.seed,
+        args.horizon,
+        args.out,
+        with_claims=not args.no_claims,
+        tol=args.tol,
+    )
     return 0
 
 
@@ -259,12 +322,24 @@ def _flow_simulate(args) -> int:
 
     cfg = load_config(SimulateConfig, args.config, args.overrides)
     result = simulate(cfg)
-    print(f"top gaining tokens: {', '.join(result['top_gainers'])}; trajectory.json, summary.md, flow.png in {cfg.out_dir}/")
+    print(
+        f"top gaining tokens: {', '.join(result['top_gainers'])}; trajectory.json, summary.md, flow.png in {cfg.out_dir}/"
+    )
     return 0
 
 
 # Subcommands register here, in the order `ld-jax --help` lists them.
-_REGISTRY = [_add_models, _add_ches, _add_filter, _add_train, _add_plan, _add_persona, _add_percentiles, _add_unalign, _add_flow]
+_REGISTRY = [
+    _add_models,
+    _add_ches,
+    _add_filter,
+    _add_train,
+    _add_plan,
+    _add_persona,
+    _add_percentiles,
+    _add_unalign,
+    _add_flow,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -61,7 +61,9 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"invalid config{' at ' + where.rstrip('.') if where else ''}: {e}") from e
+        raise ConfigError(
+            f"invalid config{' at ' + where.rstrip('.') if where else ''}: {e}"
+        ) from e
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -20,7 +20,11 @@ def pairs_digest(pairs) -> str:
     limit) and of their record indices. Streams bytes: cheap for tens of thousands of pairs."""
     h = hashlib.blake2b(digest_size=8)
     for p in pairs:
-        h.update(np.asarray([p.index, -3, *p.prompt_ids, -1, *p.chosen_ids, -1, *p.rejected_ids, -2], np.int64).tobytes())
+        h.update(
+            np.asarray(
+                [p.index, -3, *p.prompt_ids, -1, *p.chosen_ids, -1, *p.rejected_ids, -2], np.int64
+            ).tobytes()
+        )
     return h.hexdigest()
 
 

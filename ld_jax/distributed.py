@@ -77,7 +77,11 @@ def gather_rows(rows: list[dict]) -> list[dict]:
     padded = np.zeros(int(sizes.max()), np.uint8)
     padded[: data.size] = data
     gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
-    return [row for blob, n in zip(gathered, sizes.reshape(-1)) for row in json.loads(blob[:n].tobytes())]
+    return [
+        row
+        for blob, n in zip(gathered, sizes.reshape(-1))
+        for row in json.loads(blob[:n].tobytes())
+    ]
 
 
 def process_share(items: list, key=None) -> list:

@@ -198,11 +198,18 @@ def format_prompts(tokenizer, prompts: Sequence, template: str = "auto") -> list
         if not all(isinstance(p, str) for p in prompts):
             raise LdJaxError("template 'plain' takes string prompts, not message lists")
         return list(prompts)
-    messages = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
-    return [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
+    messages = [
+        [{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts
+    ]
+    return [
+        tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+        for m in messages
+    ]
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(
+    rows: Sequence[Sequence[int]], pad_id: int, multiple: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     """Token lists -> (input_ids, attention_mask) [len(rows), L] int32, left-padded, with L the
     longest row rounded up to `multiple`."""
     if not rows or any(len(r) == 0 for r in rows):
@@ -217,7 +224,12 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, multiple: int = 1) -> t
 
 
 def generate_text(
-    lm, prompts: Sequence, sampling: SamplingConfig, template: str = "auto", num_samples: int = 1, progress: str | None = None
+    lm,
+    prompts: Sequence,
+    sampling: SamplingConfig,
+    template: str = "auto",
+    num_samples: int = 1,
+    progress: str | None = None,
 ) -> list[Sample]:
     """Sample `num_samples` responses per prompt; returns them prompt-major.
 
@@ -229,7 +241,9 @@ def generate_text(
         raise LdJaxError("generate_text needs a model directory with a tokenizer")
     texts = format_prompts(tok, prompts, template)
     # Chat templates write their own special tokens (BOS included); plain prompts get the defaults.
-    special = not (template == "chat" or (template == "auto" and getattr(tok, "chat_template", None)))
+    special = not (
+        template == "chat" or (template == "auto" and getattr(tok, "chat_template", None))
+    )
     encoded = [list(ids) for ids in tok(texts, add_special_tokens=special)["input_ids"]]
     rows = [(p, s) for p in range(len(prompts)) for s in range(num_samples)]
     key, out = jax.random.PRNGKey(sampling.seed), []
@@ -237,7 +251,9 @@ def generate_text(
     for c, start in enumerate(tqdm(starts, desc=progress, unit="batch", disable=progress is None)):
         chunk = rows[start : start + sampling.batch_size]
         filled = chunk + [chunk[0]] * (sampling.batch_size - len(chunk))
-        ids, mask = left_pad([encoded[p] for p, _ in filled], models.pad_id(lm), sampling.pad_prompts_to)
+        ids, mask = left_pad(
+            [encoded[p] for p, _ in filled], models.pad_id(lm), sampling.pad_prompts_to
+        )
         gen = jax.device_get(sample_batch(lm, ids, mask, sampling, jax.random.fold_in(key, c)))
         for i, (p, s) in enumerate(chunk):
             token_ids = tuple(int(t) for t in gen.tokens[i, : gen.lengths[i]])

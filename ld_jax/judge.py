@@ -73,7 +73,7 @@ class PhraseJudge:
     window: int | None = None
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "PhraseJudge":
+    def from_file(cls, path: str | Path) -> PhraseJudge:
         data = _read_yaml(path)
         phrases = data.get("phrases")
         if not phrases or not all(isinstance(p, str) and p.strip() for p in phrases):
@@ -106,7 +106,7 @@ class JudgePrompt:
     classes: dict[int, str]
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "JudgePrompt":
+    def from_file(cls, path: str | Path) -> JudgePrompt:
         data = _read_yaml(path)
         if "{question}" not in data.get("template", "") or "{answer}" not in data["template"]:
             raise LdJaxError(f"{path}: 'template' needs {{question}} and {{answer}} fields")
@@ -114,12 +114,18 @@ class JudgePrompt:
         for name, table in tables.items():
             if set(map(str, table.values())) - set(VERDICTS[:2]):
                 raise LdJaxError(f"{path}: '{name}' values must be refusal or compliance")
-        return cls(data["template"], {str(k): v for k, v in tables["scores"].items()}, {int(k): v for k, v in tables["classes"].items()})
+        return cls(
+            data["template"],
+            {str(k): v for k, v in tables["scores"].items()},
+            {int(k): v for k, v in tables["classes"].items()},
+        )
 
     def render(self, tokenizer, prompt: str, response: str, max_chars: int) -> str:
         text = self.template.format(question=prompt, answer=response[:max_chars])
         if getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+            return tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
         return text
 
     def parse_score(self, output: str) -> str:
@@ -137,9 +143,13 @@ def _load(path: str | None, auto_class: str):
         raise LdJaxError(f"judge model directory not found: {path}")
     try:
         tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = getattr(transformers, auto_class).from_pretrained(path, local_files_only=True).eval()
+        model = (
+            getattr(transformers, auto_class).from_pretrained(path, local_files_only=True).eval()
+        )
     except (OSError, ValueError) as e:
-        raise LdJaxError(f"{path}: cannot load the judge ({auto_class}): {str(e).splitlines()[0]}") from e
+        raise LdJaxError(
+            f"{path}: cannot load the judge ({auto_class}): {str(e).splitlines()[0]}"
+        ) from e
     return tok, model
 
 
@@ -161,16 +171,23 @@ class HFCausalJudge:
         for start in range(0, len(prompts), self.cfg.batch_size):
             texts = [
                 self.prompt.render(self.tokenizer, p, r, self.cfg.max_response_chars)
-                for p, r in zip(prompts[start : start + self.cfg.batch_size], responses[start : start + self.cfg.batch_size])
+                for p, r in zip(
+                    prompts[start : start + self.cfg.batch_size],
+                    responses[start : start + self.cfg.batch_size],
+                )
             ]
             # The chat template wrote the special tokens; plain text gets the tokenizer's own.
             special = not getattr(self.tokenizer, "chat_template", None)
-            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=special)
+            enc = self.tokenizer(
+                texts, return_tensors="pt", padding=True, add_special_tokens=special
+            )
             with torch.inference_mode():
                 gen = self.model.generate(
-                    **enc, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
+                    **enc,
+                    max_new_tokens=self.cfg.max_new_tokens,
+                    do_sample=False,
                     pad_token_id=self.tokenizer.pad_token_id,
-                )  # fmt: skip
+                )
             for row in gen[:, enc["input_ids"].shape[1] :]:
                 raw = self.tokenizer.decode(row, skip_special_tokens=True)
                 out.append(Verdict(self.prompt.parse_score(raw), raw))
@@ -205,7 +222,10 @@ class HFClassifierJudge:
         for start in range(0, len(prompts), self.cfg.batch_size):
             texts = [
                 self.prompt.template.format(question=p, answer=r[: self.cfg.max_response_chars])
-                for p, r in zip(prompts[start : start + self.cfg.batch_size], responses[start : start + self.cfg.batch_size])
+                for p, r in zip(
+                    prompts[start : start + self.cfg.batch_size],
+                    responses[start : start + self.cfg.batch_size],
+                )
             ]
             enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True)
             with torch.inference_mode():
@@ -234,7 +254,9 @@ def register(kind: str, factory: Callable[[JudgeConfig], Judge]) -> None:
 
 def build_judge(cfg: JudgeConfig) -> Judge:
     if cfg.kind not in JUDGES:
-        raise LdJaxError(f"unknown judge kind {cfg.kind!r}; choose one of {', '.join(sorted(JUDGES))}")
+        raise LdJaxError(
+            f"unknown judge kind {cfg.kind!r}; choose one of {', '.join(sorted(JUDGES))}"
+        )
     return JUDGES[cfg.kind](cfg)
 
 
@@ -242,7 +264,11 @@ def summarize(verdicts: Sequence[Verdict]) -> dict:
     """Counts of each verdict and the refusal rate over the parsable ones (None if none)."""
     counts = {v: sum(x.label == v for x in verdicts) for v in VERDICTS}
     parsable = counts["refusal"] + counts["compliance"]
-    return {"n": len(verdicts), **counts, "refusal_rate": counts["refusal"] / parsable if parsable else None}
+    return {
+        "n": len(verdicts),
+        **counts,
+        "refusal_rate": counts["refusal"] / parsable if parsable else None,
+    }
 
 
 def agreement(verdicts: Sequence[Verdict], labels: Sequence[str]) -> dict:

@@ -90,39 +90,81 @@ class Plan:
         m, gb = self.model, lambda b: f"{b / 1e9:.2f} GB"
         mesh = " ".join(f"{k}={v}" for k, v in self.mesh.items())
         lines = [
-            ("model", f"{self.name} ({m.family}): {self.n_params / 1e9:.3f}B parameters (jax.eval_shape), "
-                      f"{m.n_layers} layers, d_model {m.d_model}, d_ff {m.d_ff}, vocab {m.vocab_size}"),
-            ("mesh", f"{mesh} ({self.devices} devices)" + (f", {self.chip}: {CHIPS[self.chip][0] / 1e12:.0f} "
-                     f"TFLOP/s bf16, {CHIPS[self.chip][1] / 2**30:.0f} GiB each" if self.chip else "")),
-            ("batch", f"{self.batch_pairs} pairs x 2 x {self.seq_len} tokens = {self.tokens} tokens/step "
-                      f"({self.batch_pairs / (self.mesh['data'] * self.mesh['fsdp']):g} pairs per device)"),
-            ("per device", f"params {gb(self.param_bytes)} | grads {gb(self.grad_bytes)} | optimizer "
-                           f"{gb(self.opt_bytes)} | activations ~{gb(self.act_bytes)} (estimate) | "
-                           f"total ~{gb(self.total_bytes)}"),
-            ("FLOPs/step", f"model {self.model_flops:.4g} (XLA cost analysis, no remat), executed "
-                           f"{self.executed_flops:.4g} (as configured); "
-                           f"{self.model_flops / self.tokens:.4g} per token"),
+            (
+                "model",
+                f"{self.name} ({m.family}): {self.n_params / 1e9:.3f}B parameters (jax.eval_shape), "
+                f"{m.n_layers} layers, d_model {m.d_model}, d_ff {m.d_ff}, vocab {m.vocab_size}",
+            ),
+            (
+                "mesh",
+                f"{mesh} ({self.devices} devices)"
+                + (
+                    f", {self.chip}: {CHIPS[self.chip][0] / 1e12:.0f} "
+                    f"TFLOP/s bf16, {CHIPS[self.chip][1] / 2**30:.0f} GiB each"
+                    if self.chip
+                    else ""
+                ),
+            ),
+            (
+                "batch",
+                f"{self.batch_pairs} pairs x 2 x {self.seq_len} tokens = {self.tokens} tokens/step "
+                f"({self.batch_pairs / (self.mesh['data'] * self.mesh['fsdp']):g} pairs per device)",
+            ),
+            (
+                "per device",
+                f"params {gb(self.param_bytes)} | grads {gb(self.grad_bytes)} | optimizer "
+                f"{gb(self.opt_bytes)} | activations ~{gb(self.act_bytes)} (estimate) | "
+                f"total ~{gb(self.total_bytes)}",
+            ),
+            (
+                "FLOPs/step",
+                f"model {self.model_flops:.4g} (XLA cost analysis, no remat), executed "
+                f"{self.executed_flops:.4g} (as configured); "
+                f"{self.model_flops / self.tokens:.4g} per token",
+            ),
         ]
         if self.param_dtype == "bfloat16":
             # round-to-nearest drops an update below half an ulp, |w|·2^-9 for bf16's 8-bit
             # significand; RMSProp's steady-state step is about lr, so weights above lr·2^9 freeze
-            lines.append(("warning", f"bfloat16 parameters drop updates of size ~lr={self.lr:g} on every "
-                                     f"weight with |w| > {self.lr * 2**9:.2g}: keep float32 master weights"))
+            lines.append(
+                (
+                    "warning",
+                    f"bfloat16 parameters drop updates of size ~lr={self.lr:g} on every "
+                    f"weight with |w| > {self.lr * 2**9:.2g}: keep float32 master weights",
+                )
+            )
         if self.chip:
             cap = CHIPS[self.chip][1]
             fits = self.total_bytes <= cap
-            lines.append(("memory", f"{'fits' if fits else 'does NOT fit'} in {gb(cap)} ({cap / 2**30:.0f} GiB): "
-                                    f"{100 * self.total_bytes / cap:.0f}% used"))
+            lines.append(
+                (
+                    "memory",
+                    f"{'fits' if fits else 'does NOT fit'} in {gb(cap)} ({cap / 2**30:.0f} GiB): "
+                    f"{100 * self.total_bytes / cap:.0f}% used",
+                )
+            )
             t50 = self.step_time_at(0.5)
             lines.append(("at 50% MFU", f"{t50:.3g} s/step, {self.tokens / t50:,.0f} tokens/s"))
             if self.step_time:
-                lines.append(("MFU", f"{100 * self.mfu(self.step_time):.1f}% at {self.step_time:g} s/step "
-                                     f"({self.tokens / self.step_time:,.0f} tokens/s)"))
+                lines.append(
+                    (
+                        "MFU",
+                        f"{100 * self.mfu(self.step_time):.1f}% at {self.step_time:g} s/step "
+                        f"({self.tokens / self.step_time:,.0f} tokens/s)",
+                    )
+                )
         else:
-            lines.append(("MFU", "give --chip (v5e, v5p, h100, h200) for peak FLOP/s, memory and MFU"))
+            lines.append(
+                ("MFU", "give --chip (v5e, v5p, h100, h200) for peak FLOP/s, memory and MFU")
+            )
             if self.step_time:
-                lines.append(("achieved", f"{self.model_flops / self.step_time / 1e9:.3g} GFLOP/s in all at "
-                                          f"{self.step_time:g} s/step ({self.tokens / self.step_time:,.1f} tokens/s)"))
+                lines.append(
+                    (
+                        "achieved",
+                        f"{self.model_flops / self.step_time / 1e9:.3g} GFLOP/s in all at "
+                        f"{self.step_time:g} s/step ({self.tokens / self.step_time:,.1f} tokens/s)",
+                    )
+                )
         return "\n".join(f"{k:<12}{v}" for k, v in lines)
 
 
@@ -162,22 +204,39 @@ def bytes_per_device(tree, mesh: AbstractMesh, rules) -> int:
     shardings = sharding.tree_shardings(tree, mesh, rules)
     return sum(
         math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
-        for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings, is_leaf=lambda v: isinstance(v, NamedSharding)))
+        for x, s in zip(
+            jax.tree.leaves(tree),
+            jax.tree.leaves(shardings, is_leaf=lambda v: isinstance(v, NamedSharding)),
+        )
     )
 
 
-def step_flops(cfg: TrainConfig, config: models.ModelConfig, batch_pairs: int, seq_len: int, remat: bool) -> float:
+def step_flops(
+    cfg: TrainConfig, config: models.ModelConfig, batch_pairs: int, seq_len: int, remat: bool
+) -> float:
     """FLOPs of one training step on the global batch, from XLA's cost analysis of the lowered
     step at 0 and 1 layers (module docstring). Lowering only traces shapes."""
     optimizer = make_optimizer(cfg.optimizer)
     b, s = batch_pairs, seq_len
-    batch = {k: jax.ShapeDtypeStruct((b, 2, s), jnp.int32) for k in ("input_ids", "attention_mask", "response_mask")}
-    batch.update(rewards=jax.ShapeDtypeStruct((b, 2), jnp.float32), valid=jax.ShapeDtypeStruct((b,), jnp.float32),
-                 index=jax.ShapeDtypeStruct((b,), jnp.int32), ref_logps=jax.ShapeDtypeStruct((b, 2), jnp.float32))
+    batch = {
+        k: jax.ShapeDtypeStruct((b, 2, s), jnp.int32)
+        for k in ("input_ids", "attention_mask", "response_mask")
+    }
+    batch.update(
+        rewards=jax.ShapeDtypeStruct((b, 2), jnp.float32),
+        valid=jax.ShapeDtypeStruct((b,), jnp.float32),
+        index=jax.ShapeDtypeStruct((b,), jnp.int32),
+        ref_logps=jax.ShapeDtypeStruct((b, 2), jnp.float32),
+    )
 
     def cost(n_layers: int) -> float:
-        c = config.replace(n_layers=n_layers, layer_types=config.layer_types[:n_layers], remat=remat,
-                           dtype=cfg.compute_dtype, unroll_layers=True)  # the layer scan, unrolled
+        c = config.replace(
+            n_layers=n_layers,
+            layer_types=config.layer_types[:n_layers],
+            remat=remat,
+            dtype=cfg.compute_dtype,
+            unroll_layers=True,
+        )  # the layer scan, unrolled
         lm = models.LanguageModel.build(c, None)
         state = abstract_state(abstract_params(c, cfg.param_dtype), optimizer)
 
@@ -203,7 +262,9 @@ def _unrolled_scans():
         jax.lax.scan = scan
 
 
-def activation_bytes(cfg: TrainConfig, c: models.ModelConfig, mesh: dict[str, int], batch_pairs: int, seq_len: int) -> int:
+def activation_bytes(
+    cfg: TrainConfig, c: models.ModelConfig, mesh: dict[str, int], batch_pairs: int, seq_len: int
+) -> int:
     """Per-device activation estimate (docs/scaling.md): with remat, the L saved layer inputs plus
     one layer's live set; without, L live sets; plus the LM head's float32 logits."""
     a = DTYPE_BYTES[cfg.compute_dtype]
@@ -219,8 +280,12 @@ def activation_bytes(cfg: TrainConfig, c: models.ModelConfig, mesh: dict[str, in
     return int(saved + logits)
 
 
-def make_plan(cfg: TrainConfig, chip: str | None = None, step_time: float | None = None,
-              devices: int | None = None) -> Plan:
+def make_plan(
+    cfg: TrainConfig,
+    chip: str | None = None,
+    step_time: float | None = None,
+    devices: int | None = None,
+) -> Plan:
     if chip is not None and chip not in CHIPS:
         raise LdJaxError(f"unknown chip {chip!r}; known: {', '.join(CHIPS)}")
     if step_time is not None and step_time <= 0:
@@ -239,11 +304,21 @@ def make_plan(cfg: TrainConfig, chip: str | None = None, step_time: float | None
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     param_bytes = bytes_per_device(state.params, mesh, rules)
     return Plan(
-        name=name, model=config, mesh=sizes, devices=math.prod(mesh.axis_sizes), batch_pairs=batch_pairs,
-        seq_len=seq_len, n_params=n_params, param_bytes=param_bytes, grad_bytes=param_bytes,
+        name=name,
+        model=config,
+        mesh=sizes,
+        devices=math.prod(mesh.axis_sizes),
+        batch_pairs=batch_pairs,
+        seq_len=seq_len,
+        n_params=n_params,
+        param_bytes=param_bytes,
+        grad_bytes=param_bytes,
         opt_bytes=bytes_per_device(state.opt_state, mesh, rules),
         act_bytes=activation_bytes(cfg, config, sizes, batch_pairs, seq_len),
         model_flops=step_flops(cfg, config, batch_pairs, seq_len, remat=False),
         executed_flops=step_flops(cfg, config, batch_pairs, seq_len, remat=cfg.remat),
-        param_dtype=cfg.param_dtype, lr=cfg.optimizer.lr, chip=chip, step_time=step_time,
-    )  # fmt: skip
+        param_dtype=cfg.param_dtype,
+        lr=cfg.optimizer.lr,
+        chip=chip,
+        step_time=step_time,
+    )

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -25,12 +26,14 @@ def format_number(x: float | None, digits: int = 2) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
     x = float(x)
-    if x != 0 and (abs(x) < 10 ** -digits or abs(x) >= 1e5):
+    if x != 0 and (abs(x) < 10**-digits or abs(x) >= 1e5):
         return f"{x:.{max(digits - 1, 1)}e}"
     return f"{x:.{digits}f}"
 
 
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None) -> str:
+def markdown_table(
+    header: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None
+) -> str:
     """A GitHub Markdown table. `align` is one char per column: l, r or c (default: all left).
 
     Cells are converted with str(); `|` inside a cell is escaped so it cannot split the row.
@@ -72,7 +75,9 @@ class Panel:
     yscale: str = "linear"
 
 
-def plot_panels(path: str | Path, panels: Sequence[Panel], title: str = "", ncols: int | None = None) -> Path:
+def plot_panels(
+    path: str | Path, panels: Sequence[Panel], title: str = "", ncols: int | None = None
+) -> Path:
     """Draw panels side by side (wrapping after `ncols`) and save one PNG."""
     ncols = ncols or len(panels)
     nrows = math.ceil(len(panels) / ncols)
@@ -96,7 +101,7 @@ def plot_panels(path: str | Path, panels: Sequence[Panel], title: str = "", ncol
         ax.grid(alpha=0.3)
         if panel.series:
             ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=11)

@@ -163,7 +163,10 @@ def score_file(cfg: ScoringConfig, lm=None, progress: bool = True) -> str:
     del records
     main = distributed.is_main_process()
     partial, stamp = Path(cfg.out + ".partial"), Path(cfg.out + ".partial.json")
-    key = {"scoring": dataclasses.asdict(dataclasses.replace(cfg, resume=False)), "pairs": pairs_digest(pairs)}
+    key = {
+        "scoring": dataclasses.asdict(dataclasses.replace(cfg, resume=False)),
+        "pairs": pairs_digest(pairs),
+    }
     rows = _resumed_rows(partial, stamp, key) if cfg.resume and main else []
     if cfg.resume and jax.process_count() > 1:
         rows = distributed.gather_rows(rows)  # process 0's, on every process
@@ -173,7 +176,11 @@ def score_file(cfg: ScoringConfig, lm=None, progress: bool = True) -> str:
         files.write_json(stamp, key)
         with open(partial, "w") as f:  # the kept lines of a resumed file, then the new ones
             f.writelines(json.dumps(row) + "\n" for row in rows)
-            f.writelines(json.dumps({"index": i, "skipped": why}) + "\n" for i, why in report.skipped if i not in done)
+            f.writelines(
+                json.dumps({"index": i, "skipped": why}) + "\n"
+                for i, why in report.skipped
+                if i not in done
+            )
     todo = [p for p in pairs if p.index not in done]
     # On N processes each scores its share on its own devices (no collectives in the kernel);
     # process 0 gathers the rows at the end and writes the file.
@@ -224,7 +231,9 @@ def _resumed_rows(partial: Path, stamp: Path, key: dict) -> list[dict]:
     except (OSError, ValueError):
         saved = None
     if saved != json.loads(json.dumps(key)):
-        raise LdJaxError(f"--resume: {partial} was written with another model, data or settings; delete it or drop --resume")
+        raise LdJaxError(
+            f"--resume: {partial} was written with another model, data or settings; delete it or drop --resume"
+        )
     rows = []
     for line in partial.read_text().splitlines():
         try:

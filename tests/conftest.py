@@ -26,13 +26,18 @@ def tiny_tokenizer(chat: bool = True, markers: bool = True):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<unk>", "<|im_end|>", "<|im_start|>"] + ([PROMPT_TOKEN, ASSISTANT_TOKEN] if markers else [])
+    specials = ["<pad>", "<unk>", "<|im_end|>", "<|im_start|>"] + (
+        [PROMPT_TOKEN, ASSISTANT_TOKEN] if markers else []
+    )
     chars = [chr(c) for c in range(32, 127)] + ["\n"]
     tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)}, "<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     tok.decoder = decoders.Fuse()
     out = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>",
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        unk_token="<unk>",
         additional_special_tokens=specials[3:],
     )
     if chat:
@@ -47,8 +52,13 @@ def tiny_llama(seed=0, vocab=128, hidden=32, ff=64, heads=4, kv_heads=2, tied=Fa
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=ff, num_hidden_layers=2,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=ff,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=256,
         tie_word_embeddings=tied,
     )
     return LlamaForCausalLM(cfg)
@@ -70,9 +80,16 @@ def save_tiny_gemma3(path, seed=1):
 
     torch.manual_seed(seed)
     cfg = Gemma3TextConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
-        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=256,
     )
     Gemma3ForCausalLM(cfg).save_pretrained(path)
     return path

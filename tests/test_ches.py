@@ -19,11 +19,12 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from conftest import save_tiny_llama  # noqa: E402
+
 from ld_jax import ches, models  # noqa: E402
 from ld_jax.data import formatting, pipeline, preference  # noqa: E402
 from ld_jax.data.formatting import TokenizedPair  # noqa: E402
 from ld_jax.errors import LdJaxError  # noqa: E402
-from conftest import save_tiny_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 128
@@ -79,7 +80,7 @@ def test_pair_scores_use_spec_positions_on_either_padding_side(side):
     got = jax.jit(ches.pair_scores)(jnp.asarray(hidden, jnp.float32), batch["response_mask"])
     for b, p in enumerate(pairs):
         rows = []
-        for j, reply in enumerate((p.chosen_ids, p.rejected_ids)):
+        for j in range(2):
             real = np.flatnonzero(batch["attention_mask"][b, j])
             rows.append(hidden[b, j, real])
         want = reference_scores(*rows, len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids))
@@ -225,7 +226,9 @@ def test_an_out_of_range_pad_id_does_not_make_scores_nan(tiny):
     import dataclasses
 
     lm, model, _ = tiny
-    pairs = random_pairs(np.random.default_rng(6), 4, max_prompt=20, max_reply=30)  # unequal: padded
+    pairs = random_pairs(
+        np.random.default_rng(6), 4, max_prompt=20, max_reply=30
+    )  # unequal: padded
     bad = dataclasses.replace(lm, config=lm.config.replace(pad_token_id=VOCAB + 7))
     got = score(bad, pairs, batch_size=4)
     want = torch_reference(model, pairs)
@@ -301,7 +304,9 @@ def test_smollm2_matches_per_sample_pytorch():
     from ld_jax.models import loading
 
     model = LlamaForCausalLM.from_pretrained(str(loading.resolve("smollm2-135m-instruct"))).eval()
-    records = preference.load_preferences(Path(__file__).resolve().parents[2] / "shared/data/ultrafeedback/train.jsonl", limit=40)
+    records = preference.load_preferences(
+        Path(__file__).resolve().parents[2] / "shared/data/ultrafeedback/train.jsonl", limit=40
+    )
     pairs, _ = formatting.tokenize_preferences(
         records, lm.tokenizer, max_length=160, drop_identical=False
     )

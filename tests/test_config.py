@@ -67,8 +67,13 @@ def test_every_shipped_config_loads():
     from ld_jax.flow.simulate import SimulateConfig
     from ld_jax.train.loop import TrainConfig
 
-    classes = {"dpo": TrainConfig, "persona": PersonaConfig, "percentiles": PercentilesConfig,
-               "unalign": UnalignConfig, "flow": SimulateConfig}  # fmt: skip
+    classes = {
+        "dpo": TrainConfig,
+        "persona": PersonaConfig,
+        "percentiles": PercentilesConfig,
+        "unalign": UnalignConfig,
+        "flow": SimulateConfig,
+    }
     root = Path(__file__).resolve().parents[1] / "configs"
     checked = 0
     for path in sorted(root.rglob("*.yaml")):

@@ -8,16 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from ld_jax.data import formatting, pipeline, preference
 from conftest import tiny_tokenizer
 
+from ld_jax.data import formatting, pipeline, preference
 from ld_jax.data.formatting import PROMPT_TOKEN, TokenizedPair
 from ld_jax.data.preference import ColumnMap, PreferenceRecord
 from ld_jax.errors import LdJaxError
 
 # The shared data directory sits next to the repository (shared/data/README.md).
 SHARED = str(Path(__file__).resolve().parents[2] / "shared" / "data")
+
+
 def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -27,23 +28,34 @@ def _write_jsonl(path, rows):
 
 
 def test_ultrafeedback_file_with_dotted_reward_columns():
-    cols = ColumnMap(reward_chosen="metadata.score_chosen", reward_rejected="metadata.score_rejected")
+    cols = ColumnMap(
+        reward_chosen="metadata.score_chosen", reward_rejected="metadata.score_rejected"
+    )
     recs = preference.load_preferences(f"{SHARED}/ultrafeedback/train.jsonl", columns=cols)
     assert len(recs) == 1000 and [r.index for r in recs] == list(range(1000))
     with open(f"{SHARED}/ultrafeedback/train.jsonl") as f:
         first = json.loads(f.readline())
     assert recs[0] == PreferenceRecord(
-        0, first["prompt"], first["chosen"], first["rejected"],
-        first["metadata"]["score_chosen"], first["metadata"]["score_rejected"],
-    )  # fmt: skip
-    assert preference.load_preferences(f"{SHARED}/ultrafeedback/train.jsonl", limit=7)[-1].index == 6
+        0,
+        first["prompt"],
+        first["chosen"],
+        first["rejected"],
+        first["metadata"]["score_chosen"],
+        first["metadata"]["score_rejected"],
+    )
+    assert (
+        preference.load_preferences(f"{SHARED}/ultrafeedback/train.jsonl", limit=7)[-1].index == 6
+    )
 
 
 def test_hh_rlhf_dialogue_split(tmp_path):
     dialogue = "\n\nHuman: hi there\n\nAssistant: hello\n\nHuman: how do I do it?\n\nAssistant:"
-    path = _write_jsonl(tmp_path / "hh.jsonl", [
-        {"chosen": dialogue + " I can't help with that.", "rejected": dialogue + " Like this."},
-    ])  # fmt: skip
+    path = _write_jsonl(
+        tmp_path / "hh.jsonl",
+        [
+            {"chosen": dialogue + " I can't help with that.", "rejected": dialogue + " Like this."},
+        ],
+    )
     (rec,) = preference.load_preferences(path)
     assert rec.prompt == [
         {"role": "user", "content": "hi there"},
@@ -68,11 +80,14 @@ def test_hh_rlhf_real_file_prompts_end_with_a_user_turn():
 def test_chat_message_lists(tmp_path):
     user = {"role": "user", "content": "2+2?"}
     a4, a5 = {"role": "assistant", "content": "4"}, {"role": "assistant", "content": "5"}
-    path = _write_jsonl(tmp_path / "chat.jsonl", [
-        {"chosen": [user, a4], "rejected": [user, a5]},  # TRL implicit prompt
-        {"prompt": [user], "chosen": [a4], "rejected": [a5]},  # TRL explicit prompt
-        {"prompt": "2+2?", "chosen": [user, a4], "rejected": [user, a5]},  # both
-    ])  # fmt: skip
+    path = _write_jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            {"chosen": [user, a4], "rejected": [user, a5]},  # TRL implicit prompt
+            {"prompt": [user], "chosen": [a4], "rejected": [a5]},  # TRL explicit prompt
+            {"prompt": "2+2?", "chosen": [user, a4], "rejected": [user, a5]},  # both
+        ],
+    )
     for rec in preference.load_preferences(path):
         assert (rec.prompt, rec.chosen, rec.rejected) == ([user], "4", "5")
 
@@ -80,7 +95,10 @@ def test_chat_message_lists(tmp_path):
 def test_same_records_from_json_parquet_gz_and_saved_dataset(tmp_path):
     import datasets
 
-    rows = [{"q": f"prompt {i}", "good": f"yes {i}", "bad": f"no {i}", "s": [1.0, 0.0]} for i in range(5)]
+    rows = [
+        {"q": f"prompt {i}", "good": f"yes {i}", "bad": f"no {i}", "s": [1.0, 0.0]}
+        for i in range(5)
+    ]
     cols = ColumnMap(prompt="q", chosen="good", rejected="bad")
     jsonl = _write_jsonl(tmp_path / "d.jsonl", rows)
     (tmp_path / "d.json").write_text(json.dumps(rows))
@@ -97,14 +115,19 @@ def test_same_records_from_json_parquet_gz_and_saved_dataset(tmp_path):
 
 def test_malformed_jsonl_names_the_line(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n\n{"prompt": "a", "chosen": \n')
+    path.write_text(
+        '{"prompt": "a", "chosen": "b", "rejected": "c"}\n\n{"prompt": "a", "chosen": \n'
+    )
     with pytest.raises(LdJaxError, match=r"bad\.jsonl line 3: malformed JSON"):
         preference.load_preferences(path)
 
 
 def test_missing_column_names_it_and_the_columns_present(tmp_path):
     path = _write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "good": "b", "rejected": "c"}])
-    with pytest.raises(LdJaxError, match=r"line 1: missing column 'chosen'; columns present: good, prompt, rejected"):
+    with pytest.raises(
+        LdJaxError,
+        match=r"line 1: missing column 'chosen'; columns present: good, prompt, rejected",
+    ):
         preference.load_preferences(path)
     with pytest.raises(LdJaxError, match="missing column 'meta.r'"):
         preference.load_preferences(path, columns=ColumnMap(chosen="good", reward_chosen="meta.r"))
@@ -145,12 +168,30 @@ def test_plain_template_is_prompt_token_x_assistant_token_y_eos():
 
 def test_chat_template_prompt_and_eos_terminated_replies():
     tok = tiny_tokenizer()
-    pairs, _ = formatting.tokenize_preferences([_rec(0), _rec(1, prompt=[
-        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
-        {"role": "user", "content": "and?"}])], tok)  # fmt: skip
-    assert tok.decode(pairs[0].prompt_ids) == "<|im_start|>user\nWhat is up?<|im_end|>\n<|im_start|>assistant\n"
-    assert tok.decode(pairs[1].prompt_ids).startswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo")
-    assert pairs[0].chosen_ids[-1] == tok.eos_token_id and len(pairs[0].chosen_ids) == len("Fine.") + 1
+    pairs, _ = formatting.tokenize_preferences(
+        [
+            _rec(0),
+            _rec(
+                1,
+                prompt=[
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "yo"},
+                    {"role": "user", "content": "and?"},
+                ],
+            ),
+        ],
+        tok,
+    )
+    assert (
+        tok.decode(pairs[0].prompt_ids)
+        == "<|im_start|>user\nWhat is up?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert tok.decode(pairs[1].prompt_ids).startswith(
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo"
+    )
+    assert (
+        pairs[0].chosen_ids[-1] == tok.eos_token_id and len(pairs[0].chosen_ids) == len("Fine.") + 1
+    )
     no_eos, _ = formatting.tokenize_preferences([_rec(0)], tok, add_eos=False)
     assert tok.decode(no_eos[0].chosen_ids) == "Fine."
 
@@ -158,18 +199,34 @@ def test_chat_template_prompt_and_eos_terminated_replies():
 def test_filters_are_counted_and_reported():
     tok = tiny_tokenizer(chat=False)
     recs = [
-        _rec(0), _rec(1, prompt=" "), _rec(2, chosen=""), _rec(3, rejected="\n"),
-        _rec(4, rejected="Fine."), _rec(5, prompt="x" * 40), _rec(6, chosen="y" * 50),
+        _rec(0),
+        _rec(1, prompt=" "),
+        _rec(2, chosen=""),
+        _rec(3, rejected="\n"),
+        _rec(4, rejected="Fine."),
+        _rec(5, prompt="x" * 40),
+        _rec(6, chosen="y" * 50),
         _rec(7, prompt=[]),
-    ]  # fmt: skip
+    ]
     pairs, report = formatting.tokenize_preferences(recs, tok, max_prompt_length=40, max_length=60)
     assert [p.index for p in pairs] == [0] and report.kept == 1
     assert report.skipped == [
-        (1, "empty_prompt"), (2, "empty_chosen"), (3, "empty_rejected"), (4, "identical_responses"),
-        (7, "empty_prompt"), (5, "prompt_too_long"), (6, "too_long"),
-    ]  # fmt: skip
-    assert report.counts == {"empty_prompt": 2, "empty_chosen": 1, "empty_rejected": 1,
-                             "identical_responses": 1, "prompt_too_long": 1, "too_long": 1}
+        (1, "empty_prompt"),
+        (2, "empty_chosen"),
+        (3, "empty_rejected"),
+        (4, "identical_responses"),
+        (7, "empty_prompt"),
+        (5, "prompt_too_long"),
+        (6, "too_long"),
+    ]
+    assert report.counts == {
+        "empty_prompt": 2,
+        "empty_chosen": 1,
+        "empty_rejected": 1,
+        "identical_responses": 1,
+        "prompt_too_long": 1,
+        "too_long": 1,
+    }
     assert report.summary() == (
         "kept 1 of 8 pairs; skipped empty_chosen=1, empty_prompt=2, empty_rejected=1, "
         "identical_responses=1, prompt_too_long=1, too_long=1"
@@ -182,7 +239,9 @@ def test_ultrafeedback_empty_and_identical_pairs_are_dropped():
     expected = {
         "empty_chosen": sum(not r["chosen"].strip() for r in raw),
         "empty_rejected": sum(bool(r["chosen"].strip()) and not r["rejected"].strip() for r in raw),
-        "identical_responses": sum(r["chosen"].strip() != "" and r["chosen"] == r["rejected"] for r in raw),
+        "identical_responses": sum(
+            r["chosen"].strip() != "" and r["chosen"] == r["rejected"] for r in raw
+        ),
     }
     recs = preference.load_preferences(f"{SHARED}/ultrafeedback/train.jsonl")
     pairs, report = formatting.tokenize_preferences(recs, tiny_tokenizer(), max_prompt_length=None)
@@ -193,7 +252,10 @@ def test_ultrafeedback_empty_and_identical_pairs_are_dropped():
 
 def test_all_empty_responses_is_an_error():
     recs = [_rec(i, chosen="", rejected=" ") for i in range(3)]
-    with pytest.raises(LdJaxError, match="no preference pairs left after filtering: kept 0 of 3 pairs; skipped empty_chosen=3"):
+    with pytest.raises(
+        LdJaxError,
+        match="no preference pairs left after filtering: kept 0 of 3 pairs; skipped empty_chosen=3",
+    ):
         formatting.tokenize_preferences(recs, tiny_tokenizer())
 
 
@@ -211,12 +273,15 @@ def _pairs(n, seed=0):
     rng = np.random.default_rng(seed)
     return [
         TokenizedPair(
-            10 * i, list(rng.integers(5, 50, rng.integers(1, 9))),
-            list(rng.integers(5, 50, rng.integers(1, 9))), list(rng.integers(5, 50, rng.integers(1, 9))),
-            reward_chosen=float(i), reward_rejected=-float(i),
+            10 * i,
+            list(rng.integers(5, 50, rng.integers(1, 9))),
+            list(rng.integers(5, 50, rng.integers(1, 9))),
+            list(rng.integers(5, 50, rng.integers(1, 9))),
+            reward_chosen=float(i),
+            reward_rejected=-float(i),
         )
         for i in range(n)
-    ]  # fmt: skip
+    ]
 
 
 def test_batches_hold_every_pair_once_per_epoch_with_a_new_order_each_epoch():
@@ -240,7 +305,9 @@ def test_same_seed_same_batches_other_seed_other_order():
             np.testing.assert_array_equal(a[k][key], b[k][key])
     assert any(not np.array_equal(a[k]["index"], c[k]["index"]) for k in range(len(a)))
     ordered = pipeline.make_batches(pairs, 4, shuffle=False)
-    assert np.concatenate([ordered[k]["index"] for k in range(3)]).tolist() == [p.index for p in pairs]
+    assert np.concatenate([ordered[k]["index"] for k in range(3)]).tolist() == [
+        p.index for p in pairs
+    ]
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -252,12 +319,16 @@ def test_collated_rows_hold_prompt_then_reply_with_masks(side):
     assert batch["input_ids"].shape == (8, 2, 64) and batch["input_ids"].dtype == np.int32
     for b, p in enumerate(pairs):
         for j, reply in enumerate((p.chosen_ids, p.rejected_ids)):
-            ids, att, resp = (batch[k][b, j] for k in ("input_ids", "attention_mask", "response_mask"))
+            ids, att, resp = (
+                batch[k][b, j] for k in ("input_ids", "attention_mask", "response_mask")
+            )
             assert ids[att == 1].tolist() == p.prompt_ids + reply
             assert ids[resp == 1].tolist() == reply
             real = np.flatnonzero(att)
             assert real[0] == (0 if side == "right" else 64 - len(real))
-            assert (ids[att == 0] == 0).all() and np.array_equal(real, np.arange(real[0], real[-1] + 1))
+            assert (ids[att == 0] == 0).all() and np.array_equal(
+                real, np.arange(real[0], real[-1] + 1)
+            )
         np.testing.assert_array_equal(batch["ref_logps"][b], ref[b])
         assert batch["rewards"][b].tolist() == [p.reward_chosen, p.reward_rejected]
     assert (batch["ref_logps"][5:] == 0).all() and batch["valid"].tolist() == [1] * 5 + [0] * 3

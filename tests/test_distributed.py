@@ -22,13 +22,29 @@ def test_two_processes_share_one_mesh(tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
     out = subprocess.run(
-        ["bash", str(ROOT / "launch/local_multiprocess.sh"), "-n", "2", "-d", "4", "-p", "23511",
-         "--", sys.executable, str(script)],
+        [
+            "bash",
+            str(ROOT / "launch/local_multiprocess.sh"),
+            "-n",
+            "2",
+            "-d",
+            "4",
+            "-p",
+            "23511",
+            "--",
+            sys.executable,
+            str(script),
+        ],
         env={"PATH": "/usr/bin:/bin", "LOG_DIR": str(tmp_path / "logs"), "HOME": str(tmp_path)},
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr + out.stdout
     logs = [(tmp_path / "logs" / f"proc{i}.log").read_text() for i in range(2)]
-    results = [line.split()[1:] for log in logs for line in log.splitlines() if line.startswith("RESULT")]
+    results = [
+        line.split()[1:] for log in logs for line in log.splitlines() if line.startswith("RESULT")
+    ]
     # sum over both processes' shards of 0..7 is 28: the collective really crossed processes
     assert sorted(results) == [["0", "8", "28.0"], ["1", "8", "28.0"]]

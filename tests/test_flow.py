@@ -36,7 +36,17 @@ def cli_verify(tmp_path_factory):
     out = tmp_path_factory.mktemp("flow")
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        argv = ["flow", "verify", "--instances", str(INSTANCES), "--seed", "3", "--no-claims", "--out", str(out)]
+        argv = [
+            "flow",
+            "verify",
+            "--instances",
+            str(INSTANCES),
+            "--seed",
+            "3",
+            "--no-claims",
+            "--out",
+            str(out),
+        ]
         assert main(argv) == 0
     lines = stdout.getvalue().strip().splitlines()
     return json.loads(lines[-1]), json.loads((out / "verify.json").read_text()), stdout.getvalue()
@@ -56,7 +66,9 @@ def test_cli_verify_every_theorem_matches_autodiff(cli_verify):
     assert all(r["median_abs_dlogpi_change"] > 0.3 for r in report["theorems"].values())
 
 
-def test_cli_verify_exits_non_zero_naming_the_theorem_that_misses_tol(monkeypatch, tmp_path, capsys):
+def test_cli_verify_exits_non_zero_naming_the_theorem_that_misses_tol(
+    monkeypatch, tmp_path, capsys
+):
     from ld_jax.flow import verify
 
     errors = dict.fromkeys(verify.THEOREMS, 1e-13) | {"theorem6": 3e-5}
@@ -65,7 +77,9 @@ def test_cli_verify_exits_non_zero_naming_the_theorem_that_misses_tol(monkeypatc
     argv = ["flow", "verify", "--instances", "2", "--no-claims", "--out", str(tmp_path)]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "theorem6 (3e-05)" in err and "theorem4" not in err and (tmp_path / "verify.json").is_file()
+    assert (
+        "theorem6 (3e-05)" in err and "theorem4" not in err and (tmp_path / "verify.json").is_file()
+    )
     assert main(argv + ["--tol", "1e-4"]) == 0
     assert verify.misses(report["summary"], 1e-8) == ["theorem6 (3e-05)"]
 
@@ -94,13 +108,19 @@ def test_loss_is_dpo_of_sequence_logprobs_written_in_numpy():
     lp_plus = seq_logprob(np.asarray(problem.plus_tokens[0]), np.asarray(problem.plus_states[0]))
     lp_minus = seq_logprob(np.asarray(problem.minus_tokens[0]), np.asarray(problem.minus_states[0]))
     ref_plus, ref_minus = lp_plus + 0.3, lp_minus - 0.2  # a reference other than θ(0)
-    problem = dataclasses.replace(problem, ref_plus=np.array([ref_plus]), ref_minus=np.array([ref_minus]))
+    problem = dataclasses.replace(
+        problem, ref_plus=np.array([ref_plus]), ref_minus=np.array([ref_minus])
+    )
     beta = 0.1
     margin = (lp_plus - ref_plus) - (lp_minus - ref_minus)
     expected = -np.log(expit(beta * margin))
-    np.testing.assert_allclose(_loss(params, problem, LossConfig("dpo", beta=beta)), expected, rtol=1e-13)
+    np.testing.assert_allclose(
+        _loss(params, problem, LossConfig("dpo", beta=beta)), expected, rtol=1e-13
+    )
     # ℓ′ in the closed forms is the DPO slope −β σ(−β(u − Δ_ref)).
-    ell_prime = jax.jit(theorems.theorem6, static_argnums=2)(params, problem, LossConfig("dpo", beta=beta))["ell_prime"]
+    ell_prime = jax.jit(theorems.theorem6, static_argnums=2)(
+        params, problem, LossConfig("dpo", beta=beta)
+    )["ell_prime"]
     np.testing.assert_allclose(ell_prime, -beta * expit(-beta * margin), rtol=1e-13)
 
 
@@ -108,7 +128,11 @@ def test_loss_is_dpo_of_sequence_logprobs_written_in_numpy():
 def test_autodiff_rate_matches_finite_differences(loss_id):
     """The ground truth of every check, rate = ⟨∇ ln π(y+), −∇L⟩, against central differences:
     −∇L along a random direction, and ln π(y+) along the velocity, for DPO, IPO, DPO + SFT."""
-    losses = (LossConfig("dpo"), LossConfig("ipo"), LossConfig("dpo", sft_lambda=0.5))  # one compile
+    losses = (
+        LossConfig("dpo"),
+        LossConfig("ipo"),
+        LossConfig("dpo", sft_lambda=0.5),
+    )  # one compile
     params, problem = state.single_sample(np.random.default_rng(1), 1, 9, 6, 3, 2)
     params, problem = state.take(params, 0), state.take(problem, 0)
     problem = dataclasses.replace(problem, loss_id=np.asarray(loss_id))
@@ -119,9 +143,13 @@ def test_autodiff_rate_matches_finite_differences(loss_id):
     eps = 1e-5
     loss = lambda p: float(_loss(p, problem, losses))  # noqa: E731
     slope = (loss(shift(params, direction, eps)) - loss(shift(params, direction, -eps))) / (2 * eps)
-    along = sum(float((v * d).sum()) for v, d in zip(jax.tree.leaves(velocity), jax.tree.leaves(direction)))
+    along = sum(
+        float((v * d).sum()) for v, d in zip(jax.tree.leaves(velocity), jax.tree.leaves(direction))
+    )
     np.testing.assert_allclose(-along, slope, rtol=1e-7)
-    finite = (float(lp(shift(params, velocity, eps))) - float(lp(shift(params, velocity, -eps)))) / (2 * eps)
+    finite = (
+        float(lp(shift(params, velocity, eps))) - float(lp(shift(params, velocity, -eps)))
+    ) / (2 * eps)
     np.testing.assert_allclose(rate, finite, rtol=1e-7)
 
 

@@ -33,20 +33,32 @@ def hf_generate(model, ids, mask, new, stop, pad, logits=False, **kw):
     (and, with logits, the raw per-step logits [batch, <= new, vocab])."""
     with torch.no_grad():
         out = model.generate(
-            input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long),
-            max_new_tokens=new, eos_token_id=list(stop), pad_token_id=pad, return_dict_in_generate=True,
-            output_logits=True, **kw,
-        )  # fmt: skip
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            max_new_tokens=new,
+            eos_token_id=list(stop),
+            pad_token_id=pad,
+            return_dict_in_generate=True,
+            output_logits=True,
+            **kw,
+        )
     tokens = out.sequences[:, ids.shape[1] :].numpy()
     return (tokens, torch.stack(out.logits, 1).double().numpy()) if logits else tokens
 
 
 def ours(lm, ids, mask, sampling, pad=0):
     gen = generate.sample(
-        lm.config, lm.params, ids, mask, jax.random.PRNGKey(sampling.seed), np.float32(sampling.temperature),
-        np.float32(sampling.top_p), max_new_tokens=sampling.max_new_tokens, stop_ids=sampling.stop_token_ids,
+        lm.config,
+        lm.params,
+        ids,
+        mask,
+        jax.random.PRNGKey(sampling.seed),
+        np.float32(sampling.temperature),
+        np.float32(sampling.top_p),
+        max_new_tokens=sampling.max_new_tokens,
+        stop_ids=sampling.stop_token_ids,
         pad_id=pad,
-    )  # fmt: skip
+    )
     return jax.device_get(gen)
 
 
@@ -62,7 +74,10 @@ def padded_to(hf_tokens, new, pad):
 # Gemma 2's real final softcap (30).
 GEN_CASES = {
     **CASES,
-    **{t: {**CASES[t], "tie_word_embeddings": False, "final_logit_softcapping": 30.0} for t in ("gemma2", "gemma3_text")},
+    **{
+        t: {**CASES[t], "tie_word_embeddings": False, "final_logit_softcapping": 30.0}
+        for t in ("gemma2", "gemma3_text")
+    },
 }
 
 
@@ -78,14 +93,22 @@ GREEDY = SamplingConfig(max_new_tokens=NEW, temperature=0.0, stop_token_ids=STOP
 def test_greedy_equals_transformers_generate_on_left_padded_batch(model_type, tmp_path_factory):
     model, lm = build(model_type, tmp_path_factory)
     ids, mask = generate.left_pad(prompts(), pad_id=0)
-    hf_tokens, hf_logits = hf_generate(model, ids, mask, NEW, STOP, pad=0, logits=True, do_sample=False)
+    hf_tokens, hf_logits = hf_generate(
+        model, ids, mask, NEW, STOP, pad=0, logits=True, do_sample=False
+    )
     ref = padded_to(hf_tokens, NEW, 0)
-    assert len({tuple(r) for r in ref[:, 2:]}) == len(ref) and len(set(ref[:, 2:].ravel())) > 3  # not degenerate
+    assert (
+        len({tuple(r) for r in ref[:, 2:]}) == len(ref) and len(set(ref[:, 2:].ravel())) > 3
+    )  # not degenerate
     gen = ours(lm, ids, mask, GREEDY)
     np.testing.assert_array_equal(gen.tokens, ref)
     # the model's log-prob of each generated token matches HF's logits (KV-cache decode steps
     # agree with the full forward to float precision, not just in argmax)
-    hf_logp = hf_logits - np.log(np.exp(hf_logits - hf_logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - hf_logits.max(-1, keepdims=True)
+    hf_logp = (
+        hf_logits
+        - np.log(np.exp(hf_logits - hf_logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - hf_logits.max(-1, keepdims=True)
+    )
     for row in range(len(PROMPT_LENS)):
         n = int(gen.lengths[row])
         expected = np.take_along_axis(hf_logp[row, :n], ref[row, :n, None], -1)[:, 0]
@@ -106,7 +129,9 @@ def test_stops_at_eos_like_transformers(tmp_path_factory):
     step = next(t for t in range(2, NEW) if free[1, t] not in free[1, :t])
     eos = (int(free[1, step]),)
     ref = padded_to(hf_generate(model, ids, mask, NEW, eos, pad=0, do_sample=False), NEW, 0)
-    gen = ours(lm, ids, mask, SamplingConfig(max_new_tokens=NEW, temperature=0.0, stop_token_ids=eos))
+    gen = ours(
+        lm, ids, mask, SamplingConfig(max_new_tokens=NEW, temperature=0.0, stop_token_ids=eos)
+    )
     np.testing.assert_array_equal(gen.tokens, ref)
     assert gen.finished[1] and gen.lengths[1] == step + 1
     assert (gen.tokens[1, step + 1 :] == 0).all() and gen.tokens[1, step] == eos[0]
@@ -118,11 +143,23 @@ def test_same_seed_same_samples_and_tiny_top_p_is_greedy(tmp_path_factory):
     hot = SamplingConfig(max_new_tokens=NEW, temperature=1.5, seed=7, stop_token_ids=STOP)
     a, b = ours(lm, ids, mask, hot), ours(lm, ids, mask, hot)
     np.testing.assert_array_equal(a.tokens, b.tokens)
-    other = ours(lm, ids, mask, SamplingConfig(max_new_tokens=NEW, temperature=1.5, seed=8, stop_token_ids=STOP))
+    other = ours(
+        lm,
+        ids,
+        mask,
+        SamplingConfig(max_new_tokens=NEW, temperature=1.5, seed=8, stop_token_ids=STOP),
+    )
     greedy = ours(lm, ids, mask, GREEDY)
     assert not np.array_equal(a.tokens, other.tokens)
     assert not np.array_equal(a.tokens, greedy.tokens)
-    tiny_p = ours(lm, ids, mask, SamplingConfig(max_new_tokens=NEW, temperature=1.5, top_p=1e-6, seed=7, stop_token_ids=STOP))
+    tiny_p = ours(
+        lm,
+        ids,
+        mask,
+        SamplingConfig(
+            max_new_tokens=NEW, temperature=1.5, top_p=1e-6, seed=7, stop_token_ids=STOP
+        ),
+    )
     np.testing.assert_array_equal(tiny_p.tokens, greedy.tokens)
 
 
@@ -132,7 +169,14 @@ def test_first_draw_follows_tempered_nucleus_distribution(tmp_path_factory):
     prompt = prompts()[2]
     n, temperature, top_p = 512, 0.8, 0.7
     ids, mask = generate.left_pad([prompt] * n, pad_id=0)
-    gen = ours(lm, ids, mask, SamplingConfig(max_new_tokens=1, temperature=temperature, top_p=top_p, seed=0, stop_token_ids=STOP))
+    gen = ours(
+        lm,
+        ids,
+        mask,
+        SamplingConfig(
+            max_new_tokens=1, temperature=temperature, top_p=top_p, seed=0, stop_token_ids=STOP
+        ),
+    )
     with torch.no_grad():
         logits = model(torch.tensor([prompt])).logits[0, -1].double() / temperature
     probs = torch.softmax(logits, -1).numpy()
@@ -152,12 +196,20 @@ def test_generate_text_chat_template_chunks_and_num_samples(tmp_path_factory):
     tok = tiny_tokenizer()
     lm = models.LanguageModel.build(lm.config, lm.params, tok)
     texts = generate.format_prompts(tok, ["hi", [{"role": "user", "content": "yo"}]])
-    assert texts[0] == tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert texts[0] == tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert texts[0].endswith("assistant\n")
-    assert generate.stop_token_ids(lm) == tuple(sorted({*lm.config.eos_token_ids, tok.convert_tokens_to_ids("<|im_end|>")}))
-    sampling = SamplingConfig(max_new_tokens=6, temperature=1.0, seed=3, batch_size=4, pad_prompts_to=48)
+    assert generate.stop_token_ids(lm) == tuple(
+        sorted({*lm.config.eos_token_ids, tok.convert_tokens_to_ids("<|im_end|>")})
+    )
+    sampling = SamplingConfig(
+        max_new_tokens=6, temperature=1.0, seed=3, batch_size=4, pad_prompts_to=48
+    )
     out = generate.generate_text(lm, ["hi", "hello there", "x"], sampling, num_samples=2)
-    assert [(s.prompt_index, s.sample_index) for s in out] == [(p, s) for p in range(3) for s in range(2)]
+    assert [(s.prompt_index, s.sample_index) for s in out] == [
+        (p, s) for p in range(3) for s in range(2)
+    ]
     again = generate.generate_text(lm, ["hi", "hello there", "x"], sampling, num_samples=2)
     assert out == again
     for s in out:
@@ -181,7 +233,10 @@ def test_smollm2_greedy_chat_equals_transformers():
     from transformers import LlamaForCausalLM
 
     lm = models.from_pretrained("smollm2-135m-instruct")
-    path = os.path.expanduser(os.environ.get("LD_JAX_CACHE", "~/.cache/ld_jax")) + "/models/smollm2-135m-instruct"
+    path = (
+        os.path.expanduser(os.environ.get("LD_JAX_CACHE", "~/.cache/ld_jax"))
+        + "/models/smollm2-135m-instruct"
+    )
     model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     chats = ["What is the capital of France?", "Write a haiku about a cat sleeping in the sun."]
     tok = lm.tokenizer
@@ -190,7 +245,13 @@ def test_smollm2_greedy_chat_equals_transformers():
     stop, pad = generate.stop_token_ids(lm), generate.pad_token_id(lm)
     ids, mask = generate.left_pad(encoded, pad_id=pad)
     ref = padded_to(hf_generate(model, ids, mask, 32, stop, pad=pad, do_sample=False), 32, pad)
-    gen = ours(lm, ids, mask, SamplingConfig(max_new_tokens=32, temperature=0.0, stop_token_ids=stop), pad=pad)
+    gen = ours(
+        lm,
+        ids,
+        mask,
+        SamplingConfig(max_new_tokens=32, temperature=0.0, stop_token_ids=stop),
+        pad=pad,
+    )
     np.testing.assert_array_equal(gen.tokens, ref)
     texts = generate.generate_text(lm, chats, SamplingConfig(max_new_tokens=32, temperature=0.0))
     for row, s in enumerate(texts):

@@ -9,10 +9,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_llama
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
-
-from conftest import tiny_llama
 
 from ld_jax import cli, models
 from ld_jax.errors import LdJaxError
@@ -68,7 +67,12 @@ def test_directory_without_config(tmp_path):
 def test_unknown_model_type_lists_supported_ones(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
     message = one_line_error(models.from_pretrained, str(tmp_path))
-    assert "'bert'" in message and "llama" in message and "gemma3_text" in message and "olmo2" in message
+    assert (
+        "'bert'" in message
+        and "llama" in message
+        and "gemma3_text" in message
+        and "olmo2" in message
+    )
     assert "'bert'" in cli_error(capsys, ["models", "info", str(tmp_path)])
     assert "'bert'" in one_line_error(models.from_hf_config, {"model_type": "bert"})
 
@@ -128,23 +132,37 @@ def test_sharded_and_bf16_checkpoints_load_the_same_weights(tmp_path):
     np.testing.assert_array_equal(np.asarray(from_bf16.params["lm_head"]), expected)
     kept = models.from_pretrained(str(tmp_path / "bf16"), dtype="bfloat16")
     assert kept.params["lm_head"].dtype == np.dtype("bfloat16") and kept.config.dtype == "bfloat16"
-    assert "dtype" in one_line_error(models.from_pretrained, str(tmp_path / "bf16"), dtype="float16")
+    assert "dtype" in one_line_error(
+        models.from_pretrained, str(tmp_path / "bf16"), dtype="float16"
+    )
 
 
 def test_multimodal_gemma3_checkpoint_loads_its_text_model(tmp_path):
     """model_type "gemma3" wraps the text model: config under text_config, tensors under
     model.language_model.*; ld_jax loads the text part and ignores the rest."""
     text = dict(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
     )
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(AutoConfig.for_model("gemma3_text", **text)).save_pretrained(tmp_path / "text")
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("gemma3_text", **text)).save_pretrained(
+        tmp_path / "text"
+    )
     wrapped = tmp_path / "wrapped"
     wrapped.mkdir()
     tensors = load_file(tmp_path / "text" / "model.safetensors")
     renamed = {k.replace("model.", "model.language_model.", 1): v for k, v in tensors.items()}
-    save_file({**renamed, "model.vision_tower.patch.weight": torch.zeros(3)}, wrapped / "model.safetensors")
+    save_file(
+        {**renamed, "model.vision_tower.patch.weight": torch.zeros(3)},
+        wrapped / "model.safetensors",
+    )
     (wrapped / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": text}))
 
     plain, multimodal = (models.from_pretrained(str(p)) for p in (tmp_path / "text", wrapped))

@@ -31,7 +31,9 @@ def test_pair_logprobs_match_transformers(tiny):
     path, lm = tiny
     batch = pipeline.make_batches(random_pairs(6), 6, shuffle=False, pad_to_multiple=8)[0]
     ours, lengths = jax.jit(lambda p, b: logprobs.pair_logprobs(lm, p, b))(lm.params, batch)
-    np.testing.assert_allclose(np.asarray(ours), _torch_pair_logps(path, batch), atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(ours), _torch_pair_logps(path, batch), atol=1e-4, rtol=1e-5
+    )
     np.testing.assert_array_equal(lengths, batch["response_mask"].sum(-1))
 
 
@@ -50,8 +52,11 @@ def test_chunked_left_padded_equals_plain(tiny):
 def test_chunked_gradient_equals_plain(tiny):
     _, lm = tiny
     batch = pipeline.make_batches(random_pairs(3, seed=2), 3, shuffle=False, pad_to_multiple=8)[0]
+
     def grad(chunk):
-        loss = lambda p: logprobs.pair_logprobs(lm, p, batch, chunk)[0].sum()
+        def loss(p):
+            return logprobs.pair_logprobs(lm, p, batch, chunk)[0].sum()
+
         return jax.jit(jax.grad(loss))(lm.params)
 
     for a, b in zip(jax.tree.leaves(grad(None)), jax.tree.leaves(grad(5))):

@@ -24,12 +24,21 @@ def logps():
 
 
 def _ours(cfg, d, **kw):
-    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    def f32(a):
+        return jnp.asarray(a, jnp.float32)
+
     losses, metrics = preference_loss(
-        cfg, f32(d["pc"]), f32(d["pr"]), f32(d["rc"]), f32(d["rr"]),
-        chosen_len=f32(d["lc"]), rejected_len=f32(d["lr"]),
-        reward_chosen=f32(d["wc"]), reward_rejected=f32(d["wr"]), **kw,
-    )  # fmt: skip
+        cfg,
+        f32(d["pc"]),
+        f32(d["pr"]),
+        f32(d["rc"]),
+        f32(d["rr"]),
+        chosen_len=f32(d["lc"]),
+        rejected_len=f32(d["lr"]),
+        reward_chosen=f32(d["wc"]),
+        reward_rejected=f32(d["wr"]),
+        **kw,
+    )
     return np.asarray(losses, np.float64), metrics
 
 
@@ -74,7 +83,8 @@ def _closed_forms(d):
         "dpop": (
             LossConfig("dpop", dpop_lambda=5.0),
             -_log_sigmoid(
-                beta * ((d["pc"] - d["rc"]) - (d["pr"] - d["rr"]) - 5.0 * below * (d["rc"] - d["pc"]))
+                beta
+                * ((d["pc"] - d["rc"]) - (d["pr"] - d["rr"]) - 5.0 * below * (d["rc"] - d["pc"]))
             ),
         ),
     }
@@ -82,9 +92,21 @@ def _closed_forms(d):
 
 @pytest.mark.parametrize(
     "name",
-    ["dpo", "ipo", "slic", "rebel", "gpo_squared", "gpo_exponential", "sft_dpo", "sft",
-     "sft_length_average", "weighted", "simpo", "dpop"],
-)  # fmt: skip
+    [
+        "dpo",
+        "ipo",
+        "slic",
+        "rebel",
+        "gpo_squared",
+        "gpo_exponential",
+        "sft_dpo",
+        "sft",
+        "sft_length_average",
+        "weighted",
+        "simpo",
+        "dpop",
+    ],
+)
 def test_loss_matches_closed_form(logps, name):
     cfg, expected = _closed_forms(logps)[name]
     ours, _ = _ours(cfg, logps)
@@ -141,14 +163,24 @@ def trl_trainer(tmp_path_factory):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
     torch.manual_seed(0)
     model = LlamaForCausalLM(
-        LlamaConfig(vocab_size=len(vocab), hidden_size=8, intermediate_size=16,
-                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
-    )  # fmt: skip
+        LlamaConfig(
+            vocab_size=len(vocab),
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
     data = Dataset.from_dict({"prompt": ["ab", "cd"], "chosen": ["e", "f"], "rejected": ["g", "h"]})
     args = DPOConfig(
-        output_dir=str(tmp_path_factory.mktemp("trl")), report_to=[], use_cpu=True, bf16=False,
-        precompute_ref_log_probs=True, per_device_train_batch_size=2,
-    )  # fmt: skip
+        output_dir=str(tmp_path_factory.mktemp("trl")),
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        precompute_ref_log_probs=True,
+        per_device_train_batch_size=2,
+    )
     return DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
 
 
@@ -191,11 +223,15 @@ def _trl_loss(trainer, loss_types, loss_weights, beta, d, seq=32):
         (["hinge"], [1.0], LossConfig("gpo", gpo_f="hinge", beta=0.1), False),
         # RPO: TRL averages the NLL over all chosen tokens of the batch, which equals the mean of
         # per-sample length averages only when all chosen responses have the same length.
-        (["sigmoid", "sft"], [1.0, 0.3],
-         LossConfig("dpo", sft_lambda=0.3, sft_length_average=True), True),
+        (
+            ["sigmoid", "sft"],
+            [1.0, 0.3],
+            LossConfig("dpo", sft_lambda=0.3, sft_length_average=True),
+            True,
+        ),
         (["sft"], [1.0], LossConfig("sft", sft_length_average=True), True),
     ],
-)  # fmt: skip
+)
 def test_matches_trl(trl_trainer, logps, trl_types, trl_weights, cfg, equal_lengths):
     d = dict(logps)
     if equal_lengths:

@@ -38,17 +38,26 @@ CASES = {
     "llama": dict(
         tie_word_embeddings=False,
         rope_parameters=dict(
-            rope_type="llama3", rope_theta=500.0, factor=4.0, low_freq_factor=1.0,
-            high_freq_factor=4.0, original_max_position_embeddings=16,
+            rope_type="llama3",
+            rope_theta=500.0,
+            factor=4.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=16,
         ),
     ),
     "gemma": dict(num_key_value_heads=1, hidden_act="gelu_pytorch_tanh"),
     "gemma2": dict(
-        query_pre_attn_scalar=12, attn_logit_softcapping=3.0, final_logit_softcapping=4.0,
-        sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        query_pre_attn_scalar=12,
+        attn_logit_softcapping=3.0,
+        final_logit_softcapping=4.0,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
     ),
     "gemma3_text": dict(
-        query_pre_attn_scalar=12, final_logit_softcapping=5.0, sliding_window=4,
+        query_pre_attn_scalar=12,
+        final_logit_softcapping=5.0,
+        sliding_window=4,
         layer_types=["sliding_attention", "full_attention"],
         rope_parameters={
             "sliding_attention": dict(rope_type="default", rope_theta=100.0),
@@ -100,7 +109,9 @@ def family(request, tmp_path_factory):
     if request.param not in _RESULTS:
         model, lm = build(request.param, tmp_path_factory)
         ids, mask, targets = (jnp.asarray(a) for a in batch())
-        loss_and_grad = jax.jit(jax.value_and_grad(functools.partial(target_logprob_sum, lm), has_aux=True))
+        loss_and_grad = jax.jit(
+            jax.value_and_grad(functools.partial(target_logprob_sum, lm), has_aux=True)
+        )
         (_, out), grads = loss_and_grad(lm.params, ids, mask, targets)
         _RESULTS[request.param] = model, lm, out, grads
     return _RESULTS[request.param]
@@ -141,8 +152,12 @@ def test_logits_and_hidden_match_torch_with_left_and_right_padding(family):
     assert scale > 1.0  # the random weights give logits large enough for 1e-4 to be strict
     for row, (ref_logits, ref_hidden) in enumerate(ref):
         real = real_positions(row)
-        np.testing.assert_allclose(np.asarray(out.logits[row, real]), ref_logits.numpy(), atol=1e-4, rtol=0)
-        np.testing.assert_allclose(np.asarray(out.hidden[row, real]), ref_hidden.numpy(), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(
+            np.asarray(out.logits[row, real]), ref_logits.numpy(), atol=1e-4, rtol=0
+        )
+        np.testing.assert_allclose(
+            np.asarray(out.hidden[row, real]), ref_hidden.numpy(), atol=1e-4, rtol=0
+        )
     assert out.logits.dtype == jnp.float32
 
 
@@ -183,12 +198,16 @@ def test_hidden_states_chunked_logits_remat_and_bf16_agree_with_forward(family):
     np.testing.assert_allclose(np.concatenate(halves, 1), np.asarray(out.logits), atol=1e-5)
 
     remat = lm.with_options(remat=True)
-    remat_grads = jax.jit(jax.grad(lambda p: target_logprob_sum(remat, p, ids, mask, targets)[0]))(lm.params)
+    remat_grads = jax.jit(jax.grad(lambda p: target_logprob_sum(remat, p, ids, mask, targets)[0]))(
+        lm.params
+    )
     g, g_remat = grads["layers"]["wq"], remat_grads["layers"]["wq"]
     assert np.abs(g_remat - g).max() <= 1e-5 * np.abs(g).max()
 
     bf16 = lm.with_options(dtype="bfloat16")
-    low = jax.jit(bf16.forward)(jax.tree.map(lambda p: p.astype(jnp.bfloat16), lm.params), ids, mask)
+    low = jax.jit(bf16.forward)(
+        jax.tree.map(lambda p: p.astype(jnp.bfloat16), lm.params), ids, mask
+    )
     assert low.logits.dtype == jnp.float32 and low.hidden.dtype == jnp.bfloat16
     rows = np.asarray(mask, bool)
     err = np.abs(np.asarray(low.logits) - np.asarray(out.logits))[rows].max()
@@ -212,7 +231,9 @@ def test_fused_projections_and_unrolled_layers_match_the_plain_path(family, monk
     assert ids.size < core.FUSE_MIN_ROWS
     monkeypatch.setattr(core, "FUSE_MIN_ROWS", 1)
     fast = lm.with_options(unroll_layers=True)
-    loss_and_grad = jax.jit(jax.value_and_grad(functools.partial(target_logprob_sum, fast), has_aux=True))
+    loss_and_grad = jax.jit(
+        jax.value_and_grad(functools.partial(target_logprob_sum, fast), has_aux=True)
+    )
     (_, fast_out), fast_grads = loss_and_grad(lm.params, ids, mask, targets)
     scale = np.abs(np.asarray(out.logits)).max()
     assert np.abs(np.asarray(fast_out.logits) - np.asarray(out.logits)).max() <= 1e-5 * scale

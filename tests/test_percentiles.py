@@ -16,14 +16,17 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from conftest import (
+    save_tiny_llama,  # noqa: E402
+    tiny_tokenizer,  # noqa: E402
+)
+
 from ld_jax import ches, cli, models  # noqa: E402
 from ld_jax.config import load_config  # noqa: E402
 from ld_jax.data import preference  # noqa: E402
 from ld_jax.experiments import percentiles  # noqa: E402
 from ld_jax.experiments.percentiles import run as percentiles_run  # noqa: E402
 from ld_jax.train import loop, reference  # noqa: E402
-from conftest import save_tiny_llama  # noqa: E402
-from conftest import tiny_tokenizer  # noqa: E402
 
 PERCENTILES = (0, 50, 100)  # trained; the windows of more percentiles are checked untrained
 WINDOW = 4
@@ -59,11 +62,21 @@ def setup(tmp_path_factory):
 
 def _overrides(model_dir, data, out, *extra):
     return [
-        f"model={model_dir}", f"data.source={data}", f"out_dir={out}", "data.max_length=80",
-        "data.max_prompt_length=48", "data.pad_to_multiple=80", f"window={WINDOW}", "seeds=2",
-        f"percentiles={list(PERCENTILES)}", "batch_size=2", "score_batch_size=4", "progress=false",
-        "optimizer.lr=1e-3", *extra,
-    ]  # fmt: skip
+        f"model={model_dir}",
+        f"data.source={data}",
+        f"out_dir={out}",
+        "data.max_length=80",
+        "data.max_prompt_length=48",
+        "data.pad_to_multiple=80",
+        f"window={WINDOW}",
+        "seeds=2",
+        f"percentiles={list(PERCENTILES)}",
+        "batch_size=2",
+        "score_batch_size=4",
+        "progress=false",
+        "optimizer.lr=1e-3",
+        *extra,
+    ]
 
 
 def _digest(params) -> str:
@@ -110,10 +123,14 @@ def test_windows_and_initial_params_and_cache(setup, monkeypatch):
 
     # the windows: an independent ranking of independently computed scores of the pool
     lm = models.from_pretrained(model_dir)
-    _, pool, report = percentiles_run.training_pool(preference.load_preferences(data), lm.tokenizer, cfg)
+    _, pool, report = percentiles_run.training_pool(
+        preference.load_preferences(data), lm.tokenizer, cfg
+    )
     assert report.counts.get("identical_responses") == 1 and 3 not in {p.index for p in pool}
     assert max(len(p.prompt_ids) + len(p.chosen_ids) for p in pool) == 80  # truncated to fit
-    direct = ches.ches_scores(lm, *([getattr(p, f) for p in pool] for f in ("prompt_ids", "chosen_ids", "rejected_ids")))
+    direct = ches.ches_scores(
+        lm, *([getattr(p, f) for p in pool] for f in ("prompt_ids", "chosen_ids", "rejected_ids"))
+    )
     runs = result["runs"]
     assert len(runs) == 3 * len(PERCENTILES) * 2
     for m in cfg.measures:
@@ -121,7 +138,10 @@ def test_windows_and_initial_params_and_cache(setup, monkeypatch):
             want = {pool[i].index for i in _numpy_window(direct[m], p, WINDOW)}
             got = [r for r in runs if r["measure"] == m and r["percentile"] == p]
             assert [r["seed"] for r in got] == [0, 1]
-            assert all(set(r["indices"]) == want and len(r["indices"]) == WINDOW for r in got), (m, p)
+            assert all(set(r["indices"]) == want and len(r["indices"]) == WINDOW for r in got), (
+                m,
+                p,
+            )
     for p in (0, 10, 25, 50, 75, 90, 100):  # more percentiles and window sizes, untrained
         for size in (1, 3, 4, len(pool)):
             for m in cfg.measures:
@@ -135,7 +155,9 @@ def test_windows_and_initial_params_and_cache(setup, monkeypatch):
     # every run starts from the initial parameters: the loop is handed the same weights, and
     # its first step sees a policy equal to the model whose log-probs were computed once
     initial = _digest(lm.params)
-    assert initial_passes == [initial] and len(calls) == len(runs)  # the initial log-probs pass, then runs
+    assert initial_passes == [initial] and len(calls) == len(
+        runs
+    )  # the initial log-probs pass, then runs
     assert all(digest == initial for _, digest, _ in calls)
     for r in runs:
         assert r["first_step"]["chosen_logp_change"] == pytest.approx(0.0, abs=1e-4)
@@ -149,14 +171,25 @@ def test_windows_and_initial_params_and_cache(setup, monkeypatch):
         assert (out / name).is_file(), name
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["spearman"]) == set(cfg.measures)
-    assert set(saved["meta"]["stage_seconds"]) >= {"scores", "initial log-probs", "training runs", "report"}
+    assert set(saved["meta"]["stage_seconds"]) >= {
+        "scores",
+        "initial log-probs",
+        "training runs",
+        "report",
+    }
     samples = (out / "samples.md").read_text()
     top = pool[int(np.argmax(direct["ches"]))].index
     assert samples.count("### ") == 6 and f"### 1. sample {top}:" in samples
     agg = saved["aggregate"]["ches"]
     k = PERCENTILES.index(100)
-    seeds = [r["mean_chosen_logp_change"] for r in runs if r["measure"] == "ches" and r["percentile"] == 100]
-    assert agg["chosen_min"][k] == pytest.approx(min(seeds)) and agg["chosen_max"][k] == pytest.approx(max(seeds))
+    seeds = [
+        r["mean_chosen_logp_change"]
+        for r in runs
+        if r["measure"] == "ches" and r["percentile"] == 100
+    ]
+    assert agg["chosen_min"][k] == pytest.approx(min(seeds)) and agg["chosen_max"][
+        k
+    ] == pytest.approx(max(seeds))
 
     # a re-run scores nothing, computes no log-probs and trains nothing
     def boom(*a, **k):
@@ -182,7 +215,10 @@ def test_windows_and_initial_params_and_cache(setup, monkeypatch):
     calls.clear()
     searched = percentiles.run_percentiles(dataclasses.replace(cfg, lr_grid=(1e-3, 1e3)))
     assert searched["meta"]["lr"] == 1e-3
-    assert [(s["lr"], s["stable"]) for s in searched["meta"]["lr_search"]] == [(1e3, False), (1e-3, True)]
+    assert [(s["lr"], s["stable"]) for s in searched["meta"]["lr_search"]] == [
+        (1e3, False),
+        (1e-3, True),
+    ]
     assert len(calls) == len(PERCENTILES)  # lr 1e3's search runs
 
 
@@ -195,8 +231,15 @@ def test_cli_and_configs(setup, tmp_path, capsys):
         assert cfg.window >= 1 and cfg.measures, path
     model_dir, data, _ = setup
     args = ["percentiles", "--config", "configs/percentiles_smollm2_ultrafeedback.yaml"]
-    args += _overrides(model_dir, data, tmp_path / "cli", "seeds=1", "percentiles=[0,100]", "measures=[ches]",
-                       "lr_grid=[]")  # fmt: skip
+    args += _overrides(
+        model_dir,
+        data,
+        tmp_path / "cli",
+        "seeds=1",
+        "percentiles=[0,100]",
+        "measures=[ches]",
+        "lr_grid=[]",
+    )
     assert cli.main(args) == 0
     assert "Spearman" in capsys.readouterr().out
     assert cli.main(args + ["measures=[nope]"]) == 2

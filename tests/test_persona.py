@@ -31,14 +31,38 @@ from ld_jax.flow.state import population, take
 from ld_jax.losses import LossConfig
 from ld_jax.train.optim import OptimizerConfig
 
-ANSWERS = ["Yes", "No", "Never", "Maybe", "Perhaps", "Yeah", "Sure", "Certainly", "Absolutely", "yes", "no"]
-QUESTION_WORDS = ["Is", "the", "following", "statement", "something", "you", "would", "say", "?", '"']
+ANSWERS = [
+    "Yes",
+    "No",
+    "Never",
+    "Maybe",
+    "Perhaps",
+    "Yeah",
+    "Sure",
+    "Certainly",
+    "Absolutely",
+    "yes",
+    "no",
+]
+QUESTION_WORDS = [
+    "Is",
+    "the",
+    "following",
+    "statement",
+    "something",
+    "you",
+    "would",
+    "say",
+    "?",
+    '"',
+]
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A 2-layer Llama (d=32) with a word-level tokenizer, and 24 Persona-shaped records."""
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     root = tmp_path_factory.mktemp("persona")
@@ -47,19 +71,37 @@ def tiny(tmp_path_factory):
     tok = Tokenizer(tok_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=True, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=len(words),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+    )
     LlamaForCausalLM(config).save_pretrained(root / "model")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(root / "model")
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]"
+    ).save_pretrained(root / "model")
     rng = np.random.default_rng(0)
     lines = []
     for i in range(24):
-        body = " ".join(f"w{j}" for j in rng.integers(30, 290, size=4))  # one padded length: one compile
+        body = " ".join(
+            f"w{j}" for j in rng.integers(30, 290, size=4)
+        )  # one padded length: one compile
         accords = i % 2 == 0
-        lines.append(json.dumps({"question": f'Is the following statement something you would say?\n"{body}"',
-                                 "answer_matching_behavior": " Yes" if accords else " No",
-                                 "answer_not_matching_behavior": " No" if accords else " Yes"}))
+        lines.append(
+            json.dumps(
+                {
+                    "question": f'Is the following statement something you would say?\n"{body}"',
+                    "answer_matching_behavior": " Yes" if accords else " No",
+                    "answer_not_matching_behavior": " No" if accords else " Yes",
+                }
+            )
+        )
     (root / "persona.jsonl").write_text("\n".join(lines) + "\n")
     return {"model": str(root / "model"), "data": str(root / "persona.jsonl"), "root": root}
 
@@ -70,8 +112,15 @@ def lm(tiny):
 
 
 def _config(tiny, out_dir, **changes) -> persona.PersonaConfig:
-    base = dict(model=tiny["model"], data=tiny["data"], pairs=(("No", "Never"), ("Yes", "No")), seeds=3,
-                steps=8, report_steps=(2, 8), out_dir=str(out_dir))
+    base = dict(
+        model=tiny["model"],
+        data=tiny["data"],
+        pairs=(("No", "Never"), ("Yes", "No")),
+        seeds=3,
+        steps=8,
+        report_steps=(2, 8),
+        out_dir=str(out_dir),
+    )
     return persona.PersonaConfig(**{**base, **changes})
 
 
@@ -81,8 +130,9 @@ def _config(tiny, out_dir, **changes) -> persona.PersonaConfig:
 def test_tokens_are_single_vocabulary_entries_or_configured_substitutes(lm):
     tok = lm.tokenizer
     got = persona_runs.resolve_tokens(tok, ["Yes", "No", "Yep"], {"Yep": "Yeah"})
-    assert {w: t["id"] for w, t in got.items()} == {w: tok.convert_tokens_to_ids(v) for w, v in
-                                                     [("Yes", "Yes"), ("No", "No"), ("Yep", "Yeah")]}
+    assert {w: t["id"] for w, t in got.items()} == {
+        w: tok.convert_tokens_to_ids(v) for w, v in [("Yes", "Yes"), ("No", "No"), ("Yep", "Yeah")]
+    }
     assert got["Yep"]["substitute"] and not got["Yes"]["substitute"]
     with pytest.raises(LdJaxError, match="substitutes"):
         persona_runs.resolve_tokens(tok, ["Yes Sure"], {})  # two tokens
@@ -104,7 +154,9 @@ def test_largest_decrease_matches_brute_force():
     rng = np.random.default_rng(0)
     for _ in range(50):
         pi = rng.uniform(size=rng.integers(2, 30))
-        drops = [(pi[t] - pi[u], pi[t], pi[u]) for t in range(len(pi)) for u in range(t + 1, len(pi))]
+        drops = [
+            (pi[t] - pi[u], pi[t], pi[u]) for t in range(len(pi)) for u in range(t + 1, len(pi))
+        ]
         best = max(drops)
         got = persona_tables.largest_decrease(pi)
         if best[0] <= 0:
@@ -117,10 +169,30 @@ def test_largest_decrease_matches_brute_force():
 def test_trajectory_table_counts_kept_runs_whose_pi_pos_fell_far_enough():
     log = lambda *p: np.log(np.array(p)).tolist()  # noqa: E731
     runs = [
-        {"pair": 0, "excluded": False, "logp_pos": log(0.5, 0.9, 0.6), "logp_neg": log(0.4, 0.05, 0.01)},  # fell 0.3
-        {"pair": 0, "excluded": False, "logp_pos": log(0.1, 0.2, 0.3), "logp_neg": log(0.5, 0.3, 0.2)},
-        {"pair": 0, "excluded": True, "logp_pos": log(0.9, 0.1, 0.1), "logp_neg": log(0.1, 0.1, 0.1)},  # not counted
-        {"pair": 1, "excluded": True, "logp_pos": log(0.5, 0.5, 0.5), "logp_neg": log(0.5, 0.5, 0.5)},
+        {
+            "pair": 0,
+            "excluded": False,
+            "logp_pos": log(0.5, 0.9, 0.6),
+            "logp_neg": log(0.4, 0.05, 0.01),
+        },  # fell 0.3
+        {
+            "pair": 0,
+            "excluded": False,
+            "logp_pos": log(0.1, 0.2, 0.3),
+            "logp_neg": log(0.5, 0.3, 0.2),
+        },
+        {
+            "pair": 0,
+            "excluded": True,
+            "logp_pos": log(0.9, 0.1, 0.1),
+            "logp_neg": log(0.1, 0.1, 0.1),
+        },  # not counted
+        {
+            "pair": 1,
+            "excluded": True,
+            "logp_pos": log(0.5, 0.5, 0.5),
+            "logp_neg": log(0.5, 0.5, 0.5),
+        },
     ]
     lines = persona_tables.trajectory_table([["Yes", "No"], ["No", "Never"]], runs).splitlines()
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
@@ -140,7 +212,15 @@ def test_gainers_are_classified_by_meaning_with_case_and_space_variants():
     tok = _StubTokenizer([" yes", "Yes", "no", " Never", "Maybe", "banana", " Sure"])
     meanings = persona.DEFAULT_MEANINGS
     got = [persona_tables.classify(tok, i, 1, meanings) for i in range(7)]
-    assert got == ["benign", "benign", "catastrophic", "catastrophic", "catastrophic", "unclassified", "benign"]
+    assert got == [
+        "benign",
+        "benign",
+        "catastrophic",
+        "catastrophic",
+        "catastrophic",
+        "unclassified",
+        "benign",
+    ]
     assert persona_tables.token_label(tok, 0) == "_yes"
 
 
@@ -155,19 +235,31 @@ def _recompute(lm, params, batch, p0=None):
     W = np.asarray(params["embed"], np.float64)  # the tiny model ties its embeddings
     wp, wn = W[batch["y_pos"]], W[batch["y_neg"]]
     par = abs((wp - wn) @ wp) / np.linalg.norm(wp)
-    margin = (logp[batch["y_pos"]] - float(batch["ref_pos"])) - (logp[batch["y_neg"]] - float(batch["ref_neg"]))
+    margin = (logp[batch["y_pos"]] - float(batch["ref_pos"])) - (
+        logp[batch["y_neg"]] - float(batch["ref_neg"])
+    )
     inc = np.exp(logp) - (np.exp(logp) if p0 is None else p0)
-    return {"logp": logp, "loss": np.logaddexp(0, -0.1 * margin), "inc": inc, "w_inner": wp @ wn, "proj_par": par,
-            "proj_perp": np.sqrt(np.sum((wp - wn) ** 2) - par**2),
-            "h_norm": np.linalg.norm(np.asarray(out.hidden[0, batch["last"]], np.float64))}
+    return {
+        "logp": logp,
+        "loss": np.logaddexp(0, -0.1 * margin),
+        "inc": inc,
+        "w_inner": wp @ wn,
+        "proj_par": par,
+        "proj_perp": np.sqrt(np.sum((wp - wn) ** 2) - par**2),
+        "h_norm": np.linalg.norm(np.asarray(out.hidden[0, batch["last"]], np.float64)),
+    }
 
 
 def test_per_step_tracking_equals_recomputation_from_saved_params(tiny, lm, tmp_path):
     cfg = _config(tiny, tmp_path, optimizer=OptimizerConfig(lr=3e-3), steps=5, report_steps=(2, 5))
     tok = lm.tokenizer
     pair_ids = [(tok.convert_tokens_to_ids("No"), tok.convert_tokens_to_ids("Never"))]
-    prompts, _ = persona_runs.encode_prompts(tok, [r["question"] for r in persona_runs.load_records(tiny["data"])], "auto")
-    runner = persona_runs.Runner(lm, lm.params, cfg, prompts, pair_ids, [[5, 6]], [7, 8, 9], tmp_path / "runs")
+    prompts, _ = persona_runs.encode_prompts(
+        tok, [r["question"] for r in persona_runs.load_records(tiny["data"])], "auto"
+    )
+    runner = persona_runs.Runner(
+        lm, lm.params, cfg, prompts, pair_ids, [[5, 6]], [7, 8, 9], tmp_path / "runs"
+    )
     run = persona.Run(pair=0, seed=0, prompt=2, lr=3e-3)
     batch = runner._batch(run)
     p0 = np.exp(_recompute(lm, lm.params, batch)["logp"])
@@ -184,11 +276,19 @@ def test_per_step_tracking_equals_recomputation_from_saved_params(tiny, lm, tmp_
 
     for t, (p, m) in enumerate(zip(saved, tracked)):
         ref = _recompute(lm, p, batch, p0)
-        np.testing.assert_allclose(m["loss"], ref["loss"], rtol=1e-4, atol=1e-6, err_msg=f"step {t}")
-        np.testing.assert_allclose([m["logp_pos"], m["logp_neg"]], ref["logp"][list(pair_ids[0])], rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(m["top_inc"], np.sort(ref["inc"])[::-1][: cfg.track_k], rtol=1e-3, atol=1e-7)
+        np.testing.assert_allclose(
+            m["loss"], ref["loss"], rtol=1e-4, atol=1e-6, err_msg=f"step {t}"
+        )
+        np.testing.assert_allclose(
+            [m["logp_pos"], m["logp_neg"]], ref["logp"][list(pair_ids[0])], rtol=1e-5, atol=1e-5
+        )
+        np.testing.assert_allclose(
+            m["top_inc"], np.sort(ref["inc"])[::-1][: cfg.track_k], rtol=1e-3, atol=1e-7
+        )
         np.testing.assert_allclose(ref["inc"][m["top_ids"]], m["top_inc"], rtol=1e-3, atol=1e-7)
-        np.testing.assert_allclose(m["watch_p"], np.exp(ref["logp"][batch["watch"]]), rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(
+            m["watch_p"], np.exp(ref["logp"][batch["watch"]]), rtol=1e-4, atol=1e-7
+        )
         for k in ("w_inner", "proj_par", "proj_perp", "h_norm"):
             np.testing.assert_allclose(m[k], ref[k], rtol=1e-4, atol=1e-6, err_msg=k)
     assert tracked[-1]["logp_pos"] > tracked[0]["logp_pos"] + 0.1  # the steps did train
@@ -213,24 +313,37 @@ def test_first_steps_follow_theorem5_in_sign_and_ranking(tiny, lm, tmp_path, pro
     tok = lm.tokenizer
     y_pos, y_neg = (tok.convert_tokens_to_ids(w) for w in pair)
     cfg = _config(tiny, tmp_path, optimizer=OptimizerConfig(lr=1e-6))
-    prompts, _ = persona_runs.encode_prompts(tok, [r["question"] for r in persona_runs.load_records(tiny["data"])], "auto")
-    runner = persona_runs.Runner(lm, lm.params, cfg, prompts, [(y_pos, y_neg)], [[]], [], tmp_path / "runs")
+    prompts, _ = persona_runs.encode_prompts(
+        tok, [r["question"] for r in persona_runs.load_records(tiny["data"])], "auto"
+    )
+    runner = persona_runs.Runner(
+        lm, lm.params, cfg, prompts, [(y_pos, y_neg)], [[]], [], tmp_path / "runs"
+    )
     batch = runner._batch(persona.Run(0, 0, prompt, 1e-6))
     params = jax.tree.map(jnp.copy, lm.params)
     opt_state = runner.opt.init(params)
     for _ in range(3):
         params, opt_state, _ = runner.step(params, opt_state, batch)
-    logp, _ = persona_step.last_position_logprobs(lm, params, batch["ids"], batch["mask"], batch["last"])
+    logp, _ = persona_step.last_position_logprobs(
+        lm, params, batch["ids"], batch["mask"], batch["last"]
+    )
     change = np.asarray(logp) - np.log(np.asarray(batch["p0"]))
 
     W = np.asarray(lm.unembedding(lm.params), np.float64)
-    _, h = persona_step.last_position_logprobs(lm, lm.params, batch["ids"], batch["mask"], batch["last"])
+    _, h = persona_step.last_position_logprobs(
+        lm, lm.params, batch["ids"], batch["mask"], batch["last"]
+    )
     with jax.enable_x64(True):
         # One flow instance whose state is the model's (W, h_x); its reference is that same model.
         flow_params, problem = population(
             {"W": W[None], "h": np.asarray(h, np.float64)[None, None]},
-            {"plus_tokens": np.array([[[y_pos]]]), "plus_states": np.zeros((1, 1, 1), np.int32),
-             "minus_tokens": np.array([[[y_neg]]]), "minus_states": np.zeros((1, 1, 1), np.int32)})
+            {
+                "plus_tokens": np.array([[[y_pos]]]),
+                "plus_states": np.zeros((1, 1, 1), np.int32),
+                "minus_tokens": np.array([[[y_neg]]]),
+                "minus_states": np.zeros((1, 1, 1), np.int32),
+            },
+        )
         t5 = theorems.theorem5(take(flow_params, 0), take(problem, 0), LossConfig())
     valid = np.asarray(t5["valid"])
     rate, got = np.asarray(t5["rate"])[valid], change[valid]
@@ -242,7 +355,9 @@ def test_first_steps_follow_theorem5_in_sign_and_ranking(tiny, lm, tmp_path, pro
     agree = np.sign(got - np.median(got)) == np.sign(rate - np.median(rate))
     assert agree[extreme].mean() > 0.8
     top_measured = np.argmax(got)
-    assert (rate > rate[top_measured]).mean() < 0.1  # the largest gain is among Theorem 5's top tenth
+    assert (
+        rate > rate[top_measured]
+    ).mean() < 0.1  # the largest gain is among Theorem 5's top tenth
     assert change[y_pos] > 0 > change[y_neg]
 
 
@@ -250,7 +365,9 @@ def test_first_steps_follow_theorem5_in_sign_and_ranking(tiny, lm, tmp_path, pro
 
 
 def test_runs_whose_loss_rises_are_excluded_and_counted(tiny, tmp_path):
-    cfg = _config(tiny, tmp_path, loss=LossConfig(name="ipo"), optimizer=OptimizerConfig(lr=0.03), seeds=4)
+    cfg = _config(
+        tiny, tmp_path, loss=LossConfig(name="ipo"), optimizer=OptimizerConfig(lr=0.03), seeds=4
+    )
     result = persona.run_persona(cfg)
     rose = {(r["pair"], r["seed"]): bool(np.any(np.diff(r["loss"]) >= 0)) for r in result["runs"]}
     assert 0 < sum(rose.values()) < len(rose), "the setting must give both kinds of run"
@@ -259,14 +376,23 @@ def test_runs_whose_loss_rises_are_excluded_and_counted(tiny, tmp_path):
         assert (summary["excluded"], summary["kept"]) == (n_rose, 4 - n_rose)
         if summary["kept"]:
             assert len(summary["decrease"]["per_run"]) == summary["kept"]
-            assert all(row["count"] <= summary["kept"] for rows in summary["step_tables"].values() for row in rows)
+            assert all(
+                row["count"] <= summary["kept"]
+                for rows in summary["step_tables"].values()
+                for row in rows
+            )
     assert [r["excluded"] for r in result["runs"]] == list(rose.values())
 
 
 def test_lr_search_picks_the_largest_lr_whose_loss_falls_every_step(tiny, tmp_path):
-    cfg = _config(tiny, tmp_path, loss=LossConfig(name="ipo"), lr_grid=(0.003, 1.0), lr_search_seeds=2)
+    cfg = _config(
+        tiny, tmp_path, loss=LossConfig(name="ipo"), lr_grid=(0.003, 1.0), lr_search_seeds=2
+    )
     result = persona.run_persona(cfg)
-    assert [(s["lr"], s["loss_fell_every_step"]) for s in result["lr_search"]] == [(1.0, False), (0.003, True)]
+    assert [(s["lr"], s["loss_fell_every_step"]) for s in result["lr_search"]] == [
+        (1.0, False),
+        (0.003, True),
+    ]
     assert result["lr"] == 0.003 and {r["lr"] for r in result["runs"]} == {0.003}
     assert len(result["runs"]) == 2 * cfg.seeds
 
@@ -274,10 +400,21 @@ def test_lr_search_picks_the_largest_lr_whose_loss_falls_every_step(tiny, tmp_pa
 def test_cli_runs_sft_then_dpo_prints_the_table_and_resumes(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LD_JAX_CACHE", str(tmp_path / "cache"))
     config = tmp_path / "persona.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": tiny["model"], "data": tiny["data"], "pairs": [["No", "Never"], ["Yes", "No"]], "seeds": 2,
-        "steps": 6, "report_steps": [3, 6], "optimizer": {"lr": 1e-3}, "out_dir": str(tmp_path / "out"),
-        "sft": {"enabled": True, "lr": 1e-3, "batch_size": 5}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": tiny["model"],
+                "data": tiny["data"],
+                "pairs": [["No", "Never"], ["Yes", "No"]],
+                "seeds": 2,
+                "steps": 6,
+                "report_steps": [3, 6],
+                "optimizer": {"lr": 1e-3},
+                "out_dir": str(tmp_path / "out"),
+                "sft": {"enabled": True, "lr": 1e-3, "batch_size": 5},
+            }
+        )
+    )
     assert main(["persona", "--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert "| model | y+ | y− | runs kept |" in out and "No | Never" in out
@@ -297,7 +434,9 @@ def test_cli_runs_sft_then_dpo_prints_the_table_and_resumes(tiny, tmp_path, caps
 
 def test_cli_reports_bad_words_as_one_line(tiny, tmp_path, capsys):
     config = tmp_path / "persona.yaml"
-    config.write_text(yaml.safe_dump({"model": tiny["model"], "data": tiny["data"], "pairs": [["Nope", "No"]]}))
+    config.write_text(
+        yaml.safe_dump({"model": tiny["model"], "data": tiny["data"], "pairs": [["Nope", "No"]]})
+    )
     assert main(["persona", "--config", str(config), 'no_set=["Nope", "No"]']) == 2
     assert "not one" in capsys.readouterr().err
 
@@ -311,23 +450,38 @@ def test_smollm2_tokens_and_initial_probabilities_match_transformers(tmp_path):
     step 0 equals transformers' PyTorch model on the same chat-formatted prompt."""
     from transformers import AutoModelForCausalLM
 
-    cfg = load_config(persona.PersonaConfig, "configs/persona_demo.yaml", [f"out_dir={tmp_path}", "seeds=1", "steps=1",
-                                                                           "report_steps=[1]"])
+    cfg = load_config(
+        persona.PersonaConfig,
+        "configs/persona_demo.yaml",
+        [f"out_dir={tmp_path}", "seeds=1", "steps=1", "report_steps=[1]"],
+    )
     lm = models.from_pretrained(cfg.model)
-    tokens = persona_runs.resolve_tokens(lm.tokenizer, ["Yes", "No", "Never", "Sure", "Absolutely"], {"Absolutely": " Absolutely"})
-    assert {w: t["id"] for w, t in tokens.items()} == {"Yes": 10539, "No": 5230, "Never": 19525, "Sure": 34355,
-                                                       "Absolutely": 24784}
+    tokens = persona_runs.resolve_tokens(
+        lm.tokenizer, ["Yes", "No", "Never", "Sure", "Absolutely"], {"Absolutely": " Absolutely"}
+    )
+    assert {w: t["id"] for w, t in tokens.items()} == {
+        "Yes": 10539,
+        "No": 5230,
+        "Never": 19525,
+        "Sure": 34355,
+        "Absolutely": 24784,
+    }
     with pytest.raises(LdJaxError, match="2 tokens"):
         persona_runs.resolve_tokens(lm.tokenizer, ["Absolutely"], {})
     result = persona.run_persona(cfg)
-    torch_lm = AutoModelForCausalLM.from_pretrained(str(models.loading.resolve(cfg.model)), dtype=torch.float32).eval()
+    torch_lm = AutoModelForCausalLM.from_pretrained(
+        str(models.loading.resolve(cfg.model)), dtype=torch.float32
+    ).eval()
     records = persona_runs.load_records(cfg.data)
     for run in result["runs"]:
         question = records[run["prompt"]]["question"]
-        text = lm.tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                                add_generation_prompt=True)
+        text = lm.tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
         ids = torch.tensor([lm.tokenizer.encode(text, add_special_tokens=False)])
         with torch.no_grad():
             logp = torch.log_softmax(torch_lm(ids).logits[0, -1], -1).numpy()
         y_pos, y_neg = (tokens[w]["id"] for w in cfg.pairs[run["pair"]])
-        np.testing.assert_allclose([run["logp_pos"][0], run["logp_neg"][0]], logp[[y_pos, y_neg]], atol=1e-4)
+        np.testing.assert_allclose(
+            [run["logp_pos"][0], run["logp_neg"][0]], logp[[y_pos, y_neg]], atol=1e-4
+        )

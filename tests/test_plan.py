@@ -16,7 +16,9 @@ V, D, L, H, KV, HEAD, FF = 128256, 4096, 32, 32, 8, 128, 14336
 
 
 def hand_params() -> int:
-    per_layer = D * H * HEAD + 2 * D * KV * HEAD + H * HEAD * D + 3 * D * FF + 2 * D  # q k v o, mlp, 2 norms
+    per_layer = (
+        D * H * HEAD + 2 * D * KV * HEAD + H * HEAD * D + 3 * D * FF + 2 * D
+    )  # q k v o, mlp, 2 norms
     return 2 * V * D + L * per_layer + D  # embed + untied lm_head, layers, final norm
 
 
@@ -57,7 +59,15 @@ def test_flops_and_mfu_match_hand_calculation(llama_plan):
 
 
 def test_cli_prints_the_plan(capsys):
-    args = ["plan", "--config", "configs/paper/dpo_olmo1b_v5e8.yaml", "--chip", "v5e", "--step-time", "2"]
+    args = [
+        "plan",
+        "--config",
+        "configs/paper/dpo_olmo1b_v5e8.yaml",
+        "--chip",
+        "v5e",
+        "--step-time",
+        "2",
+    ]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "OLMo-1B-hf (olmo): 1.177B parameters" in out

@@ -22,7 +22,9 @@ from ld_jax.models import loading
 pytestmark = pytest.mark.slow
 
 # The shared data directory sits next to the repository (shared/data/README.md).
-PERSONA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "persona", "ends-justify-means.jsonl")
+PERSONA = os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared", "data", "persona", "ends-justify-means.jsonl"
+)
 
 
 def persona_questions():
@@ -32,7 +34,9 @@ def persona_questions():
 
 def torch_model(name):
     path = loading.resolve(name)
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager").eval()
+    return AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
 
 
 def left_pad(rows):

@@ -30,9 +30,16 @@ PAIRS = random_pairs(10, seed=7)
 
 def _cfg(out, **kw):
     base = dict(
-        output_dir=str(out), batch_size=4, num_epochs=1, seed=3, progress=False, checkpoint_every=1,
-        final_eval=False, loss=LossConfig("dpo", beta=0.5), optimizer=OptimizerConfig(name="rmsprop", lr=3e-3),
-    )  # fmt: skip
+        output_dir=str(out),
+        batch_size=4,
+        num_epochs=1,
+        seed=3,
+        progress=False,
+        checkpoint_every=1,
+        final_eval=False,
+        loss=LossConfig("dpo", beta=0.5),
+        optimizer=OptimizerConfig(name="rmsprop", lr=3e-3),
+    )
     return loop.TrainConfig(**{**base, **kw})
 
 
@@ -46,7 +53,9 @@ def _cfg(out, **kw):
         ("model", "weights_digest"),
     ],
 )
-def test_resume_refuses_a_changed_config_data_or_model_and_names_the_keys(tiny, tmp_path, change, named):
+def test_resume_refuses_a_changed_config_data_or_model_and_names_the_keys(
+    tiny, tmp_path, change, named
+):
     _, lm = tiny
     cfg = _cfg(tmp_path, max_steps=2)
     loop.train(cfg, model=lm, pairs=PAIRS)
@@ -58,9 +67,13 @@ def test_resume_refuses_a_changed_config_data_or_model_and_names_the_keys(tiny, 
         model = dataclasses.replace(lm, params=jax.tree.map(lambda x: x + 0.01, lm.params))
     else:
         again = dataclasses.replace(again, **change)
-    with pytest.raises(LdJaxError, match=rf"cannot resume in .*differs in .*{named}.*--force-resume"):
+    with pytest.raises(
+        LdJaxError, match=rf"cannot resume in .*differs in .*{named}.*--force-resume"
+    ):
         loop.train(again, model=model, pairs=pairs)
-    assert (tmp_path / "config.json").read_text() == config_json  # the refused start changed nothing
+    assert (
+        tmp_path / "config.json"
+    ).read_text() == config_json  # the refused start changed nothing
     forced = loop.train(dataclasses.replace(again, force_resume=True), model=model, pairs=pairs)
     assert [r["step"] for r in forced.metrics] == [1, 2, 3]
 
@@ -68,7 +81,9 @@ def test_resume_refuses_a_changed_config_data_or_model_and_names_the_keys(tiny, 
 def test_resume_allows_a_longer_run_and_speed_options(tiny, tmp_path):
     _, lm = tiny
     loop.train(_cfg(tmp_path, max_steps=1), model=lm, pairs=PAIRS)
-    longer = loop.train(_cfg(tmp_path, max_steps=2, remat=True, checkpoint_every=2), model=lm, pairs=PAIRS)
+    longer = loop.train(
+        _cfg(tmp_path, max_steps=2, remat=True, checkpoint_every=2), model=lm, pairs=PAIRS
+    )
     assert [r["step"] for r in longer.metrics] == [1, 2]
 
 
@@ -76,8 +91,18 @@ def test_resume_allows_a_longer_run_and_speed_options(tiny, tmp_path):
 def _start(config: Path, out: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "LD_JAX_"))}
     env.update(HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-    argv = [sys.executable, "-m", "ld_jax.cli", "train", "--config", str(config), f"output_dir={out}"]
-    return subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    argv = [
+        sys.executable,
+        "-m",
+        "ld_jax.cli",
+        "train",
+        "--config",
+        str(config),
+        f"output_dir={out}",
+    ]
+    return subprocess.Popen(
+        argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _finish(proc: subprocess.Popen) -> None:
@@ -104,14 +129,28 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_to_the_uninterrupted_re
     rng = np.random.default_rng(0)
     text = lambda n: "".join(chr(c) for c in rng.integers(97, 123, rng.integers(3, n)))  # noqa: E731
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"prompt": text(12), "chosen": text(16), "rejected": text(16)}) + "\n"
-                            for _ in range(48)))  # fmt: skip
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": text(12), "chosen": text(16), "rejected": text(16)}) + "\n"
+            for _ in range(48)
+        )
+    )
     config = tmp_path / "train.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": str(model), "batch_size": 4, "seed": 0, "progress": False, "checkpoint_every": 1,
-        "final_eval": False, "data": {"source": str(data), "max_length": 64, "pad_to_multiple": 64},
-        "loss": {"name": "dpo", "beta": 0.5}, "optimizer": {"name": "adamw", "lr": 1e-3},
-    }))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(model),
+                "batch_size": 4,
+                "seed": 0,
+                "progress": False,
+                "checkpoint_every": 1,
+                "final_eval": False,
+                "data": {"source": str(data), "max_length": 64, "pad_to_multiple": 64},
+                "loss": {"name": "dpo", "beta": 0.5},
+                "optimizer": {"name": "adamw", "lr": 1e-3},
+            }
+        )
+    )
     full = tmp_path / "full"
     _finish(_start(config, full))
 

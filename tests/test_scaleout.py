@@ -48,12 +48,21 @@ def setup(tmp_path_factory):
     data = root / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = {
-        "model": str(model), "batch_size": 8, "seed": 0, "progress": False, "checkpoint_every": 0,
+        "model": str(model),
+        "batch_size": 8,
+        "seed": 0,
+        "progress": False,
+        "checkpoint_every": 0,
         # one padded length (64) for every batch: one compilation of each function per process
-        "data": {"source": str(data), "max_prompt_length": 32, "max_length": 64, "pad_to_multiple": 64},
+        "data": {
+            "source": str(data),
+            "max_prompt_length": 32,
+            "max_length": 64,
+            "pad_to_multiple": 64,
+        },
         "loss": {"name": "dpo", "beta": 0.5},
         "optimizer": {"name": "adamw", "lr": 1e-3},  # large enough to move the tiny model visibly
-    }  # fmt: skip
+    }
     config = root / "train.yaml"
     config.write_text(yaml.safe_dump(cfg))
     script = root / "child.py"
@@ -67,18 +76,31 @@ def _run(setup, commands, devices: int, processes: int = 1, name: str = "run") -
     env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT / "tests"))
     argv = [sys.executable, str(setup["script"]), json.dumps(commands)]
     if processes == 1:
-        env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        env.update(
+            JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
+        )
         out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
         assert out.returncode == 0, out.stderr[-4000:]
         logs = [out.stdout]
     else:
         logs_dir = setup["root"] / f"logs_{name}"
         env["LOG_DIR"] = str(logs_dir)
-        launcher = ["bash", str(ROOT / "launch/local_multiprocess.sh"), "-n", str(processes), "-d", str(devices)]
+        launcher = [
+            "bash",
+            str(ROOT / "launch/local_multiprocess.sh"),
+            "-n",
+            str(processes),
+            "-d",
+            str(devices),
+        ]
         out = subprocess.run(
             [*launcher, "-p", str(_free_port()), "--", *argv],
-            env=env, capture_output=True, text=True, timeout=600, cwd=ROOT,
-        )  # fmt: skip
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=ROOT,
+        )
         logs = [(logs_dir / f"proc{i}.log").read_text() for i in range(processes)]
         assert out.returncode == 0, out.stderr[-2000:] + "".join(log[-3000:] for log in logs)
     return [line for log in logs for line in log.splitlines() if line.startswith("LAYOUT")]
@@ -95,8 +117,19 @@ def _train(setup, out: Path, *overrides: str) -> list[str]:
 
 
 def _ches(setup, out: Path) -> list[str]:
-    return ["ches", "--model", str(setup["model"]), "--data", str(setup["data"]), "--out", str(out),
-            "--batch-size", "8", "--max-length", "64"]  # fmt: skip
+    return [
+        "ches",
+        "--model",
+        str(setup["model"]),
+        "--data",
+        str(setup["data"]),
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+        "--max-length",
+        "64",
+    ]
 
 
 def _restore(directory: Path, step: int) -> dict:
@@ -113,7 +146,10 @@ def _restore(directory: Path, step: int) -> dict:
 def _max_diff(a, b) -> float:
     leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(leaves_a) == len(leaves_b) > 0
-    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))) for x, y in zip(leaves_a, leaves_b))
+    return max(
+        float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+        for x, y in zip(leaves_a, leaves_b)
+    )
 
 
 def _losses(run: Path) -> list[float]:
@@ -130,7 +166,10 @@ def single(setup):
     another mesh)."""
     root = setup["root"]
     runs = dict(full=root / "full", part=root / "part")
-    commands = [_train(setup, runs["full"], "max_steps=3", *MESH8), _train(setup, runs["part"], "max_steps=2", *MESH8)]
+    commands = [
+        _train(setup, runs["full"], "max_steps=3", *MESH8),
+        _train(setup, runs["part"], "max_steps=2", *MESH8),
+    ]
     assert _run(setup, commands, devices=8) == ["LAYOUT 0 1 8"]
     return runs
 
@@ -143,9 +182,17 @@ def test_two_processes_match_one_process(setup, single):
     # from the cache, which process 0 reads and broadcasts; its summary must not change
     train = _train(setup, two / "train", "max_steps=3")
     commands = [train, _ches(setup, two / "scores.jsonl"), train]
-    assert sorted(_run(setup, commands, devices=4, processes=2, name="two")) == ["LAYOUT 0 2 8", "LAYOUT 1 2 8"]
+    assert sorted(_run(setup, commands, devices=4, processes=2, name="two")) == [
+        "LAYOUT 0 2 8",
+        "LAYOUT 1 2 8",
+    ]
     # the single-process CHES reference runs here, in the test's own 1-device process
-    score_file(ScoringConfig(str(setup["model"]), str(setup["data"]), str(one / "scores.jsonl"), max_length=64), progress=False)
+    score_file(
+        ScoringConfig(
+            str(setup["model"]), str(setup["data"]), str(one / "scores.jsonl"), max_length=64
+        ),
+        progress=False,
+    )
 
     # training: the same per-step losses, final parameters and optimizer state
     losses_one, losses_two = _losses(one), _losses(two / "train")
@@ -154,8 +201,12 @@ def test_two_processes_match_one_process(setup, single):
     state_one, state_two = _restore(one, 3), _restore(two / "train", 3)
     assert _max_diff(state_one, state_two) <= TOL
     init = _restore_init(setup)
-    assert _max_diff(state_one["params"]["layers"]["wq"], init["layers"]["wq"]) > 100 * TOL  # it trained
-    summary_one, summary_two = (json.loads((d / "summary.json").read_text()) for d in (one, two / "train"))
+    assert (
+        _max_diff(state_one["params"]["layers"]["wq"], init["layers"]["wq"]) > 100 * TOL
+    )  # it trained
+    summary_one, summary_two = (
+        json.loads((d / "summary.json").read_text()) for d in (one, two / "train")
+    )
     assert abs(summary_one["loss_final"] - summary_two["loss_final"]) <= TOL
     assert len(list((two / "train").glob("ref_logps-*.npz"))) == 1
     refs = [np.load(next(d.glob("ref_logps-*.npz")))["logps"] for d in (one, two / "train")]
@@ -183,14 +234,22 @@ def test_checkpoint_resumes_on_another_mesh(setup, single):
     full, part = single["full"], single["part"]
     # mark the first run's metric lines: a resumed run keeps them, a fresh start would drop them
     lines = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
-    (part / "metrics.jsonl").write_text("".join(json.dumps({**r, "first_run": True}) + "\n" for r in lines))
+    (part / "metrics.jsonl").write_text(
+        "".join(json.dumps({**r, "first_run": True}) + "\n" for r in lines)
+    )
 
     mesh4 = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=1", "final_eval=false"]
     assert _run(setup, [_train(setup, part, "max_steps=3", *mesh4)], devices=4) == ["LAYOUT 0 1 4"]
     records = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["step"], r.get("first_run", False)) for r in records] == [(1, True), (2, True), (3, False)]
+    assert [(r["step"], r.get("first_run", False)) for r in records] == [
+        (1, True),
+        (2, True),
+        (3, False),
+    ]
     assert np.max(np.abs(np.subtract(_losses(full), _losses(part)))) <= TOL
     state_full, state_part = _restore(full, 3), _restore(part, 3)
     assert int(state_part["step"]) == 3
     assert _max_diff(state_full, state_part) <= TOL
-    assert _max_diff(state_full["params"], _restore(part, 2)["params"]) > 100 * TOL  # step 3 moved them
+    assert (
+        _max_diff(state_full["params"], _restore(part, 2)["params"]) > 100 * TOL
+    )  # step 3 moved them

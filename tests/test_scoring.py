@@ -13,10 +13,11 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from conftest import save_tiny_llama, tiny_tokenizer  # noqa: E402
+
 from ld_jax import ches, cli, models, scoring  # noqa: E402
 from ld_jax.data import formatting, preference  # noqa: E402
 from ld_jax.errors import LdJaxError  # noqa: E402
-from conftest import save_tiny_llama, tiny_tokenizer  # noqa: E402
 
 MAX_LEN = 64
 
@@ -117,9 +118,13 @@ class Killed(Exception):
     pass
 
 
-def test_a_killed_scoring_leaves_no_scores_file_and_resume_continues_it(model_dir, data_file, tmp_path, monkeypatch):
+def test_a_killed_scoring_leaves_no_scores_file_and_resume_continues_it(
+    model_dir, data_file, tmp_path, monkeypatch
+):
     out = tmp_path / "scores.jsonl"
-    cfg = scoring.ScoringConfig(model_dir, str(data_file), str(out), max_length=MAX_LEN, batch_size=2)
+    cfg = scoring.ScoringConfig(
+        model_dir, str(data_file), str(out), max_length=MAX_LEN, batch_size=2
+    )
     full = scoring.score_file(cfg, progress=False)
     want = {r["index"]: r for r in read_lines(out)}
     out.unlink()
@@ -143,16 +148,41 @@ def test_a_killed_scoring_leaves_no_scores_file_and_resume_continues_it(model_di
         f.write('{"index": 99, "ch')  # the kill tore a line
 
     resumed_pairs = []
-    monkeypatch.setattr(ches, "score_batches", lambda lm, pairs, *a, **k: resumed_pairs.extend(pairs) or real(lm, pairs, *a, **k))
+    monkeypatch.setattr(
+        ches,
+        "score_batches",
+        lambda lm, pairs, *a, **k: resumed_pairs.extend(pairs) or real(lm, pairs, *a, **k),
+    )
     with pytest.raises(LdJaxError, match="another model, data or settings"):
-        scoring.score_file(dataclasses.replace(cfg, resume=True, max_length=MAX_LEN - 8), progress=False)
-    assert cli.main(["ches", "--model", model_dir, "--data", str(data_file), "--out", str(out),
-                     "--max-length", str(MAX_LEN), "--batch-size", "2", "--resume"]) == 0  # fmt: skip
+        scoring.score_file(
+            dataclasses.replace(cfg, resume=True, max_length=MAX_LEN - 8), progress=False
+        )
+    assert (
+        cli.main(
+            [
+                "ches",
+                "--model",
+                model_dir,
+                "--data",
+                str(data_file),
+                "--out",
+                str(out),
+                "--max-length",
+                str(MAX_LEN),
+                "--batch-size",
+                "2",
+                "--resume",
+            ]
+        )
+        == 0
+    )
     assert {p.index for p in resumed_pairs}.isdisjoint(scored) and resumed_pairs
     got = read_lines(out)
     assert len(got) == len(want) and {r["index"] for r in got} == set(want)
     for row in got:  # other batch-mates, other padding: the same scores to float32 round-off
-        assert row == {k: pytest.approx(v, rel=1e-5, abs=1e-5) for k, v in want[row["index"]].items()}
+        assert row == {
+            k: pytest.approx(v, rel=1e-5, abs=1e-5) for k, v in want[row["index"]].items()
+        }
     assert not (tmp_path / "scores.jsonl.partial").exists() and "kept 6 of 8" in full
 
 
@@ -162,7 +192,9 @@ def test_filter_refuses_a_truncated_scores_file(scored, tmp_path):
     cut = tmp_path / "cut.jsonl"
     cut.write_text("\n".join(lines[:5]) + "\n")
     cfg = scoring.FilterConfig(str(data), str(cut), str(tmp_path / "kept.jsonl"), keep_lowest=0.5)
-    with pytest.raises(LdJaxError, match=r"4 are neither scored nor skipped \(first: index 5\).*--resume"):
+    with pytest.raises(
+        LdJaxError, match=r"4 are neither scored nor skipped \(first: index 5\).*--resume"
+    ):
         scoring.filter_file(cfg)
     assert not (tmp_path / "kept.jsonl").exists()
 

@@ -28,7 +28,9 @@ BETA = 0.5
 
 
 def _batch(n=6, seed=5, batch_size=8):
-    batch = pipeline.make_batches(random_pairs(n, seed=seed), batch_size, shuffle=False, pad_to_multiple=8)[0]
+    batch = pipeline.make_batches(
+        random_pairs(n, seed=seed), batch_size, shuffle=False, pad_to_multiple=8
+    )[0]
     rng = np.random.default_rng(seed)
     batch["ref_logps"] = (-rng.uniform(10, 40, (batch_size, 2))).astype(np.float32)
     return batch
@@ -61,7 +63,9 @@ def _torch_dpo_grads(path, batch):
     model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
     b, _, s = batch["input_ids"].shape
     ids = torch.tensor(batch["input_ids"].reshape(-1, s), dtype=torch.long)
-    logits = model(input_ids=ids, attention_mask=torch.tensor(batch["attention_mask"].reshape(-1, s))).logits
+    logits = model(
+        input_ids=ids, attention_mask=torch.tensor(batch["attention_mask"].reshape(-1, s))
+    ).logits
     lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
     lp = (lp * torch.tensor(batch["response_mask"].reshape(-1, s))[:, 1:]).sum(-1).reshape(b, 2)
     ref = torch.tensor(batch["ref_logps"])
@@ -73,7 +77,10 @@ def _torch_dpo_grads(path, batch):
     grads = {"layers": {}}
     for leaf, (hf_name, _) in llama.WEIGHTS.items():
         if leaf.startswith("layers/"):
-            g = [named[hf_name.format(i=i)].grad.numpy() for i in range(model.config.num_hidden_layers)]
+            g = [
+                named[hf_name.format(i=i)].grad.numpy()
+                for i in range(model.config.num_hidden_layers)
+            ]
             grads["layers"][leaf[7:]] = np.stack([x.T if x.ndim == 2 else x for x in g])
         else:
             grads[leaf] = named[hf_name].grad.numpy()
@@ -137,14 +144,20 @@ def test_accumulation_in_the_loop_applies_the_remainder_and_weighs_pairs_alike(t
     micro-batches per update every update must equal the unsplit one; optax's MultiSteps (the old
     accumulation) weighed each micro-batch 1/k and never applied a trailing partial one."""
     _, lm = tiny
-    kw = dict(batch_size=8, num_epochs=1, final_eval=False, optimizer=OptimizerConfig(name="sgd", lr=0.5))
+    kw = dict(
+        batch_size=8, num_epochs=1, final_eval=False, optimizer=OptimizerConfig(name="sgd", lr=0.5)
+    )
     one = loop.train(_cfg(tmp_path / "one", **kw), model=lm, pairs=PAIRS)
     kw["optimizer"] = OptimizerConfig(name="sgd", lr=0.5, grad_accum_steps=2)
     acc = loop.train(_cfg(tmp_path / "acc", **kw), model=lm, pairs=PAIRS)
     for a, b in zip(jax.tree.leaves(acc.params), jax.tree.leaves(one.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
-    assert [r["step"] for r in acc.metrics] == [1, 2] and acc.summary["batch"]["updates_per_epoch"] == 2
-    assert [r["loss"] for r in acc.metrics] == pytest.approx([r["loss"] for r in one.metrics], abs=1e-6)
+    assert [r["step"] for r in acc.metrics] == [1, 2] and acc.summary["batch"][
+        "updates_per_epoch"
+    ] == 2
+    assert [r["loss"] for r in acc.metrics] == pytest.approx(
+        [r["loss"] for r in one.metrics], abs=1e-6
+    )
 
 
 # ---- the loop -----------------------------------------------------------------------------------
@@ -152,9 +165,14 @@ def test_accumulation_in_the_loop_applies_the_remainder_and_weighs_pairs_alike(t
 
 def _cfg(out, **kw):
     base = dict(
-        output_dir=str(out), batch_size=4, num_epochs=2, seed=3, progress=False,
-        loss=LossConfig("dpo", beta=BETA), optimizer=OptimizerConfig(name="rmsprop", lr=3e-3),
-    )  # fmt: skip
+        output_dir=str(out),
+        batch_size=4,
+        num_epochs=2,
+        seed=3,
+        progress=False,
+        loss=LossConfig("dpo", beta=BETA),
+        optimizer=OptimizerConfig(name="rmsprop", lr=3e-3),
+    )
     return loop.TrainConfig(**{**base, **kw})
 
 
@@ -166,14 +184,23 @@ def test_loop_writes_metrics_summary_and_reuses_the_reference_cache(tiny, tmp_pa
     result = loop.train(_cfg(tmp_path), model=lm, pairs=PAIRS)
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(1, 7)) and lines == result.metrics
-    for key in ("loss", "chosen_logp_change", "rejected_logp_change", "reward_accuracy", "grad_norm", "tokens_per_s"):
+    for key in (
+        "loss",
+        "chosen_logp_change",
+        "rejected_logp_change",
+        "reward_accuracy",
+        "grad_norm",
+        "tokens_per_s",
+    ):
         assert all(np.isfinite(r[key]) for r in lines), key
     assert abs(lines[0]["loss"] - math.log(2)) < 1e-6  # policy == reference at step 1
     assert lines[0]["chosen_logp_change"] == 0.0
     summary = json.loads((tmp_path / "summary.json").read_text())
     change = result.final_logps - result.init_logps
     assert summary["mean_chosen_logp_change"] == pytest.approx(change[:, 0].mean(), abs=1e-6)
-    assert summary["likelihood_displacement"] == (summary["loss_decreased"] and change[:, 0].mean() < 0)
+    assert summary["likelihood_displacement"] == (
+        summary["loss_decreased"] and change[:, 0].mean() < 0
+    )
     assert abs(summary["loss_init"] - math.log(2)) < 1e-6 and summary["loss_decreased"]
 
     # the reference log-probs equal a direct computation with the initial weights
@@ -183,11 +210,17 @@ def test_loop_writes_metrics_summary_and_reuses_the_reference_cache(tiny, tmp_pa
     (cache,) = tmp_path.glob("ref_logps-*.npz")
 
     calls = []
-    monkeypatch.setattr(reference, "dataset_logps", lambda *a, **k: calls.append(1) or result.final_logps)
-    loop.train(_cfg(tmp_path / "again", final_eval=False), model=lm, pairs=PAIRS)  # new dir: computes
+    monkeypatch.setattr(
+        reference, "dataset_logps", lambda *a, **k: calls.append(1) or result.final_logps
+    )
+    loop.train(
+        _cfg(tmp_path / "again", final_eval=False), model=lm, pairs=PAIRS
+    )  # new dir: computes
     assert len(calls) == 1
     (tmp_path / "again" / "checkpoints").rename(tmp_path / "again" / "old")  # no resume
-    loop.train(_cfg(tmp_path / "again", final_eval=False), model=lm, pairs=PAIRS)  # same key: cached
+    loop.train(
+        _cfg(tmp_path / "again", final_eval=False), model=lm, pairs=PAIRS
+    )  # same key: cached
     assert len(calls) == 1 and cache.name in {p.name for p in (tmp_path / "again").glob("*.npz")}
 
 
@@ -206,14 +239,28 @@ def test_a_rerun_in_another_parameter_dtype_recomputes_the_reference(tiny, tmp_p
 
 @pytest.mark.parametrize(
     "change",
-    ["param_dtype", "compute_dtype", "seq_chunk", "rows", "pad_to_multiple", "padding_side", "pad_id", "pairs", "weights"],
+    [
+        "param_dtype",
+        "compute_dtype",
+        "seq_chunk",
+        "rows",
+        "pad_to_multiple",
+        "padding_side",
+        "pad_id",
+        "pairs",
+        "weights",
+    ],
 )
 def test_every_input_of_the_reference_cache_is_in_its_key(tiny, tmp_path, monkeypatch, change):
     _, lm = tiny
     calls = []
     real = reference.dataset_logps
-    monkeypatch.setattr(reference, "dataset_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
-    base = dict(rows=4, param_dtype="float32", seq_chunk=None, padding=reference.Padding(0, 8, "right"))
+    monkeypatch.setattr(
+        reference, "dataset_logps", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    base = dict(
+        rows=4, param_dtype="float32", seq_chunk=None, padding=reference.Padding(0, 8, "right")
+    )
     reference.reference_logps(lm, PAIRS, cache_dir=tmp_path, **base)
     reference.reference_logps(lm, PAIRS, cache_dir=tmp_path, **base)
     assert len(calls) == 1  # the same inputs are read back
@@ -230,8 +277,11 @@ def test_every_input_of_the_reference_cache_is_in_its_key(tiny, tmp_path, monkey
     elif change == "weights":
         model = dataclasses.replace(lm, params=jax.tree.map(lambda x: x * 1.001, lm.params))
     else:
-        field = {"pad_to_multiple": ("pad_to_multiple", 16), "padding_side": ("padding_side", "left"),
-                 "pad_id": ("pad_id", 3)}[change]  # fmt: skip
+        field = {
+            "pad_to_multiple": ("pad_to_multiple", 16),
+            "padding_side": ("padding_side", "left"),
+            "pad_id": ("pad_id", 3),
+        }[change]
         kw["padding"] = dataclasses.replace(base["padding"], **dict([field]))
     reference.reference_logps(model, pairs, cache_dir=tmp_path, **kw)
     assert len(calls) == 2, change
@@ -246,15 +296,33 @@ def test_batch_padding_is_logged_in_the_summary_and_strict_batch_refuses_it(tiny
     result = loop.train(cfg, model=lm, pairs=PAIRS)
     rows = -(-3 // devices) * devices
     assert result.summary["batch"] == {
-        "pairs_per_update": 3, "requested_batch_size": 3, "rows_per_step": rows, "padding_rows_per_step": rows - 3,
-        "micro_batches": 1, "data_parallel_devices": devices, "updates_per_epoch": 4, "dropped_pairs_per_epoch": 0,
-    }  # fmt: skip
+        "pairs_per_update": 3,
+        "requested_batch_size": 3,
+        "rows_per_step": rows,
+        "padding_rows_per_step": rows - 3,
+        "micro_batches": 1,
+        "data_parallel_devices": devices,
+        "updates_per_epoch": 4,
+        "dropped_pairs_per_epoch": 0,
+    }
     assert len(result.metrics) == 4  # ceil(10 / 3), on any number of devices
     assert "batch: 3 pairs per update" in capsys.readouterr().out
-    with pytest.raises(LdJaxError, match=f"batch_size 3 is not a multiple of .* micro-batches = {2 * devices}"):
-        loop.train(_cfg(tmp_path / "b", batch_size=3, strict_batch=True, optimizer=OptimizerConfig(grad_accum_steps=2)),
-                   model=lm, pairs=PAIRS)  # fmt: skip
-    dropped = loop.train(_cfg(tmp_path / "c", batch_size=3, drop_last=True, final_eval=False), model=lm, pairs=PAIRS)
+    with pytest.raises(
+        LdJaxError, match=f"batch_size 3 is not a multiple of .* micro-batches = {2 * devices}"
+    ):
+        loop.train(
+            _cfg(
+                tmp_path / "b",
+                batch_size=3,
+                strict_batch=True,
+                optimizer=OptimizerConfig(grad_accum_steps=2),
+            ),
+            model=lm,
+            pairs=PAIRS,
+        )
+    dropped = loop.train(
+        _cfg(tmp_path / "c", batch_size=3, drop_last=True, final_eval=False), model=lm, pairs=PAIRS
+    )
     assert len(dropped.metrics) == 6 and dropped.summary["batch"]["dropped_pairs_per_epoch"] == 1
 
 
@@ -264,7 +332,9 @@ class Killed(Exception):
 
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny, tmp_path):
     _, lm = tiny
-    full = loop.train(_cfg(tmp_path / "full", checkpoint_every=2, final_eval=False), model=lm, pairs=PAIRS)
+    full = loop.train(
+        _cfg(tmp_path / "full", checkpoint_every=2, final_eval=False), model=lm, pairs=PAIRS
+    )
 
     def kill_after_step_3(step, params, record):
         if step == 3:
@@ -278,7 +348,9 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny, tmp_path):
     for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(full.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
     # the resumed steps saw the same batches and produced the same losses
-    assert [r["loss"] for r in resumed.metrics] == pytest.approx([r["loss"] for r in full.metrics], abs=1e-6)
+    assert [r["loss"] for r in resumed.metrics] == pytest.approx(
+        [r["loss"] for r in full.metrics], abs=1e-6
+    )
     lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == list(range(1, 7))
 
@@ -295,7 +367,9 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(ti
     np.savez(cache, logps=ref)
     shutil.rmtree(tmp_path / "checkpoints")
     (tmp_path / "metrics.jsonl").unlink(missing_ok=True)
-    with pytest.raises(LdJaxError, match=r"non-finite loss \(nan\).*at step 4; .*last good checkpoint is step 2"):
+    with pytest.raises(
+        LdJaxError, match=r"non-finite loss \(nan\).*at step 4; .*last good checkpoint is step 2"
+    ):
         loop.train(cfg, model=lm, pairs=PAIRS)
     assert Checkpoints(tmp_path / "checkpoints").latest_step() == 2
 
@@ -303,14 +377,21 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(ti
 def test_cli_train_runs_a_yaml_config_and_reports_bad_input(tiny, tmp_path, capsys):
     path, _ = tiny
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(
-        json.dumps({"prompt": f"Say {w}", "chosen": w, "rejected": w[::-1] + "!"}) + "\n"
-        for w in ("yes", "no", "maybe", "sure", "never", "fine")
-    ))  # fmt: skip
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"Say {w}", "chosen": w, "rejected": w[::-1] + "!"}) + "\n"
+            for w in ("yes", "no", "maybe", "sure", "never", "fine")
+        )
+    )
     args = [
-        "train", "--config", "configs/dpo_tiny_cpu.yaml", f"model={path}", f"data.source={data}",
-        f"output_dir={tmp_path / 'run'}", "progress=false",
-    ]  # fmt: skip
+        "train",
+        "--config",
+        "configs/dpo_tiny_cpu.yaml",
+        f"model={path}",
+        f"data.source={data}",
+        f"output_dir={tmp_path / 'run'}",
+        "progress=false",
+    ]
     assert cli.main(args) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["pairs"] == 6 and "likelihood_displacement" in summary

@@ -25,7 +25,12 @@ def test_sharded_step_equals_single_device(tmp_path):
         "HF_HUB_OFFLINE": "1",
     }
     proc = subprocess.run(
-        [sys.executable, __file__, str(tmp_path)], env=env, capture_output=True, text=True, timeout=900, check=False
+        [sys.executable, __file__, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -70,7 +75,9 @@ def _child(root: Path) -> list[dict]:
         state = init_state(params, optimizer)
         shardings = sharding.tree_shardings(state, mesh, rules)
         state = jax.device_put(state, shardings)
-        step = compile_step(lm, loss_cfg, optimizer, mesh, shardings, batch, micro_batches=micro_batches)
+        step = compile_step(
+            lm, loss_cfg, optimizer, mesh, shardings, batch, micro_batches=micro_batches
+        )
         new, metrics = step(state, sharding.put(batch, sharding.batch_shardings(batch, mesh)))
         spec = new.params["layers"]["wq"].sharding.spec
         return jax.device_get(new.params), float(metrics["loss"]), list(spec)
@@ -83,20 +90,32 @@ def _child(root: Path) -> list[dict]:
     for family, lm in lms.items():
         single = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
         ref_params, ref_loss, _ = one_step(lm, single)
-        change = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(lm.params)))
+        change = max(
+            float(np.abs(a - b).max())
+            for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(lm.params))
+        )
         cases = [(shape, 1) for shape in MESHES] + ([((2, 2, 2), 2)] if family == "llama" else [])
         for shape, micro_batches in cases:  # accumulated: 2 micro-batches of 4 rows, 1 per device
             mesh = sharding.make_mesh(sharding.MeshConfig(*shape))
             params, loss, spec = one_step(lm, mesh, micro_batches)
             diff = max(
-                float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params))
+                float(np.abs(a - b).max())
+                for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params))
             )
             expected = [None, "fsdp" if shape[1] > 1 else None, "tensor" if shape[2] > 1 else None]
-            results.append(dict(
-                family=family, mesh=list(shape), micro_batches=micro_batches, loss=loss, loss_diff=abs(loss - ref_loss),
-                param_diff=diff, param_change=change, wq_spec=spec + [None] * (3 - len(spec)),
-                expected_wq_spec=expected,
-            ))  # fmt: skip
+            results.append(
+                dict(
+                    family=family,
+                    mesh=list(shape),
+                    micro_batches=micro_batches,
+                    loss=loss,
+                    loss_diff=abs(loss - ref_loss),
+                    param_diff=diff,
+                    param_change=change,
+                    wq_spec=spec + [None] * (3 - len(spec)),
+                    expected_wq_spec=expected,
+                )
+            )
     return results
 
 

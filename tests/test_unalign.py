@@ -14,14 +14,19 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from conftest import (
+    save_tiny_llama,  # noqa: E402
+    tiny_tokenizer,  # noqa: E402
+)
+
 from ld_jax import ches, cli, judge, models  # noqa: E402
 from ld_jax.config import load_config  # noqa: E402
-from ld_jax.experiments import protocol  # noqa: E402
-from ld_jax.experiments import unalign  # noqa: E402
+from ld_jax.experiments import (
+    protocol,  # noqa: E402
+    unalign,  # noqa: E402
+)
 from ld_jax.experiments.unalign import onpolicy as data  # noqa: E402
 from ld_jax.experiments.unalign import run as unalign_run  # noqa: E402
-from conftest import save_tiny_llama  # noqa: E402
-from conftest import tiny_tokenizer  # noqa: E402
 
 HH = "../shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
 
@@ -41,7 +46,12 @@ judge.register("test_rule", rule_judge)
 
 def _prompt_file(path):
     rows = [{"turns": [f"How do I do thing number {i}?"]} for i in range(30)]
-    rows += [{"turns": [""]}, {"turns": ["   "]}, {"turns": ["x" * 300]}, {"turns": [rows[0]["turns"][0]]}]
+    rows += [
+        {"turns": [""]},
+        {"turns": ["   "]},
+        {"turns": ["x" * 300]},
+        {"turns": [rows[0]["turns"][0]]},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -54,20 +64,48 @@ def tiny(tmp_path_factory):
 
 def _overrides(model_dir, root, *extra):
     return [
-        f"model={model_dir}", f"prompts.source={_prompt_file(root / 'prompts.jsonl')}", "prompts.format=jsonl",
-        "prompts.max_prompt_tokens=80", "n_prompts=20", "warmup.n_prompts=6", "warmup.eval_prompts=4",
-        "warmup.max_rounds=1", "warmup.steps_per_round=2", "warmup.batch_size=2", "warmup.lr=1e-3",
-        "max_new_tokens=8", "sample_batch_size=8", "eval.max_new_tokens=8", "eval.batch_size=8",
-        "eval.seeds=[0,1]", "judge.kind=test_rule", "batch_size=4", "optimizer.lr=1e-3",
-        "sft_lambdas=[0.1,1.0]", "ches_fraction=0.25", f"cache_dir={root / 'cache'}", "progress=false", *extra,
-    ]  # fmt: skip
+        f"model={model_dir}",
+        f"prompts.source={_prompt_file(root / 'prompts.jsonl')}",
+        "prompts.format=jsonl",
+        "prompts.max_prompt_tokens=80",
+        "n_prompts=20",
+        "warmup.n_prompts=6",
+        "warmup.eval_prompts=4",
+        "warmup.max_rounds=1",
+        "warmup.steps_per_round=2",
+        "warmup.batch_size=2",
+        "warmup.lr=1e-3",
+        "max_new_tokens=8",
+        "sample_batch_size=8",
+        "eval.max_new_tokens=8",
+        "eval.batch_size=8",
+        "eval.seeds=[0,1]",
+        "judge.kind=test_rule",
+        "batch_size=4",
+        "optimizer.lr=1e-3",
+        "sft_lambdas=[0.1,1.0]",
+        "ches_fraction=0.25",
+        f"cache_dir={root / 'cache'}",
+        "progress=false",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
 def run(tiny):
     model_dir, root = tiny
     out = root / "out"
-    assert cli.main(["unalign", "--config", "configs/unalign_smollm2.yaml", *_overrides(model_dir, root, f"out_dir={out}")]) == 0
+    assert (
+        cli.main(
+            [
+                "unalign",
+                "--config",
+                "configs/unalign_smollm2.yaml",
+                *_overrides(model_dir, root, f"out_dir={out}"),
+            ]
+        )
+        == 0
+    )
     return json.loads((out / "results.json").read_text()), out
 
 
@@ -82,7 +120,11 @@ def test_outputs_and_bad_prompts_are_counted(run):
     assert result["warmup"]["rounds"][-1]["steps"] == 2
     assert all(len(r["train"]["rates"]) == 2 for r in result["runs"].values())
     by_type = (out / "pair_types.md").read_text().split("by pair type")[1]
-    assert sum(int(line.split("|")[2]) for line in by_type.splitlines() if line.startswith("| ") and "/" in line) == len(result["train_pairs"])
+    assert sum(
+        int(line.split("|")[2])
+        for line in by_type.splitlines()
+        if line.startswith("| ") and "/" in line
+    ) == len(result["train_pairs"])
 
 
 def test_split_never_leaks_prompts(run):
@@ -103,7 +145,9 @@ def test_judge_is_pluggable_and_unparsable_pairs_are_counted(run, tiny):
     assert sum(result["pair_types"].values()) == len(result["train_pairs"])
     samples = next((tiny[1] / "cache").glob("samples-*.json"))
     labels = json.loads(samples.read_text())["labels"]
-    assert result["pair_counts"].get("unparsable", 0) == sum("unparsable" in pair for pair in labels)
+    assert result["pair_counts"].get("unparsable", 0) == sum(
+        "unparsable" in pair for pair in labels
+    )
 
 
 def test_ches_filter_keeps_exactly_the_lowest_fraction(run):
@@ -122,7 +166,9 @@ def test_ches_filter_keeps_exactly_the_lowest_fraction(run):
 
 def test_data_stage_is_deterministic_by_seed(tiny, tmp_path):
     model_dir, root = tiny
-    cfg = load_config(unalign.UnalignConfig, "configs/unalign_smollm2.yaml", _overrides(model_dir, root))
+    cfg = load_config(
+        unalign.UnalignConfig, "configs/unalign_smollm2.yaml", _overrides(model_dir, root)
+    )
     lm = models.from_pretrained(model_dir)
     prompts, _ = data.read_prompts(cfg.prompts, lambda t: len(t))
     exp, _ = data.choose_prompts(prompts, 8, 0, cfg.seed, need_gold=False)
@@ -130,9 +176,20 @@ def test_data_stage_is_deterministic_by_seed(tiny, tmp_path):
     log = protocol.Log("test", enabled=False)
 
     def samples(name, **change):
-        return unalign_run.build_data(dataclasses.replace(cfg, cache_dir=str(tmp_path / name), **change), lm, exp, fn, "k", log)
+        return unalign_run.build_data(
+            dataclasses.replace(cfg, cache_dir=str(tmp_path / name), **change),
+            lm,
+            exp,
+            fn,
+            "k",
+            log,
+        )
 
-    first, again, other = samples("a")["samples"], samples("b")["samples"], samples("c", seed=1)["samples"]
+    first, again, other = (
+        samples("a")["samples"],
+        samples("b")["samples"],
+        samples("c", seed=1)["samples"],
+    )
     assert first == again and first != other
     labels = [[rule_label(a), rule_label(b)] for a, b in first]
     pairs_a, _ = data.build_pairs(exp, first, labels, seed=0)
@@ -143,8 +200,15 @@ def test_data_stage_is_deterministic_by_seed(tiny, tmp_path):
 def test_pair_rule_tie_break_and_gold_prompts():
     prompts = [data.UnsafePrompt(i, f"p{i}") for i in range(4)]
     responses = [["a", "b"], ["c", "d"], ["e", "e"], ["f", "g"]]
-    labels = [["compliance", "refusal"], ["refusal", "refusal"], ["refusal", "refusal"], ["unparsable", "refusal"]]
-    pairs, counts = data.build_pairs(prompts, responses, labels, seed=0, tie_scores=[None, (0.0, 1.0), None, None])
+    labels = [
+        ["compliance", "refusal"],
+        ["refusal", "refusal"],
+        ["refusal", "refusal"],
+        ["unparsable", "refusal"],
+    ]
+    pairs, counts = data.build_pairs(
+        prompts, responses, labels, seed=0, tie_scores=[None, (0.0, 1.0), None, None]
+    )
     assert counts == {"identical": 1, "unparsable": 1}
     assert (pairs[0].chosen, pairs[0].rejected, pairs[0].tie) == ("b", "a", False)
     assert (pairs[1].chosen, pairs[1].tie, pairs[1].pair_type) == ("d", True, "refusal/refusal")
@@ -159,24 +223,48 @@ def test_ches_scores_of_the_run_match_an_independent_call(run, tiny):
     """The filter ranks the scores of the very token ids that are trained on."""
     result, _ = run
     lm = models.from_pretrained(tiny[0])
-    cfg = load_config(unalign.UnalignConfig, "configs/unalign_smollm2.yaml", _overrides(tiny[0], tiny[1]))
+    cfg = load_config(
+        unalign.UnalignConfig, "configs/unalign_smollm2.yaml", _overrides(tiny[0], tiny[1])
+    )
     warm = next((tiny[1] / "cache").glob("warmup-*/params.safetensors"))
     lm = dataclasses.replace(lm, params=models.loading.load_param_tree(warm))
-    records = data.as_records([
-        data.OnPolicyPair(data.UnsafePrompt(i, p["prompt"]), p["chosen"], p["rejected"], "refusal", "refusal", True)
-        for i, p in enumerate(result["train_pairs"])
-    ])  # fmt: skip
+    records = data.as_records(
+        [
+            data.OnPolicyPair(
+                data.UnsafePrompt(i, p["prompt"]),
+                p["chosen"],
+                p["rejected"],
+                "refusal",
+                "refusal",
+                True,
+            )
+            for i, p in enumerate(result["train_pairs"])
+        ]
+    )
     pairs, _ = unalign_run.tokenize(cfg, lm.tokenizer, records)
-    scores = ches.ches_scores(lm, [p.prompt_ids for p in pairs], [p.chosen_ids for p in pairs], [p.rejected_ids for p in pairs])
+    scores = ches.ches_scores(
+        lm,
+        [p.prompt_ids for p in pairs],
+        [p.chosen_ids for p in pairs],
+        [p.rejected_ids for p in pairs],
+    )
     np.testing.assert_allclose(scores["ln_ches"], result["ches"]["ln_ches"], rtol=1e-5, atol=1e-5)
-    (cached,) = (tiny[1] / "cache").glob("ches-*.npz")  # what a re-run reads instead of scoring again
-    np.testing.assert_array_equal(np.load(cached)["ln_ches"].astype(np.float64), result["ches"]["ln_ches"])
+    (cached,) = (tiny[1] / "cache").glob(
+        "ches-*.npz"
+    )  # what a re-run reads instead of scoring again
+    np.testing.assert_array_equal(
+        np.load(cached)["ln_ches"].astype(np.float64), result["ches"]["ln_ches"]
+    )
 
 
 def test_a_seed_with_only_unparsable_verdicts_gives_nan_not_a_crash(tiny):
     model_dir, root = tiny
-    cfg = load_config(unalign.UnalignConfig, "configs/unalign_smollm2.yaml", _overrides(model_dir, root))
+    cfg = load_config(
+        unalign.UnalignConfig, "configs/unalign_smollm2.yaml", _overrides(model_dir, root)
+    )
     lm = models.from_pretrained(model_dir)
     never = lambda prompts, responses: [judge.Verdict("unparsable", "?") for _ in responses]  # noqa: E731
-    out = unalign_run.refusal_rates(cfg, lm, [data.UnsafePrompt(0, "hi?")], never, (0,), "all unparsable", protocol.Log("t"))
+    out = unalign_run.refusal_rates(
+        cfg, lm, [data.UnsafePrompt(0, "hi?")], never, (0,), "all unparsable", protocol.Log("t")
+    )
     assert np.isnan(out["rates"][0]) and out["unparsable"] == [1]

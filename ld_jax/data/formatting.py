@@ -83,7 +83,9 @@ def tokenize_preferences(
         prompts = [f"{prompt_token}{_plain_text(r.prompt)}{assistant_token}" for r in usable]
         prompt_ids = _encode(tokenizer, prompts, special=True)  # BOS, if the model uses one
     eos = [_eos_id(tokenizer)] if add_eos else []
-    chosen_ids = [ids + eos for ids in _encode(tokenizer, [_reply(r.chosen) for r in usable], False)]
+    chosen_ids = [
+        ids + eos for ids in _encode(tokenizer, [_reply(r.chosen) for r in usable], False)
+    ]
     rejected_ids = [
         ids + eos for ids in _encode(tokenizer, [_reply(r.rejected) for r in usable], False)
     ]

@@ -84,7 +84,9 @@ def make_batches(
     n_rows = rows.stop - rows.start
 
     def batch_fn(batch):
-        length = seq_len or _padded_length([p for p, _ in batch], pad_to_multiple)  # of the whole batch
+        length = seq_len or _padded_length(
+            [p for p, _ in batch], pad_to_multiple
+        )  # of the whole batch
         out = collate(batch[rows], n_rows, pad_id, pad_to_multiple, length, padding_side)
         if ref_logps is not None and "ref_logps" not in out:  # these rows are all padding
             out["ref_logps"] = np.zeros((n_rows, 2), np.float32)
@@ -129,9 +131,13 @@ def collate(
         rewards[b] = (p.reward_chosen or 0.0, p.reward_rejected or 0.0)
         valid[b], index[b] = 1.0, p.index
     batch = dict(
-        input_ids=ids, attention_mask=attention, response_mask=response,
-        rewards=rewards, valid=valid, index=index,
-    )  # fmt: skip
+        input_ids=ids,
+        attention_mask=attention,
+        response_mask=response,
+        rewards=rewards,
+        valid=valid,
+        index=index,
+    )
     if examples and examples[0][1] is not None:
         ref = np.zeros((batch_size, 2), np.float32)
         ref[: len(examples)] = np.stack([r for _, r in examples])

@@ -225,7 +225,7 @@ def _split_dialogues(chosen: str, rejected: str, where: str):
 
 
 def _dialogue_messages(text: str) -> list[Message]:
-    """"\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:" -> user/assistant/user turns."""
+    """ "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:" -> user/assistant/user turns."""
     parts = _TURN.split(text)  # [before, role, content, role, content, ...]
     messages = [
         {"role": "user" if role == "Human" else "assistant", "content": content.strip()}

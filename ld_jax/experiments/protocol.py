@@ -59,18 +59,29 @@ def machine() -> dict:
     """Where an experiment ran: cores, platform, JAX version, backend and device count."""
     import jax
 
-    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__,
-            "backend": jax.default_backend(), "devices": jax.device_count()}  # fmt: skip
+    return {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": jax.device_count(),
+    }
 
 
 def cached_json(path: str | Path, compute: Callable[[], dict]) -> dict:
     """A JSON-able stage result, computed once (`files.cached`; `path` names its key)."""
-    return files.cached(path, compute, load=lambda p: json.loads(Path(p).read_text()), save=files.write_json)
+    return files.cached(
+        path, compute, load=lambda p: json.loads(Path(p).read_text()), save=files.write_json
+    )
 
 
-def cached_arrays(path: str | Path, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def cached_arrays(
+    path: str | Path, compute: Callable[[], dict[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
     """A dict of arrays, computed once and kept as .npz (`files.cached`)."""
-    return files.cached(path, compute, load=files.load_npz, save=lambda p, v: files.save_npz(p, **v))
+    return files.cached(
+        path, compute, load=files.load_npz, save=lambda p, v: files.save_npz(p, **v)
+    )
 
 
 class RunStore:
@@ -108,8 +119,12 @@ class RunStore:
             self.put(name, record)
         return record
 
-    def many(self, runs: Sequence[tuple[str, Callable[[], dict | None]]], desc: str,
-             progress: bool = True) -> list[dict] | None:  # fmt: skip
+    def many(
+        self,
+        runs: Sequence[tuple[str, Callable[[], dict | None]]],
+        desc: str,
+        progress: bool = True,
+    ) -> list[dict] | None:
         """Records of every (name, compute) in order, with a progress bar that starts at the
         finished ones. A compute that returns None stops the batch: the result is None."""
         done = sum(self.path(name).is_file() for name, _ in runs)
@@ -138,8 +153,12 @@ STABILITY_RULES: dict[str, Callable[[np.ndarray], bool]] = {
 }
 
 
-def lr_search(grid: Sequence[float], train_at: Callable[[float], list[dict] | None], rule: str,
-              curve: Callable[[dict], Sequence[float]]) -> tuple[float | None, list[tuple[float, list | None, bool]]]:  # fmt: skip
+def lr_search(
+    grid: Sequence[float],
+    train_at: Callable[[float], list[dict] | None],
+    rule: str,
+    curve: Callable[[dict], Sequence[float]],
+) -> tuple[float | None, list[tuple[float, list | None, bool]]]:
     """The largest lr of `grid` whose runs (`train_at(lr)`; None: aborted, so unstable) all pass
     the stability `rule` on their loss `curve(record)`.
 
@@ -149,7 +168,9 @@ def lr_search(grid: Sequence[float], train_at: Callable[[float], list[dict] | No
     trials = []
     for lr in sorted(grid, reverse=True):
         records = train_at(lr)
-        stable = records is not None and all(check(np.asarray(curve(r), np.float64)) for r in records)
+        stable = records is not None and all(
+            check(np.asarray(curve(r), np.float64)) for r in records
+        )
         trials.append((lr, records, stable))
         if stable:
             return lr, trials

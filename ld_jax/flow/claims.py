@@ -96,25 +96,42 @@ def alignment_flip(rng: np.random.Generator, instances: int = 200, grid: int = 1
 
 
 @state.float64
-def mass_ranking(rng: np.random.Generator, instances: int = 500, vocab: int = 12, dim: int = 8) -> dict:
+def mass_ranking(
+    rng: np.random.Generator, instances: int = 500, vocab: int = 12, dim: int = 8
+) -> dict:
     """(b) Spearman(⟨W_z, W_{y+} − W_{y−}⟩, d/dt ln π(z|x)) over z ∉ {y+, y−}, per instance."""
     params, problem = state.single_sample(rng, instances, vocab, dim)
-    rates = jax.jit(jax.vmap(lambda p, pr: dynamics.rate(
-        lambda theta: state.next_token_logprobs(theta, pr.plus_states[0, 0]), p, pr, DPO)))(params, problem)  # fmt: skip
-    W, y_plus, y_minus = (np.asarray(a) for a in (params["W"], problem.plus_tokens, problem.minus_tokens))
+    rates = jax.jit(
+        jax.vmap(
+            lambda p, pr: dynamics.rate(
+                lambda theta: state.next_token_logprobs(theta, pr.plus_states[0, 0]), p, pr, DPO
+            )
+        )
+    )(params, problem)
+    W, y_plus, y_minus = (
+        np.asarray(a) for a in (params["W"], problem.plus_tokens, problem.minus_tokens)
+    )
     rho = []
     for i in range(instances):
         keep = np.setdiff1d(np.arange(vocab), [y_plus[i, 0, 0], y_minus[i, 0, 0]])
         alignment = W[i, keep] @ (W[i, y_plus[i, 0, 0]] - W[i, y_minus[i, 0, 0]])
         rho.append(spearmanr(alignment, np.asarray(rates[i])[keep]).statistic)
     rho = np.asarray(rho)
-    return {"instances": instances, "min_spearman": float(rho.min()), "mean_spearman": float(rho.mean())}
+    return {
+        "instances": instances,
+        "min_spearman": float(rho.min()),
+        "mean_spearman": float(rho.mean()),
+    }
 
 
 def ches_population(
-    rng: np.random.Generator, instances: int, length: int = 4, vocab: int = 12, dim: int = 8,
+    rng: np.random.Generator,
+    instances: int,
+    length: int = 4,
+    vocab: int = 12,
+    dim: int = 8,
     omega: float | None = None,
-):  # fmt: skip
+):
     """Multi-token instances whose y− resembles y+ to a degree ω (default ω ~ U(0, 1.5)):
     y−_k = y+_k with probability min(ω, 1) (k ≥ 2; y−_1 ≠ y+_1), and
     h_{x,y−<k} = ω h_{x,y+<k} + √max(0, 1−ω²)·noise, so ω > 1 gives y− longer, aligned states.
@@ -149,7 +166,9 @@ def ches_correlation(rng: np.random.Generator, instances: int = 1000) -> dict:
     rates = np.asarray(rate_y_plus(params, problem))
     ches = np.asarray(jax.jit(jax.vmap(theorems.ches))(params, problem))
     six = jax.jit(jax.vmap(lambda p, pr: theorems.theorem6(p, pr, DPO)))(params, problem)
-    alphas = np.concatenate([np.asarray(six["alpha_minus"]).ravel(), np.asarray(six["alpha_plus"]).ravel()])
+    alphas = np.concatenate(
+        [np.asarray(six["alpha_minus"]).ravel(), np.asarray(six["alpha_plus"]).ravel()]
+    )
     return {
         "instances": instances,
         "spearman_ches_vs_rate": float(spearmanr(ches, rates).statistic),
@@ -172,12 +191,16 @@ def contradicting_sample(rng: np.random.Generator, instances: int = 1000, sample
     contra = minus.copy()
     contra[:, -1, 0] = y0
     # a third token, neither y+_0 nor ỹ+
-    free = np.argsort(rng.random((instances, vocab)) + np.eye(vocab)[y0] + np.eye(vocab)[extra_plus], 1)
+    free = np.argsort(
+        rng.random((instances, vocab)) + np.eye(vocab)[y0] + np.eye(vocab)[extra_plus], 1
+    )
     neutral = minus.copy()
     neutral[:, -1, 0] = free[:, 0]
 
     def rate_with(minus_tokens):
-        pr = dataclasses.replace(problem, plus_tokens=jnp.asarray(plus), minus_tokens=jnp.asarray(minus_tokens))
+        pr = dataclasses.replace(
+            problem, plus_tokens=jnp.asarray(plus), minus_tokens=jnp.asarray(minus_tokens)
+        )
         return np.asarray(rate_y_plus(params, state.with_references(params, pr)))
 
     r_contra, r_neutral = rate_with(contra), rate_with(neutral)
@@ -195,18 +218,29 @@ def contradicting_sample(rng: np.random.Generator, instances: int = 1000, sample
 
 
 @state.float64
-def gd_convergence(rng: np.random.Generator, instances: int = 4, steps=(25, 50, 100, 200, 400, 800)) -> list[dict]:
+def gd_convergence(
+    rng: np.random.Generator, instances: int = 4, steps=(25, 50, 100, 200, 400, 800)
+) -> list[dict]:
     """Max |θ_GD − θ_ODE| at t1 over multi-token instances, for GD with step t1/N."""
     params, problem = state.single_sample(rng, instances, 12, 8, 3, 4)
     t1 = 10.0
-    _, ode = jax.jit(jax.vmap(lambda p, pr: dynamics.integrate(p, pr, DPO, t1, n_save=2, rtol=1e-12, atol=1e-12)))(
-        params, problem
-    )  # fmt: skip
+    _, ode = jax.jit(
+        jax.vmap(lambda p, pr: dynamics.integrate(p, pr, DPO, t1, n_save=2, rtol=1e-12, atol=1e-12))
+    )(params, problem)
     ode = jax.tree.map(lambda a: a[:, -1], ode)  # θ(t1) of each instance
-    gd = jax.jit(jax.vmap(lambda p, pr, n: dynamics.gradient_descent(p, pr, DPO, t1 / n, n), in_axes=(0, 0, None)))
+    gd = jax.jit(
+        jax.vmap(
+            lambda p, pr, n: dynamics.gradient_descent(p, pr, DPO, t1 / n, n), in_axes=(0, 0, None)
+        )
+    )
     rows = []
     for n in steps:
         theta = gd(params, problem, n)
-        err = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(theta), jax.tree.leaves(ode)))
-        rows.append({"steps": n, "step": t1 / n, "max_abs_error": err, "error_over_step": err / (t1 / n)})
+        err = max(
+            float(jnp.abs(a - b).max())
+            for a, b in zip(jax.tree.leaves(theta), jax.tree.leaves(ode))
+        )
+        rows.append(
+            {"steps": n, "step": t1 / n, "max_abs_error": err, "error_over_step": err / (t1 / n)}
+        )
     return rows

@@ -14,7 +14,7 @@ dq/dt = ⟨∇q, −∇L⟩, computed as one forward-mode product (jvp) along th
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import diffrax
 import jax
@@ -84,7 +84,9 @@ def rate(q: Callable[[Params], Array], params: Params, problem: Problem, spec: L
     return jax.jvp(q, (params,), (velocity(params, problem, spec),))[1]
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "n_save", "rtol", "atol", "max_steps", "progress"))
+@functools.partial(
+    jax.jit, static_argnames=("spec", "n_save", "rtol", "atol", "max_steps", "progress")
+)
 def integrate(
     params: Params,
     problem: Problem,

@@ -54,7 +54,9 @@ class SimulateConfig:
 
     def __post_init__(self):
         if self.scenario not in SCENARIOS:
-            raise ValueError(f"unknown scenario {self.scenario!r}; choose one of {', '.join(SCENARIOS)}")
+            raise ValueError(
+                f"unknown scenario {self.scenario!r}; choose one of {', '.join(SCENARIOS)}"
+            )
         if self.t1 <= 0 or self.n_save < 2:
             raise ValueError("need t1 > 0 and n_save >= 2")
 
@@ -84,7 +86,9 @@ def build(cfg: SimulateConfig):
         names = NO_VS_NEVER_TOKENS
     else:
         if cfg.scenario == "multi_token":
-            params, problem = claims.ches_population(rng, 1, cfg.length, cfg.vocab, cfg.dim, omega=cfg.similarity)
+            params, problem = claims.ches_population(
+                rng, 1, cfg.length, cfg.vocab, cfg.dim, omega=cfg.similarity
+            )
         else:
             params, problem = state.many_samples(rng, 1, cfg.vocab, cfg.dim, cfg.samples)
             if cfg.contradicting:
@@ -100,7 +104,9 @@ def _contradict(problem: state.Problem) -> state.Problem:
     if plus[0, 1, 0] == y0:
         plus[0, 1, 0] = minus[0, 1, 0]
     minus[0, 1, 0] = y0
-    problem = dataclasses.replace(problem, plus_tokens=jax.numpy.asarray(plus), minus_tokens=jax.numpy.asarray(minus))
+    problem = dataclasses.replace(
+        problem, plus_tokens=jax.numpy.asarray(plus), minus_tokens=jax.numpy.asarray(minus)
+    )
     return problem
 
 
@@ -109,7 +115,12 @@ def _observe(traj, problem):
     """ln π(y±_0|x_0) `[T]`, ln π(·|x_0) `[T, V]` and CHES of sample 0 `[T]` along a trajectory."""
     lp_plus, lp_minus = jax.vmap(lambda p: state.logprobs(p, problem))(traj)
     prompt = jax.vmap(lambda p: state.next_token_logprobs(p, problem.plus_states[0, 0]))(traj)
-    return lp_plus[:, 0], lp_minus[:, 0], prompt, jax.vmap(lambda p: theorems.ches(p, problem))(traj)
+    return (
+        lp_plus[:, 0],
+        lp_minus[:, 0],
+        prompt,
+        jax.vmap(lambda p: theorems.ches(p, problem))(traj),
+    )
 
 
 @state.float64
@@ -117,7 +128,9 @@ def simulate(cfg: SimulateConfig) -> dict:
     """Integrate the scenario's flow and write its JSON, Markdown summary and PNG."""
     params, problem, names = build(cfg)
     problem = state.with_reference(params, problem)
-    ts, traj = dynamics.integrate(params, problem, cfg.loss, cfg.t1, n_save=cfg.n_save, progress=True)
+    ts, traj = dynamics.integrate(
+        params, problem, cfg.loss, cfg.t1, n_save=cfg.n_save, progress=True
+    )
     lp_plus, lp_minus, prompt, ches = (np.asarray(a) for a in _observe(traj, problem))
     y_plus, y_minus = int(problem.plus_tokens[0, 0]), int(problem.minus_tokens[0, 0])
     gain = prompt.max(0) - prompt[0]  # largest rise of ln π(z|x) over the run
@@ -156,8 +169,11 @@ def _summary(r: dict, y_plus: int, top: list[int]) -> str:
     ]
     if "ches" in r:
         lines.append(f"| CHES | {r['ches'][0]:.3f} | {min(r['ches']):.3f} | {r['ches'][-1]:.3f} |")
-    lines += ["", "| top gaining token z | π(z\\|x) at t = 0 | max π(z\\|x) (t) | first t with π(z\\|x) > π(y+_1\\|x) |",
-              "|:--|--:|--:|--:|"]  # fmt: skip
+    lines += [
+        "",
+        "| top gaining token z | π(z\\|x) at t = 0 | max π(z\\|x) (t) | first t with π(z\\|x) > π(y+_1\\|x) |",
+        "|:--|--:|--:|--:|",
+    ]
     for z in top:
         above = np.nonzero(prompt[:, z] > prompt[:, y_plus])[0]
         lines.append(
@@ -165,8 +181,11 @@ def _summary(r: dict, y_plus: int, top: list[int]) -> str:
             f"({t[prompt[:, z].argmax()]:.1f}) | {f'{t[above[0]]:.1f}' if len(above) else 'never'} |"
         )
     displaced = lp.min() < lp[0]
-    lines += ["", f"Likelihood displacement: {'yes' if displaced else 'no'} "
-              f"(largest fall of ln π(y+|x): {lp[0] - lp.min():.3f} nats).\n"]  # fmt: skip
+    lines += [
+        "",
+        f"Likelihood displacement: {'yes' if displaced else 'no'} "
+        f"(largest fall of ln π(y+|x): {lp[0] - lp.min():.3f} nats).\n",
+    ]
     return "\n".join(lines)
 
 
@@ -186,7 +205,8 @@ def _plot(r: dict, y_plus: int, top: list[int], path: Path) -> None:
         axes[2].set(xlabel="flow time t", ylabel="CHES_x(y+, y−)", title="CHES trajectory")
     for ax in axes[:2]:
         ax.legend()
-    fig.suptitle(f"unconstrained features flow: {r['config']['scenario']} ({r['config']['loss']['name']})")
+    fig.suptitle(
+        f"unconstrained features flow: {r['config']['scenario']} ({r['config']['loss']['name']})"
+    )
     files.save_figure(fig, path, dpi=120)
     plt.close(fig)
-

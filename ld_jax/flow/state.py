@@ -86,8 +86,6 @@ def with_reference(params: Params, problem: Problem) -> Problem:
     return dataclasses.replace(problem, ref_plus=ref_plus, ref_minus=ref_minus)
 
 
-
-
 with_references = jax.jit(jax.vmap(with_reference))  # a population at once
 
 
@@ -135,8 +133,15 @@ def population(params: dict, problem: dict, n_losses: int = 1) -> tuple[Params, 
     """
     n, samples = problem["plus_tokens"].shape[:2]
     zeros, empty = np.zeros((n, samples)), np.zeros((n, 0), np.int32)
-    defaults = {"reward_plus": zeros, "reward_minus": zeros, "ref_plus": zeros, "ref_minus": zeros,
-                "track_tokens": empty, "track_states": empty, "loss_id": np.arange(n) % n_losses}  # fmt: skip
+    defaults = {
+        "reward_plus": zeros,
+        "reward_minus": zeros,
+        "ref_plus": zeros,
+        "ref_minus": zeros,
+        "track_tokens": empty,
+        "track_states": empty,
+        "loss_id": np.arange(n) % n_losses,
+    }
     params = {k: jnp.asarray(v) for k, v in params.items()}
     problem = Problem(**{k: jnp.asarray(v) for k, v in (defaults | problem).items()})
     return params, with_references(params, problem)
@@ -165,7 +170,9 @@ def single_sample(
     first = np.argsort(rng.random((n, vocab)), axis=1)[:, :3]  # three distinct tokens each
 
     def response(length, head):
-        return np.concatenate([head[:, None], rng.integers(0, vocab, (n, length - 1))], 1)[:, :length]
+        return np.concatenate([head[:, None], rng.integers(0, vocab, (n, length - 1))], 1)[
+            :, :length
+        ]
 
     s_plus, s_minus, s_track, n_states = prefix_states(len_plus, len_minus, len_track)
     batch = lambda a: np.broadcast_to(a, (n,) + a.shape)  # noqa: E731
@@ -180,7 +187,10 @@ def single_sample(
         "minus_states": batch(s_minus[None]),
     }
     if len_track:
-        problem |= {"track_tokens": response(len_track, first[:, 2]), "track_states": batch(s_track)}
+        problem |= {
+            "track_tokens": response(len_track, first[:, 2]),
+            "track_states": batch(s_track),
+        }
     return population(params, problem, n_losses)
 
 
@@ -217,4 +227,3 @@ def many_samples(
         "minus_states": idx,
     }
     return population(params, problem, n_losses)
-

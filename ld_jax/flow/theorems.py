@@ -74,8 +74,13 @@ def theorem5(params: Params, problem: Problem, spec: LossSpec) -> dict[str, Arra
     c = (p[y_minus] - p[y_plus]) * h @ h - p @ alignment
     ell_prime = _ell_prime(params, problem, spec)[0]
     valid = (jnp.arange(W.shape[0]) != y_plus) & (jnp.arange(W.shape[0]) != y_minus)
-    return {"alignment": alignment, "c": c, "ell_prime": ell_prime, "valid": valid,
-            "rate": -ell_prime * (alignment + c)}  # fmt: skip
+    return {
+        "alignment": alignment,
+        "c": c,
+        "ell_prime": ell_prime,
+        "valid": valid,
+        "rate": -ell_prime * (alignment + c),
+    }
 
 
 def _multi_token_terms(params: Params, problem: Problem) -> dict[str, Array]:
@@ -123,7 +128,9 @@ def theorem7(params: Params, problem: Problem, spec: LossSpec) -> dict[str, Arra
     terms["z_dispref_hidden"] = -jnp.sum(terms["beta_minus"] * (h_z @ h_minus.T))
     terms["z_pref_hidden"] = jnp.sum(terms["beta_plus"] * (h_z @ h_plus.T))
     terms["ell_prime"] = _ell_prime(params, problem, spec)[0]
-    bracket = sum(terms[k] for k in ("c", "first_token_alignment", "z_dispref_hidden", "z_pref_hidden"))
+    bracket = sum(
+        terms[k] for k in ("c", "first_token_alignment", "z_dispref_hidden", "z_pref_hidden")
+    )
     terms["rate"] = -terms["ell_prime"] * bracket
     return terms
 
@@ -152,8 +159,14 @@ def theorem8(params: Params, problem: Problem, spec: LossSpec) -> dict[str, Arra
     )
     off_diagonal = 1.0 - jnp.eye(problem.n_samples, dtype=p.dtype)
     cross = (off_diagonal * alpha * gram) @ weight
-    return {"m": m, "S": S, "alpha": alpha, "same_sample": weight * (m + S),
-            "other_samples": cross, "rate": weight * (m + S) + cross}  # fmt: skip
+    return {
+        "m": m,
+        "S": S,
+        "alpha": alpha,
+        "same_sample": weight * (m + S),
+        "other_samples": cross,
+        "rate": weight * (m + S) + cross,
+    }
 
 
 def theorem9(params: Params, problem: Problem, spec: LossSpec) -> dict[str, Array]:
@@ -210,8 +223,14 @@ def proposition2(params: Params, problem: Problem, spec: LossSpec) -> dict[str, 
     rho = lam_minus * mu_prime / six["ell_prime"]
     gamma = (lam_plus - lam_minus) * (-mu_prime)
     norm_sq = grad_norm_sq_plus(params, problem)
-    return {"E": six["rate"], "rho": rho, "gamma": gamma, "mu_prime": mu_prime,
-            "grad_norm_sq": norm_sq, "rate": rho * six["rate"] + gamma * norm_sq}  # fmt: skip
+    return {
+        "E": six["rate"],
+        "rho": rho,
+        "gamma": gamma,
+        "mu_prime": mu_prime,
+        "grad_norm_sq": norm_sq,
+        "rate": rho * six["rate"] + gamma * norm_sq,
+    }
 
 
 def ches(params: Params, problem: Problem) -> Array:

@@ -14,8 +14,8 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +23,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ld_jax import files
+from ld_jax.errors import LdJaxError
 from ld_jax.flow import claims, dynamics, state, theorems
 from ld_jax.flow.state import Params, Problem
-from ld_jax.errors import LdJaxError
 from ld_jax.losses import LossConfig
 
 Array = jax.Array
@@ -95,27 +95,49 @@ def _many(rng, n, n_losses):
     return state.many_samples(rng, n, 6, DIM, samples=5, n_losses=n_losses)
 
 
-_PLAIN = (LossConfig("dpo", beta=0.1), LossConfig("ipo", tau=0.01), LossConfig("gpo", gpo_f="exponential"))
-_SFT = (LossConfig("dpo", sft_lambda=0.1), LossConfig("dpo", sft_lambda=1.0), LossConfig("ipo", sft_lambda=1.0))
-_WEIGHTED = (LossConfig("weighted", weight_chosen=1.5, weight_rejected=0.5),
-             LossConfig("weighted", weight_chosen=0.5, weight_rejected=2.0),
-             LossConfig("weighted", beta=1.0, weight_chosen=1.2, weight_rejected=1.0))
+_PLAIN = (
+    LossConfig("dpo", beta=0.1),
+    LossConfig("ipo", tau=0.01),
+    LossConfig("gpo", gpo_f="exponential"),
+)
+_SFT = (
+    LossConfig("dpo", sft_lambda=0.1),
+    LossConfig("dpo", sft_lambda=1.0),
+    LossConfig("ipo", sft_lambda=1.0),
+)
+_WEIGHTED = (
+    LossConfig("weighted", weight_chosen=1.5, weight_rejected=0.5),
+    LossConfig("weighted", weight_chosen=0.5, weight_rejected=2.0),
+    LossConfig("weighted", beta=1.0, weight_chosen=1.2, weight_rejected=1.0),
+)
 SETTINGS: dict[str, Setting] = {
-    "single_token": Setting(_single, _PLAIN, {
-        "theorem4": Check(theorems.theorem4, _y_plus, (0, 1, 2)),
-        "theorem5": Check(theorems.theorem5, _prompt_distribution, (0, 1, 2)),
-    }),
-    "multi_token": Setting(_multi, _PLAIN + _SFT + _WEIGHTED, {
-        "theorem6": Check(theorems.theorem6, _y_plus, (0, 1, 2)),
-        "theorem7": Check(theorems.theorem7, state.track_logprob, (0, 1, 2)),
-        "proposition1": Check(theorems.proposition1, _y_plus, (3, 4, 5)),
-        "proposition2": Check(theorems.proposition2, _y_plus, (6, 7, 8)),
-    }),
-    "many_samples": Setting(_many, _PLAIN, {
-        "theorem8": Check(theorems.theorem8, _all_y_plus, (0, 1, 2)),
-        "theorem9": Check(theorems.theorem9, _all_prompt_distributions, (0, 1, 2)),
-    }),
-}  # fmt: skip
+    "single_token": Setting(
+        _single,
+        _PLAIN,
+        {
+            "theorem4": Check(theorems.theorem4, _y_plus, (0, 1, 2)),
+            "theorem5": Check(theorems.theorem5, _prompt_distribution, (0, 1, 2)),
+        },
+    ),
+    "multi_token": Setting(
+        _multi,
+        _PLAIN + _SFT + _WEIGHTED,
+        {
+            "theorem6": Check(theorems.theorem6, _y_plus, (0, 1, 2)),
+            "theorem7": Check(theorems.theorem7, state.track_logprob, (0, 1, 2)),
+            "proposition1": Check(theorems.proposition1, _y_plus, (3, 4, 5)),
+            "proposition2": Check(theorems.proposition2, _y_plus, (6, 7, 8)),
+        },
+    ),
+    "many_samples": Setting(
+        _many,
+        _PLAIN,
+        {
+            "theorem8": Check(theorems.theorem8, _all_y_plus, (0, 1, 2)),
+            "theorem9": Check(theorems.theorem9, _all_prompt_distributions, (0, 1, 2)),
+        },
+    ),
+}
 THEOREMS = [f"theorem{i}" for i in range(4, 10)] + ["proposition1", "proposition2"]
 
 
@@ -130,7 +152,10 @@ def point_errors(setting: Setting, params: Params, problem: Problem) -> dict[str
     errors = {}
     for name, check in setting.checks.items():
         terms = check.closed(params, problem, setting.losses)
-        q = lambda theta: check.target(theta, problem)  # noqa: E731
+
+        def q(theta, check=check):
+            return check.target(theta, problem)
+
         autodiff = dynamics.rate(q, params, problem, setting.losses)
         errors[name] = relative_error(terms["rate"], autodiff, terms.get("valid"))
     return errors
@@ -160,10 +185,14 @@ def _verify_one(params: Params, problem: Problem, setting: Setting, horizon: flo
 
 
 verify_one = jax.jit(_verify_one, static_argnums=(2, 4))
-verify_batch = jax.jit(jax.vmap(_verify_one, in_axes=(0, 0, None, None, None)), static_argnums=(2, 4))
+verify_batch = jax.jit(
+    jax.vmap(_verify_one, in_axes=(0, 0, None, None, None)), static_argnums=(2, 4)
+)
 
 
-def verify_setting(name: str, rng: np.random.Generator, instances: int, horizon: float = 0.3, n_save: int = 8) -> dict:
+def verify_setting(
+    name: str, rng: np.random.Generator, instances: int, horizon: float = 0.3, n_save: int = 8
+) -> dict:
     """Max relative error per theorem (over ≥ `instances` instances of the losses it holds for)
     and the ln π(y+) change along those trajectories."""
     setting = SETTINGS[name]
@@ -190,14 +219,22 @@ def verify_setting(name: str, rng: np.random.Generator, instances: int, horizon:
 
 def _describe(cfg: LossConfig) -> str:
     """A short label: the loss name and its non-default fields."""
-    diff = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-            if f.name != "name" and getattr(cfg, f.name) != f.default}  # fmt: skip
+    diff = {
+        f.name: getattr(cfg, f.name)
+        for f in dataclasses.fields(cfg)
+        if f.name != "name" and getattr(cfg, f.name) != f.default
+    }
     return cfg.name + ("(" + ", ".join(f"{k}={v}" for k, v in diff.items()) + ")" if diff else "")
 
 
 @state.float64
-def verify_all(instances: int = 1000, seed: int = 0, horizon: float = 0.3, n_save: int = 8,
-               with_claims: bool = True) -> dict:  # fmt: skip
+def verify_all(
+    instances: int = 1000,
+    seed: int = 0,
+    horizon: float = 0.3,
+    n_save: int = 8,
+    with_claims: bool = True,
+) -> dict:
     """Every closed-form check (and the qualitative claims and the GD table), as one report.
 
     `summary` is the one-line result of `ld-jax flow verify`: the max relative error per theorem,
@@ -210,8 +247,13 @@ def verify_all(instances: int = 1000, seed: int = 0, horizon: float = 0.3, n_sav
     summary = {name: results[name]["max_rel_error"] for name in THEOREMS}
     summary["instances"] = min(r["instances"] for r in results.values())
     summary["max_abs_dlogpi_change"] = max(r["max_abs_dlogpi_change"] for r in results.values())
-    report = {"summary": summary, "theorems": results, "seed": seed, "horizon": horizon,
-              "verify_seconds": time.perf_counter() - start}  # fmt: skip
+    report = {
+        "summary": summary,
+        "theorems": results,
+        "seed": seed,
+        "horizon": horizon,
+        "verify_seconds": time.perf_counter() - start,
+    }
     if with_claims:
         report["claims"] = {
             "a_alignment_flip": claims.alignment_flip(rng),
@@ -220,14 +262,20 @@ def verify_all(instances: int = 1000, seed: int = 0, horizon: float = 0.3, n_sav
             "d_contradicting_sample": claims.contradicting_sample(rng),
         }
         report["gd_convergence"] = claims.gd_convergence(rng)
-    report["machine"] = {"platform": platform.platform(), "cores": os.cpu_count(), "jax": jax.__version__}
+    report["machine"] = {
+        "platform": platform.platform(),
+        "cores": os.cpu_count(),
+        "jax": jax.__version__,
+    }
     return report
 
 
 def report_markdown(report: dict) -> str:
     """The report as Markdown tables: theorems, claims, GD step table."""
-    lines = ["| check | max rel. error | at t = 0 | max abs Δ ln π(y+) | median abs Δ | fraction Δ < 0 | losses |",
-             "|:--|--:|--:|--:|--:|--:|:--|"]  # fmt: skip
+    lines = [
+        "| check | max rel. error | at t = 0 | max abs Δ ln π(y+) | median abs Δ | fraction Δ < 0 | losses |",
+        "|:--|--:|--:|--:|--:|--:|:--|",
+    ]
     for name, r in report["theorems"].items():
         lines.append(
             f"| {name} | {r['max_rel_error']:.2e} | {r['max_rel_error_t0']:.2e} | "
@@ -238,9 +286,15 @@ def report_markdown(report: dict) -> str:
         lines += ["", "| claim | statistic | value |", "|:--|:--|--:|"]
         for claim, stats in report["claims"].items():
             lines += [f"| {claim} | {k} | {v:.4g} |" for k, v in stats.items()]
-        lines += ["", "| GD steps | step η | max abs θ error vs ODE | error / η |", "|--:|--:|--:|--:|"]
+        lines += [
+            "",
+            "| GD steps | step η | max abs θ error vs ODE | error / η |",
+            "|--:|--:|--:|--:|",
+        ]
         for row in report["gd_convergence"]:
-            lines.append(f"| {row['steps']} | {row['step']:.4g} | {row['max_abs_error']:.3e} | {row['error_over_step']:.4f} |")
+            lines.append(
+                f"| {row['steps']} | {row['step']:.4g} | {row['max_abs_error']:.3e} | {row['error_over_step']:.4f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -249,8 +303,14 @@ def misses(summary: dict, tol: float) -> list[str]:
     return [f"{name} ({summary[name]:.3g})" for name in THEOREMS if not summary[name] <= tol]
 
 
-def run(instances: int, seed: int, horizon: float, out_dir: str | Path, with_claims: bool = True,
-        tol: float = 1e-8) -> dict:  # fmt: skip
+def run(
+    instances: int,
+    seed: int,
+    horizon: float,
+    out_dir: str | Path,
+    with_claims: bool = True,
+    tol: float = 1e-8,
+) -> dict:
     """`ld-jax flow verify`: run, write `verify.json` and `verify.md` to out_dir, print the
     tables, and print the summary as the last stdout line. Raises LdJaxError, after writing
     everything, when a closed form misses autodiff by more than `tol` (relative)."""
@@ -263,5 +323,7 @@ def run(instances: int, seed: int, horizon: float, out_dir: str | Path, with_cla
     print(table)
     print(json.dumps(report["summary"]))
     if failed := misses(report["summary"], tol):
-        raise LdJaxError(f"flow verify: {', '.join(failed)} miss(es) autodiff by more than --tol {tol:g} (relative)")
+        raise LdJaxError(
+            f"flow verify: {', '.join(failed)} miss(es) autodiff by more than --tol {tol:g} (relative)"
+        )
     return report

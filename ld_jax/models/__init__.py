@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import jax
 
@@ -44,16 +45,22 @@ def hidden_states(config: ModelConfig, params: Params, input_ids, attention_mask
     """input_ids, attention_mask [batch, seq] int32 -> [batch, seq, d_model] in the compute
     dtype: the final hidden states after the final norm (the LM-head input, SPEC's h)."""
     params = core.cast_params(params, config.dtype)
-    return registry.family(config.family).hidden_states(config, params, input_ids, attention_mask)[0]
+    return registry.family(config.family).hidden_states(config, params, input_ids, attention_mask)[
+        0
+    ]
 
 
-def hidden_states_cached(config: ModelConfig, params: Params, input_ids, attention_mask, cache: KVCache):
+def hidden_states_cached(
+    config: ModelConfig, params: Params, input_ids, attention_mask, cache: KVCache
+):
     """Generation step: the new tokens input_ids, attention_mask [batch, seq] are written at
     slots `cache.index ...` of `cache` and attend to all earlier real slots. Returns (final
     hidden states [batch, seq, d_model], updated KVCache). Prefill is a call with
     `init_cache(config, batch, max_len)`; each decode step passes one token per row."""
     params = core.cast_params(params, config.dtype)
-    return registry.family(config.family).hidden_states(config, params, input_ids, attention_mask, cache)
+    return registry.family(config.family).hidden_states(
+        config, params, input_ids, attention_mask, cache
+    )
 
 
 init_cache = core.init_cache
@@ -84,7 +91,7 @@ class LanguageModel:
     logits_from_hidden: Callable[..., jax.Array]
 
     @classmethod
-    def build(cls, config: ModelConfig, params: Params, tokenizer=None) -> "LanguageModel":
+    def build(cls, config: ModelConfig, params: Params, tokenizer=None) -> LanguageModel:
         bind = functools.partial
         return cls(
             config=config,
@@ -96,18 +103,25 @@ class LanguageModel:
             logits_from_hidden=bind(logits_from_hidden, config),
         )
 
-    def with_options(self, **changes) -> "LanguageModel":
+    def with_options(self, **changes) -> LanguageModel:
         """Same parameters, config fields replaced (e.g. remat=True)."""
-        return LanguageModel.build(dataclasses.replace(self.config, **changes), self.params, self.tokenizer)
+        return LanguageModel.build(
+            dataclasses.replace(self.config, **changes), self.params, self.tokenizer
+        )
 
 
-def pad_id(lm: "LanguageModel") -> int:
+def pad_id(lm: LanguageModel) -> int:
     """The id that pads token arrays: the tokenizer's pad, else the config's, else an EOS, else
     0, taking only ids inside the vocabulary. Padding is never attended to, so any real row of
     the embedding serves; an id past it would make `jnp.take` return NaN rows, which masked
     attention still multiplies into every output (0 · NaN = NaN)."""
     config = lm.config
-    candidates = (getattr(lm.tokenizer, "pad_token_id", None), config.pad_token_id, *config.eos_token_ids, 0)
+    candidates = (
+        getattr(lm.tokenizer, "pad_token_id", None),
+        config.pad_token_id,
+        *config.eos_token_ids,
+        0,
+    )
     return next(int(c) for c in candidates if c is not None and 0 <= c < config.vocab_size)
 
 

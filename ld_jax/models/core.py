@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,9 +41,13 @@ class RopeConfig:
 SPEED_OPTIONS = ("remat", "unroll_layers")
 
 
-def result_fields(config: "ModelConfig") -> dict:
+def result_fields(config: ModelConfig) -> dict:
     """The config's fields that can change a result (all but SPEED_OPTIONS), for cache keys."""
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in SPEED_OPTIONS}
+    return {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if f.name not in SPEED_OPTIONS
+    }
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,7 @@ class ModelConfig:
     def kv_dim(self) -> int:
         return self.n_kv_heads * self.head_dim
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -145,17 +150,21 @@ class Family:
 
     name: str  # ModelConfig.family
     model_types: tuple[str, ...]  # config.json model_type values read as this family
-    config_from_hf: Callable[[Any], "ModelConfig"]
+    config_from_hf: Callable[[Any], ModelConfig]
     weight_table: dict[str, tuple[str, tuple[str, ...]]]
     hidden_states: Callable
     partition_rules: tuple
     renames: dict = dataclasses.field(default_factory=dict)
 
-    def weights(self, config: "ModelConfig") -> dict:
+    def weights(self, config: ModelConfig) -> dict:
         """The weight table of this checkpoint (no LM head when the embeddings are tied)."""
-        return {k: v for k, v in self.weight_table.items() if k != "lm_head" or not config.tie_embeddings}
+        return {
+            k: v
+            for k, v in self.weight_table.items()
+            if k != "lm_head" or not config.tie_embeddings
+        }
 
-    def param_shapes(self, config: "ModelConfig") -> dict[str, tuple[int, ...]]:
+    def param_shapes(self, config: ModelConfig) -> dict[str, tuple[int, ...]]:
         """Our layout of each parameter path: layers stacked `[L, ...]`, linears `[in, out]`."""
         shapes = {}
         for leaf, (_, fields) in self.weights(config).items():
@@ -165,11 +174,15 @@ class Family:
             shapes[leaf] = shape
         return shapes
 
-    def abstract_params(self, config: "ModelConfig", dtype="float32") -> Params:
+    def abstract_params(self, config: ModelConfig, dtype="float32") -> Params:
         """The parameter pytree as ShapeDtypeStructs: nothing is allocated."""
         params = {"layers": {}}
         for leaf, shape in self.param_shapes(config).items():
-            node, name = (params["layers"], leaf[len("layers/"):]) if leaf.startswith("layers/") else (params, leaf)
+            node, name = (
+                (params["layers"], leaf[len("layers/") :])
+                if leaf.startswith("layers/")
+                else (params, leaf)
+            )
             node[name] = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
         return params
 
@@ -204,7 +217,12 @@ def rope_config(params: dict, what: str) -> RopeConfig:
 
 
 def activation_name(hf_name: str) -> str:
-    names = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+    names = {
+        "silu": "silu",
+        "swish": "silu",
+        "gelu_pytorch_tanh": "gelu_tanh",
+        "gelu_new": "gelu_tanh",
+    }
     if hf_name not in names:
         raise LdJaxError(f"hidden activation {hf_name!r} is not supported ({', '.join(names)})")
     return names[hf_name]
@@ -229,7 +247,9 @@ def common_fields(hf, family: str) -> dict:
         tie_embeddings=bool(hf.tie_word_embeddings),
         attn_scale=head_dim**-0.5,
         bos_token_id=hf.bos_token_id,
-        eos_token_ids=tuple(eos) if isinstance(eos, list | tuple) else (() if eos is None else (eos,)),
+        eos_token_ids=tuple(eos)
+        if isinstance(eos, list | tuple)
+        else (() if eos is None else (eos,)),
         pad_token_id=hf.pad_token_id,
     )
 
@@ -419,7 +439,9 @@ def cache_masks(attention_mask: jax.Array, cache: KVCache, sliding_window: int |
 Block = Callable[[ModelConfig, Params, jax.Array, LayerContext], tuple[jax.Array, tuple]]
 
 
-def run_layers(config: ModelConfig, params: Params, x: jax.Array, attention_mask, block: Block, cache=None):
+def run_layers(
+    config: ModelConfig, params: Params, x: jax.Array, attention_mask, block: Block, cache=None
+):
     """Scan `block` over the stacked layers.
 
     x [batch, seq, d_model] embeddings -> (x [batch, seq, d_model] residual stream before the
@@ -432,7 +454,9 @@ def run_layers(config: ModelConfig, params: Params, x: jax.Array, attention_mask
         positions = positions_from_mask(attention_mask)
         full_mask, sliding_mask = attention_masks(attention_mask, config.sliding_window)
     else:
-        positions, full_mask, sliding_mask, key_mask = cache_masks(attention_mask, cache, config.sliding_window)
+        positions, full_mask, sliding_mask, key_mask = cache_masks(
+            attention_mask, cache, config.sliding_window
+        )
     local = config.rope_local or config.rope
     is_sliding = np.array([t == "sliding" for t in config.layer_types])
     inv_freq = np.stack(
@@ -442,7 +466,11 @@ def run_layers(config: ModelConfig, params: Params, x: jax.Array, attention_mask
     def body(h, xs):
         layer_params, layer_inv_freq, layer_is_sliding, kv = xs
         cos, sin = rope_tables(positions, layer_inv_freq)
-        mask = full_mask if sliding_mask is None else jnp.where(layer_is_sliding, sliding_mask, full_mask)
+        mask = (
+            full_mask
+            if sliding_mask is None
+            else jnp.where(layer_is_sliding, sliding_mask, full_mask)
+        )
         index = None if cache is None else cache.index
         h, new_kv = block(config, layer_params, h, LayerContext(cos, sin, mask, kv, index))
         # Without a cache the per-layer k/v are not scan outputs, so XLA drops them.

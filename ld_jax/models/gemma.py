@@ -20,7 +20,10 @@ from ld_jax.models.core import LayerContext, ModelConfig, Params
 _SHARED = {k: v for k, v in llama.WEIGHTS.items() if k != "layers/mlp_norm"}
 _LAYER = "model.layers.{i}."
 WEIGHTS = {
-    "gemma": {**_SHARED, "layers/mlp_norm": (_LAYER + "post_attention_layernorm.weight", ("d_model",))},
+    "gemma": {
+        **_SHARED,
+        "layers/mlp_norm": (_LAYER + "post_attention_layernorm.weight", ("d_model",)),
+    },
     "gemma2": {
         **_SHARED,
         "layers/post_attn_norm": (_LAYER + "post_attention_layernorm.weight", ("d_model",)),
@@ -56,7 +59,9 @@ def config_from_hf(hf) -> ModelConfig:
             layer_types=("full",) * n,
         )
     if getattr(hf, "use_bidirectional_attention", False):
-        raise LdJaxError(f"{hf.model_type}: bidirectional attention (embedding models) is not supported")
+        raise LdJaxError(
+            f"{hf.model_type}: bidirectional attention (embedding models) is not supported"
+        )
     unknown = set(hf.layer_types) - set(_LAYER_TYPES)
     if unknown:
         raise LdJaxError(f"{hf.model_type}: unsupported layer_types {sorted(unknown)}")
@@ -87,7 +92,9 @@ def block(config: ModelConfig, p: Params, x: jax.Array, ctx: LayerContext):
     if config.family == "gemma3":
         head_norm = lambda q, k: (norm(q, p["q_norm"]), norm(k, p["k_norm"]))  # noqa: E731
     h = norm(x, p["attn_norm"])
-    attn, kv = core.attend(*core.fused_matmul(h, p["wq"], p["wk"], p["wv"]), p, ctx, config, head_norm)
+    attn, kv = core.attend(
+        *core.fused_matmul(h, p["wq"], p["wk"], p["wv"]), p, ctx, config, head_norm
+    )
     if config.family == "gemma":
         x = x + attn
         return x + core.gated_mlp(norm(x, p["mlp_norm"]), p, config.activation), kv
@@ -106,10 +113,19 @@ def hidden_states(config: ModelConfig, params: Params, input_ids, attention_mask
 
 def _family(name: str, model_types: tuple[str, ...]) -> core.Family:
     return core.Family(
-        name=name, model_types=model_types, config_from_hf=config_from_hf, weight_table=WEIGHTS[name],
-        hidden_states=hidden_states, partition_rules=core.MATRIX_RULES, renames=RENAMES,
+        name=name,
+        model_types=model_types,
+        config_from_hf=config_from_hf,
+        weight_table=WEIGHTS[name],
+        hidden_states=hidden_states,
+        partition_rules=core.MATRIX_RULES,
+        renames=RENAMES,
     )  # q_norm/k_norm of Gemma 3 are per head_dim: replicated by the last rule
 
 
 # gemma3 is the multimodal wrapper: loading takes its text_config, a gemma3_text
-GEMMA, GEMMA2, GEMMA3 = _family("gemma", ("gemma",)), _family("gemma2", ("gemma2",)), _family("gemma3", ("gemma3_text", "gemma3"))
+GEMMA, GEMMA2, GEMMA3 = (
+    _family("gemma", ("gemma",)),
+    _family("gemma2", ("gemma2",)),
+    _family("gemma3", ("gemma3_text", "gemma3")),
+)

@@ -55,6 +55,10 @@ def hidden_states(config: ModelConfig, params: Params, input_ids, attention_mask
 
 
 FAMILY = core.Family(
-    name="llama", model_types=("llama",), config_from_hf=config_from_hf, weight_table=WEIGHTS,
-    hidden_states=hidden_states, partition_rules=core.MATRIX_RULES,
+    name="llama",
+    model_types=("llama",),
+    config_from_hf=config_from_hf,
+    weight_table=WEIGHTS,
+    hidden_states=hidden_states,
+    partition_rules=core.MATRIX_RULES,
 )

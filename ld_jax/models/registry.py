@@ -10,7 +10,10 @@ from ld_jax.errors import LdJaxError
 from ld_jax.models import gemma, llama, olmo
 from ld_jax.models.core import Family
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (llama.FAMILY, gemma.GEMMA, gemma.GEMMA2, gemma.GEMMA3, olmo.OLMO, olmo.OLMO2)}
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (llama.FAMILY, gemma.GEMMA, gemma.GEMMA2, gemma.GEMMA3, olmo.OLMO, olmo.OLMO2)
+}
 # config.json `model_type` -> family
 MODEL_TYPES: dict[str, Family] = {t: f for f in FAMILIES.values() for t in f.model_types}
 

@@ -33,10 +33,16 @@ class Checkpoints:
     def meta(self, step: int) -> dict:
         """The JSON record saved with the checkpoint at `step` (no arrays are read)."""
         try:
-            return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+            return dict(
+                self._manager.restore(
+                    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+                ).meta
+            )
         except Exception as e:  # orbax raises many types for a foreign or damaged checkpoint
-            raise LdJaxError(f"cannot read the checkpoint record at {self.directory} step {step}: "
-                             f"{' '.join(str(e).split())[:300]}") from e
+            raise LdJaxError(
+                f"cannot read the checkpoint record at {self.directory} step {step}: "
+                f"{' '.join(str(e).split())[:300]}"
+            ) from e
 
     def restore(self, step: int, state_like, shardings):
         """The state at `step`, laid out as `shardings`, and its JSON record.
@@ -45,7 +51,9 @@ class Checkpoints:
         target = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_like, shardings
         )
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+        )
         try:
             restored = self._manager.restore(step, args=args)
         except Exception as e:  # orbax raises many types for a foreign checkpoint

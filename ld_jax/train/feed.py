@@ -58,19 +58,25 @@ class BatchLayout:
         if self.micro_batches > 1:
             text += f" in {self.micro_batches} micro-batches of {self.eval_rows} rows"
         if self.padding:
-            text += (f", padded with {self.padding} empty rows to {self.rows} (a multiple of "
-                     f"{self.devices} data-parallel devices x {self.micro_batches} micro-batches; "
-                     f"they weigh nothing and cost compute)")  # fmt: skip
+            text += (
+                f", padded with {self.padding} empty rows to {self.rows} (a multiple of "
+                f"{self.devices} data-parallel devices x {self.micro_batches} micro-batches; "
+                f"they weigh nothing and cost compute)"
+            )
         return text
 
 
-def batch_layout(batch_size: int, num_pairs: int, mesh: Mesh, micro_batches: int = 1, strict: bool = False) -> BatchLayout:
+def batch_layout(
+    batch_size: int, num_pairs: int, mesh: Mesh, micro_batches: int = 1, strict: bool = False
+) -> BatchLayout:
     """The BatchLayout of `batch_size` pairs per update on `mesh` (see BatchLayout).
 
     strict: an error instead of padding when batch_size is not a multiple of devices x
     micro-batches (the user asked for no wasted rows)."""
     if batch_size < 1 or micro_batches < 1:
-        raise LdJaxError(f"batch_size and grad_accum_steps must be >= 1, got {batch_size}, {micro_batches}")
+        raise LdJaxError(
+            f"batch_size and grad_accum_steps must be >= 1, got {batch_size}, {micro_batches}"
+        )
     devices = batch_divisor(mesh)
     pairs = min(batch_size, num_pairs)
     multiple = devices * micro_batches
@@ -94,7 +100,9 @@ def local_rows(mesh: Mesh, batch_size: int) -> slice:
     lo, hi = min(starts), max(stops)
     step = (hi - lo) // max(len(starts), 1)
     if sorted(starts) != list(range(lo, hi, step)):
-        raise LdJaxError(f"process {jax.process_index()} holds non-contiguous batch rows {sorted(starts)}")
+        raise LdJaxError(
+            f"process {jax.process_index()} holds non-contiguous batch rows {sorted(starts)}"
+        )
     return slice(lo, hi)
 
 
@@ -103,6 +111,8 @@ def to_global(local: dict, mesh: Mesh, batch_size: int) -> dict:
     jax.Arrays split over ("data", "fsdp"); every process calls it with its own rows."""
     sharding = NamedSharding(mesh, BATCH)
     return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v), (batch_size, *np.shape(v)[1:]))
+        k: jax.make_array_from_process_local_data(
+            sharding, np.asarray(v), (batch_size, *np.shape(v)[1:])
+        )
         for k, v in local.items()
     }

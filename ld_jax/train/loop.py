@@ -97,9 +97,20 @@ class TrainConfig:
 # logged, and options that trade speed or memory for the same numbers. Every other field is
 # part of the run's identity, which every checkpoint stores.
 RESUMABLE_CHANGES = (
-    "output_dir", "num_epochs", "max_steps", "checkpoint_every", "keep_checkpoints", "resume",
-    "force_resume", "final_eval", "progress", "remat", "unroll_layers", "mesh", "strict_batch",
-)  # fmt: skip
+    "output_dir",
+    "num_epochs",
+    "max_steps",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "resume",
+    "force_resume",
+    "final_eval",
+    "progress",
+    "remat",
+    "unroll_layers",
+    "mesh",
+    "strict_batch",
+)
 
 
 @dataclasses.dataclass
@@ -129,7 +140,9 @@ def train(
     main = distributed.is_main_process()
     if model is None:
         model = models.from_pretrained(cfg.model)
-    model = model.with_options(dtype=cfg.compute_dtype, remat=cfg.remat, unroll_layers=cfg.unroll_layers)
+    model = model.with_options(
+        dtype=cfg.compute_dtype, remat=cfg.remat, unroll_layers=cfg.unroll_layers
+    )
     filter_summary = None
     if pairs is None:
         pairs, report = _read_pairs(cfg.data, model.tokenizer)
@@ -144,7 +157,9 @@ def _train(cfg: TrainConfig, model, pairs, callback, ref_logps, filter_summary) 
     """`train` once the inputs are known and the run directory is this process's."""
     out, main = Path(cfg.output_dir), distributed.is_main_process()
     mesh = sharding.make_mesh(cfg.mesh)
-    layout = feed.batch_layout(cfg.batch_size, len(pairs), mesh, cfg.optimizer.grad_accum_steps, cfg.strict_batch)
+    layout = feed.batch_layout(
+        cfg.batch_size, len(pairs), mesh, cfg.optimizer.grad_accum_steps, cfg.strict_batch
+    )
     _say(main, cfg, f"batch: {layout.describe()}")
     ckpt = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
     identity = run_identity(cfg, model, pairs, ref_logps)
@@ -157,30 +172,58 @@ def _train(cfg: TrainConfig, model, pairs, callback, ref_logps, filter_summary) 
     params = sharding.put(model.params, param_shardings)
     if cfg.param_dtype != "float32":  # cast on the devices, already sharded
         params = jax.tree.map(lambda x: x.astype(cfg.param_dtype), params)
-    padding = reference.Padding(models.pad_id(model), cfg.data.pad_to_multiple, cfg.data.padding_side)
+    padding = reference.Padding(
+        models.pad_id(model), cfg.data.pad_to_multiple, cfg.data.padding_side
+    )
 
     def all_logps(p, desc):
-        return reference.dataset_logps(model, p, pairs, mesh, layout.eval_rows, padding=padding,
-                                       seq_chunk=cfg.seq_chunk, progress=main and cfg.progress, desc=desc)  # fmt: skip
+        return reference.dataset_logps(
+            model,
+            p,
+            pairs,
+            mesh,
+            layout.eval_rows,
+            padding=padding,
+            seq_chunk=cfg.seq_chunk,
+            progress=main and cfg.progress,
+            desc=desc,
+        )
 
     ref_params = None
     if ref_logps is not None:
         init_logps = np.asarray(ref_logps, np.float32)  # make_batches checks its shape
-    elif not (cfg.loss.needs_reference or cfg.final_eval):  # neither the loss nor the summary reads it
+    elif not (
+        cfg.loss.needs_reference or cfg.final_eval
+    ):  # neither the loss nor the summary reads it
         init_logps = np.zeros((len(pairs), 2), np.float32)
     elif cfg.reference == "cached":
         init_logps = reference.reference_logps(
-            model, pairs, mesh, rows=layout.eval_rows, params=params, param_dtype=cfg.param_dtype,
-            seq_chunk=cfg.seq_chunk, padding=padding, cache_dir=out, progress=main and cfg.progress,
-        )  # fmt: skip
+            model,
+            pairs,
+            mesh,
+            rows=layout.eval_rows,
+            params=params,
+            param_dtype=cfg.param_dtype,
+            seq_chunk=cfg.seq_chunk,
+            padding=padding,
+            cache_dir=out,
+            progress=main and cfg.progress,
+        )
     else:
         ref_params = jax.tree.map(lambda x: x.copy(), params)  # the step donates `params`
         init_logps = None
     rows = feed.local_rows(mesh, layout.rows)  # this process's rows of every global batch
     ds = pipeline.make_batches(
-        pairs, layout.pairs, rows=rows, padded_rows=layout.rows, seed=cfg.seed, num_epochs=cfg.num_epochs,
-        ref_logps=init_logps, drop_remainder=cfg.drop_last, **dataclasses.asdict(padding),
-    )  # fmt: skip
+        pairs,
+        layout.pairs,
+        rows=rows,
+        padded_rows=layout.rows,
+        seed=cfg.seed,
+        num_epochs=cfg.num_epochs,
+        ref_logps=init_logps,
+        drop_remainder=cfg.drop_last,
+        **dataclasses.asdict(padding),
+    )
     total = len(ds) if cfg.max_steps is None else min(cfg.max_steps, len(ds))
 
     optimizer = make_optimizer(cfg.optimizer)
@@ -191,10 +234,22 @@ def _train(cfg: TrainConfig, model, pairs, callback, ref_logps, filter_summary) 
     bare = dataclasses.replace(model, params=None, tokenizer=None)
     step_fn = reference.reuse(
         ("step", model.config, mesh, cfg.seq_chunk, cfg.loss, cfg.optimizer),
-        lambda: compile_step(bare, cfg.loss, optimizer, mesh, state_shardings, example, cfg.seq_chunk,
-                             layout.micro_batches),
-    )  # fmt: skip
-    ref_fn = None if ref_params is None else reference.logprobs_function(model, mesh, param_shardings, cfg.seq_chunk)
+        lambda: compile_step(
+            bare,
+            cfg.loss,
+            optimizer,
+            mesh,
+            state_shardings,
+            example,
+            cfg.seq_chunk,
+            layout.micro_batches,
+        ),
+    )
+    ref_fn = (
+        None
+        if ref_params is None
+        else reference.logprobs_function(model, mesh, param_shardings, cfg.seq_chunk)
+    )
 
     try:
         if start:
@@ -214,15 +269,24 @@ def _train(cfg: TrainConfig, model, pairs, callback, ref_logps, filter_summary) 
             metrics = {name: float(v) for name, v in jax.device_get(metrics).items()}
             seconds = time.perf_counter() - t0
             if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
-                raise _non_finite(metrics, k + 1, ckpt)  # before any save: the bad state is never kept
-            record = {"step": k + 1, **metrics, "tokens_per_s": metrics["tokens"] / seconds, "step_s": seconds}
+                raise _non_finite(
+                    metrics, k + 1, ckpt
+                )  # before any save: the bad state is never kept
+            record = {
+                "step": k + 1,
+                **metrics,
+                "tokens_per_s": metrics["tokens"] / seconds,
+                "step_s": seconds,
+            }
             if callback is not None:
                 record.update(callback(k + 1, state.params, record) or {})
             records.append(record)
             if main:  # before the checkpoint: a checkpoint's steps always have their lines
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", dlogp_plus=f"{metrics['chosen_logp_change']:+.3f}")
+            bar.set_postfix(
+                loss=f"{metrics['loss']:.4f}", dlogp_plus=f"{metrics['chosen_logp_change']:+.3f}"
+            )
             if (cfg.checkpoint_every and (k + 1) % cfg.checkpoint_every == 0) or k + 1 == total:
                 ckpt.save(k + 1, state, {"step": k + 1, "identity": identity})
     finally:
@@ -235,7 +299,12 @@ def _train(cfg: TrainConfig, model, pairs, callback, ref_logps, filter_summary) 
     if main:
         files.write_json(out / "summary.json", summary, indent=2)
         if final_logps is not None:
-            files.save_npz(out / "logps.npz", index=[p.index for p in pairs], init=init_logps, final=final_logps)
+            files.save_npz(
+                out / "logps.npz",
+                index=[p.index for p in pairs],
+                init=init_logps,
+                final=final_logps,
+            )
     return TrainResult(state.params, records, summary, init_logps, final_logps, out)
 
 
@@ -266,7 +335,9 @@ def run_identity(cfg: TrainConfig, model, pairs, ref_logps=None) -> dict:
     """What a checkpoint must have been trained on to be resumed by `cfg`: every config field
     but RESUMABLE_CHANGES (dotted keys), the token ids, the initial weights and any given
     reference log-probs."""
-    fields = {k: v for k, v in _flatten(to_dict(cfg)).items() if k.split(".")[0] not in RESUMABLE_CHANGES}
+    fields = {
+        k: v for k, v in _flatten(to_dict(cfg)).items() if k.split(".")[0] not in RESUMABLE_CHANGES
+    }
     fields["data_digest"] = pairs_digest(pairs)
     fields["weights_digest"] = params_digest(model.params, sample=64)
     if ref_logps is not None:
@@ -296,7 +367,9 @@ def _locked(out: Path):
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
-            raise LdJaxError(f"another process (pid {holder}) is training in {out}; wait for it or use another output_dir") from None
+            raise LdJaxError(
+                f"another process (pid {holder}) is training in {out}; wait for it or use another output_dir"
+            ) from None
         handle.truncate(0)
         handle.write(str(os.getpid()))
         handle.flush()
@@ -312,8 +385,11 @@ def _resume_step(cfg: TrainConfig, ckpt: Checkpoints, identity: dict) -> int:
     if saved is None:
         differ = ["(the checkpoint records no config: written by an older ld-jax)"]
     else:
-        differ = [f"{k} ({saved.get(k)!r}, now {identity.get(k)!r})"
-                  for k in sorted(set(saved) | set(identity)) if saved.get(k) != identity.get(k)]  # fmt: skip
+        differ = [
+            f"{k} ({saved.get(k)!r}, now {identity.get(k)!r})"
+            for k in sorted(set(saved) | set(identity))
+            if saved.get(k) != identity.get(k)
+        ]
     if differ and not cfg.force_resume:
         raise LdJaxError(
             f"cannot resume in {cfg.output_dir}: its checkpoint at step {latest} differs in "
@@ -325,7 +401,11 @@ def _resume_step(cfg: TrainConfig, ckpt: Checkpoints, identity: dict) -> int:
 def _non_finite(metrics: dict, step: int, ckpt: Checkpoints) -> LdJaxError:
     ckpt.wait()
     last = ckpt.latest_step()
-    kept = f"the last good checkpoint is step {last} in {ckpt.directory}" if last else "no checkpoint was saved"
+    kept = (
+        f"the last good checkpoint is step {last} in {ckpt.directory}"
+        if last
+        else "no checkpoint was saved"
+    )
     return LdJaxError(
         f"non-finite loss ({metrics['loss']}) or gradient norm ({metrics['grad_norm']}) at step "
         f"{step}; training stopped, {kept}"
@@ -364,19 +444,26 @@ def _summary(cfg, layout, records, init_logps, final_logps, pairs, filter_summar
         "data_filter": filter_summary,
         "loss": cfg.loss.name,
         "batch": {
-            "pairs_per_update": layout.pairs, "requested_batch_size": layout.requested,
-            "rows_per_step": layout.rows, "padding_rows_per_step": layout.padding,
-            "micro_batches": layout.micro_batches, "data_parallel_devices": layout.devices,
+            "pairs_per_update": layout.pairs,
+            "requested_batch_size": layout.requested,
+            "rows_per_step": layout.rows,
+            "padding_rows_per_step": layout.padding,
+            "micro_batches": layout.micro_batches,
+            "data_parallel_devices": layout.devices,
             "updates_per_epoch": per_epoch,
-            "dropped_pairs_per_epoch": len(pairs) - per_epoch * layout.pairs if cfg.drop_last else 0,
+            "dropped_pairs_per_epoch": len(pairs) - per_epoch * layout.pairs
+            if cfg.drop_last
+            else 0,
         },
         "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in steps])) if steps else None,
         "final_train_batch_loss": records[-1]["loss"] if records else None,
-    }  # fmt: skip
+    }
     if final_logps is None:
         return summary
     lengths = np.array([[len(p.chosen_ids), len(p.rejected_ids)] for p in pairs], np.float32)
-    rewards = np.array([[p.reward_chosen or 0.0, p.reward_rejected or 0.0] for p in pairs], np.float32)
+    rewards = np.array(
+        [[p.reward_chosen or 0.0, p.reward_rejected or 0.0] for p in pairs], np.float32
+    )
 
     def dataset_loss(logps):
         data = {"ref_logps": init_logps, "rewards": rewards}

@@ -51,11 +51,24 @@ class Padding:
 def logprobs_function(model, mesh, param_shardings, seq_chunk: int | None = None):
     """The jitted (params, {SEQUENCE_KEYS: [B, 2, S]}) -> ln π(y±|x) [B, 2] for `model`'s config."""
     bare = dataclasses.replace(model, params=None, tokenizer=None)
-    return reuse(("logprobs", model.config, mesh, seq_chunk), lambda: compile_logprobs(bare, mesh, param_shardings, seq_chunk))
+    return reuse(
+        ("logprobs", model.config, mesh, seq_chunk),
+        lambda: compile_logprobs(bare, mesh, param_shardings, seq_chunk),
+    )
 
 
-def dataset_logps(model, params, pairs, mesh, rows: int, *, padding: Padding, seq_chunk=None,
-                  progress: bool = False, desc: str = "log-probs") -> np.ndarray:  # fmt: skip
+def dataset_logps(
+    model,
+    params,
+    pairs,
+    mesh,
+    rows: int,
+    *,
+    padding: Padding,
+    seq_chunk=None,
+    progress: bool = False,
+    desc: str = "log-probs",
+) -> np.ndarray:
     """ln π(y±|x) `[len(pairs), 2]` float32 under `params` (global arrays laid out by the
     partition rules on `mesh`), in `pairs` order; `rows` (a multiple of the data-parallel
     size) pairs per batch."""
@@ -70,9 +83,19 @@ def dataset_logps(model, params, pairs, mesh, rows: int, *, padding: Padding, se
     return np.concatenate(out)[: len(pairs)]  # the padding rows are the last of the last batch
 
 
-def reference_logps(model, pairs, mesh=None, *, rows: int = 8, params=None, param_dtype: str = "float32",
-                    seq_chunk=None, padding: Padding | None = None, cache_dir: str | Path | None = None,
-                    progress: bool = False) -> np.ndarray:  # fmt: skip
+def reference_logps(
+    model,
+    pairs,
+    mesh=None,
+    *,
+    rows: int = 8,
+    params=None,
+    param_dtype: str = "float32",
+    seq_chunk=None,
+    padding: Padding | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+) -> np.ndarray:
     """ln π_ref(y±|x) `[len(pairs), 2]` under `model`'s weights (cast to `param_dtype`).
 
     mesh: default all devices on the "data" axis. params: the weights already sharded on `mesh`
@@ -88,17 +111,35 @@ def reference_logps(model, pairs, mesh=None, *, rows: int = 8, params=None, para
         params = jax.tree.map(lambda x: x.astype(param_dtype), params)
 
     def compute():
-        return dataset_logps(model, params, pairs, mesh, rows, padding=padding, seq_chunk=seq_chunk,
-                             progress=progress, desc="reference log-probs")  # fmt: skip
+        return dataset_logps(
+            model,
+            params,
+            pairs,
+            mesh,
+            rows,
+            padding=padding,
+            seq_chunk=seq_chunk,
+            progress=progress,
+            desc="reference log-probs",
+        )
 
     if cache_dir is None:
         return compute()
-    key = fingerprint(result_fields(model.config), param_dtype, rows, seq_chunk, dataclasses.asdict(padding),
-                      pairs_digest(pairs), params_digest(model.params))  # fmt: skip
+    key = fingerprint(
+        result_fields(model.config),
+        param_dtype,
+        rows,
+        seq_chunk,
+        dataclasses.asdict(padding),
+        pairs_digest(pairs),
+        params_digest(model.params),
+    )
     return files.cached(
-        Path(cache_dir) / f"ref_logps-{key}.npz", compute,
+        Path(cache_dir) / f"ref_logps-{key}.npz",
+        compute,
         load=lambda p: files.load_npz(p)["logps"].astype(np.float32),
         save=lambda p, v: files.save_npz(p, logps=v),
-        main=distributed.is_main_process(), broadcast=distributed.broadcast_from_main,
+        main=distributed.is_main_process(),
+        broadcast=distributed.broadcast_from_main,
         like=np.zeros((len(pairs), 2), np.float32),
-    )  # fmt: skip
+    )

@@ -27,6 +27,7 @@ BATCH = P(("data", "fsdp"))
 
 Rules = tuple[tuple[str, P], ...]
 
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Mesh axis sizes; one of them may be -1 for "all remaining devices"."""
@@ -47,7 +48,9 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> Mesh:
             raise LdJaxError(f"mesh {sizes} does not divide the {len(devices)} devices")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise LdJaxError(f"mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
+        raise LdJaxError(
+            f"mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}"
+        )
     return Mesh(np.array(devices).reshape(sizes), AXES, axis_types=(AxisType.Auto,) * 3)
 
 

@@ -32,10 +32,16 @@ def batch_losses(loss_cfg: LossConfig, logps, lengths, batch):
     ref, rewards = batch["ref_logps"], batch["rewards"]
     lengths = jnp.maximum(lengths, 1.0)  # padding rows have none; keeps 1/|y| finite there
     return preference_loss(
-        loss_cfg, logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1],
-        chosen_len=lengths[:, 0], rejected_len=lengths[:, 1],
-        reward_chosen=rewards[:, 0], reward_rejected=rewards[:, 1],
-    )  # fmt: skip
+        loss_cfg,
+        logps[:, 0],
+        logps[:, 1],
+        ref[:, 0],
+        ref[:, 1],
+        chosen_len=lengths[:, 0],
+        rejected_len=lengths[:, 1],
+        reward_chosen=rewards[:, 0],
+        reward_rejected=rewards[:, 1],
+    )
 
 
 def micro_batches_of(batch, k: int):
@@ -43,7 +49,9 @@ def micro_batches_of(batch, k: int):
     return jax.tree.map(lambda x: x.reshape(-1, k, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def train_step(state: TrainState, batch, *, model, loss_cfg, optimizer, seq_chunk=None, micro_batches=1):
+def train_step(
+    state: TrainState, batch, *, model, loss_cfg, optimizer, seq_chunk=None, micro_batches=1
+):
     """batch: the arrays of `data.pipeline` with `ref_logps` `[B, 2]`, B a multiple of
     `micro_batches`. Returns the new state and scalar metrics (means over valid pairs; `tokens`
     counts their non-padding tokens)."""
@@ -71,6 +79,7 @@ def train_step(state: TrainState, batch, *, model, loss_cfg, optimizer, seq_chun
     if micro_batches == 1:
         grads, sums = grad_fn(state.params, batch)
     else:
+
         def accumulate(total, mb):
             return jax.tree.map(jnp.add, total, grad_fn(state.params, mb)), None
 
@@ -84,7 +93,9 @@ def train_step(state: TrainState, batch, *, model, loss_cfg, optimizer, seq_chun
     return TrainState(state.step + 1, params, opt_state), metrics
 
 
-def compile_step(model, loss_cfg, optimizer, mesh, state_shardings, batch, seq_chunk=None, micro_batches=1):
+def compile_step(
+    model, loss_cfg, optimizer, mesh, state_shardings, batch, seq_chunk=None, micro_batches=1
+):
     """`train_step` under jit with explicit shardings; the input state's buffers are donated.
 
     batch: an example batch (host arrays or ShapeDtypeStructs), for the batch shardings.
@@ -92,9 +103,14 @@ def compile_step(model, loss_cfg, optimizer, mesh, state_shardings, batch, seq_c
 
     def step(state, batch):
         return train_step(
-            state, batch, model=model, loss_cfg=loss_cfg, optimizer=optimizer, seq_chunk=seq_chunk,
+            state,
+            batch,
+            model=model,
+            loss_cfg=loss_cfg,
+            optimizer=optimizer,
+            seq_chunk=seq_chunk,
             micro_batches=micro_batches,
-        )  # fmt: skip
+        )
 
     replicated = NamedSharding(mesh, P())
     return jax.jit(

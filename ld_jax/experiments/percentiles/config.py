@@ -31,7 +31,9 @@ class PercentilesConfig:
 
     model: str = "smollm2-135m-instruct"
     title: str = ""  # model label in tables and plots; defaults to `model`
-    data: loop.DataConfig = dataclasses.field(default_factory=lambda: loop.DataConfig(max_length=512))
+    data: loop.DataConfig = dataclasses.field(
+        default_factory=lambda: loop.DataConfig(max_length=512)
+    )
     overflow: str = "truncate"  # truncate | skip (see scoring)
     measures: tuple[str, ...] = ("ches", "edit_distance", "last_hidden_ip")
     percentiles: tuple[float, ...] = (0.0, 25.0, 50.0, 75.0, 100.0)
@@ -43,7 +45,9 @@ class PercentilesConfig:
     remat: bool = False
     seq_chunk: int | None = None
     loss: LossConfig = dataclasses.field(default_factory=lambda: LossConfig("dpo", beta=0.1))
-    optimizer: OptimizerConfig = dataclasses.field(default_factory=lambda: OptimizerConfig("rmsprop", lr=1e-7))
+    optimizer: OptimizerConfig = dataclasses.field(
+        default_factory=lambda: OptimizerConfig("rmsprop", lr=1e-7)
+    )
     lr_grid: tuple[float, ...] = ()
     mesh: sharding.MeshConfig = dataclasses.field(default_factory=sharding.MeshConfig)
     keep_checkpoints: bool = False  # keep each run's final orbax checkpoint (about 2x the params)

@@ -8,12 +8,15 @@ from pathlib import Path
 import numpy as np
 import scipy.stats
 
-from ld_jax import files
-from ld_jax import report
+from ld_jax import files, report
 from ld_jax.report import format_number, markdown_table
 
-LABELS = {"ches": "CHES", "ln_ches": "length-normalised CHES", "edit_distance": "edit distance",
-          "last_hidden_ip": "last hidden embedding inner product"}  # fmt: skip
+LABELS = {
+    "ches": "CHES",
+    "ln_ches": "length-normalised CHES",
+    "edit_distance": "edit distance",
+    "last_hidden_ip": "last hidden embedding inner product",
+}
 
 
 def aggregate(cfg, recs: list[dict]) -> dict[str, dict]:
@@ -21,8 +24,20 @@ def aggregate(cfg, recs: list[dict]) -> dict[str, dict]:
     of the window's mean ln π(y+|x) (`chosen`) and ln π(y−|x) (`rejected`)}."""
     out = {}
     for m in cfg.measures:
-        rows = {k: [] for k in ("chosen_mean", "chosen_min", "chosen_max", "rejected_mean", "rejected_min",
-                                "rejected_max", "displaced", "loss_init", "loss_final")}
+        rows = {
+            k: []
+            for k in (
+                "chosen_mean",
+                "chosen_min",
+                "chosen_max",
+                "rejected_mean",
+                "rejected_min",
+                "rejected_max",
+                "displaced",
+                "loss_init",
+                "loss_final",
+            )
+        }
         for p in cfg.percentiles:
             runs = [r for r in recs if r["measure"] == m and r["percentile"] == p]
             c = np.array([r["mean_chosen_logp_change"] for r in runs])
@@ -63,30 +78,53 @@ def _cell(mean: float, lo: float, hi: float) -> str:
 
 
 def table(cfg, meta: dict, scores, wins, agg, rho) -> str:
-    header = ["measure", "percentile", "window scores (min – max)", "Δ mean ln π(y+) [min, max]",
-              "Δ mean ln π(y−) [min, max]", "pairs with ln π(y+) down", "loss init → final"]
+    header = [
+        "measure",
+        "percentile",
+        "window scores (min – max)",
+        "Δ mean ln π(y+) [min, max]",
+        "Δ mean ln π(y−) [min, max]",
+        "pairs with ln π(y+) down",
+        "loss init → final",
+    ]
     rows = []
     for m in cfg.measures:
         a = agg[m]
         for k, p in enumerate(cfg.percentiles):
             v = scores[m][wins[(m, p)]]
-            rows.append([
-                LABELS[m], f"{p:g}", f"{format_number(v.min(), 3)} – {format_number(v.max(), 3)}",
-                _cell(a["chosen_mean"][k], a["chosen_min"][k], a["chosen_max"][k]),
-                _cell(a["rejected_mean"][k], a["rejected_min"][k], a["rejected_max"][k]),
-                f"{a['displaced'][k]:.2f}", f"{a['loss_init'][k]:.4f} → {a['loss_final'][k]:.4f}",
-            ])  # fmt: skip
-    title = (f"# E2: change of the mean log-probabilities over each percentile window\n\n"
-             f"{meta['title']} on {meta['data']}; {cfg.loss.name.upper()}, lr {meta['lr']:g}, "
-             f"windows of {cfg.window} of {meta['pool']} pairs, {cfg.seeds} seed(s): mean over seeds "
-             f"[min, max].\n\n")  # fmt: skip
+            rows.append(
+                [
+                    LABELS[m],
+                    f"{p:g}",
+                    f"{format_number(v.min(), 3)} – {format_number(v.max(), 3)}",
+                    _cell(a["chosen_mean"][k], a["chosen_min"][k], a["chosen_max"][k]),
+                    _cell(a["rejected_mean"][k], a["rejected_min"][k], a["rejected_max"][k]),
+                    f"{a['displaced'][k]:.2f}",
+                    f"{a['loss_init'][k]:.4f} → {a['loss_final'][k]:.4f}",
+                ]
+            )
+    title = (
+        f"# E2: change of the mean log-probabilities over each percentile window\n\n"
+        f"{meta['title']} on {meta['data']}; {cfg.loss.name.upper()}, lr {meta['lr']:g}, "
+        f"windows of {cfg.window} of {meta['pool']} pairs, {cfg.seeds} seed(s): mean over seeds "
+        f"[min, max].\n\n"
+    )
     corr = markdown_table(
         ["measure", "Spearman ρ(percentile, −Δ ln π(y+)) over seed means", "over all runs"],
-        [[LABELS[m], _fmt_rho(rho[m]["means"]), _fmt_rho(rho[m]["runs"])] for m in cfg.measures], "lrr",
-    )  # fmt: skip
-    times = markdown_table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in meta["stage_seconds"].items()], "lr")
-    return (title + markdown_table(header, rows, "lrlrrrr") + "\n" + corr
-            + "\nρ = 1: the higher the percentile, the larger the decrease of ln π(y+).\n\n## Wall time\n\n" + times)
+        [[LABELS[m], _fmt_rho(rho[m]["means"]), _fmt_rho(rho[m]["runs"])] for m in cfg.measures],
+        "lrr",
+    )
+    times = markdown_table(
+        ["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in meta["stage_seconds"].items()], "lr"
+    )
+    return (
+        title
+        + markdown_table(header, rows, "lrlrrrr")
+        + "\n"
+        + corr
+        + "\nρ = 1: the higher the percentile, the larger the decrease of ln π(y+).\n\n## Wall time\n\n"
+        + times
+    )
 
 
 def _fmt_rho(x) -> str:
@@ -107,7 +145,9 @@ def figure2(path: Path, cfg, meta: dict, agg: dict) -> Path:
     ax.set_xticks(cfg.percentiles)
     ax.set_xlabel("percentile of the measure")
     ax.set_ylabel("change of mean ln π(y+|x)")
-    ax.set_title(f"{meta['title']}: {cfg.loss.name.upper()}, {cfg.window} samples per window", fontsize=10)
+    ax.set_title(
+        f"{meta['title']}: {cfg.loss.name.upper()}, {cfg.window} samples per window", fontsize=10
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -132,8 +172,10 @@ def samples_md(cfg, meta: dict, pool, scores, records) -> str:
     by_index = {r.index: r for r in records}
     order = np.argsort(scores["ches"], kind="stable")
     k = min(cfg.samples_shown, len(order))
-    parts = [f"# Highest and lowest CHES pairs\n\n{meta['title']} on {meta['data']} ({meta['pool']} pairs; "
-             "lengths are response tokens including EOS, after truncation).\n"]  # fmt: skip
+    parts = [
+        f"# Highest and lowest CHES pairs\n\n{meta['title']} on {meta['data']} ({meta['pool']} pairs; "
+        "lengths are response tokens including EOS, after truncation).\n"
+    ]
     for title, picks in ((f"{k} highest CHES", order[::-1][:k]), (f"{k} lowest CHES", order[:k])):
         parts.append(f"\n## {title}\n")
         for rank, i in enumerate(picks, 1):
@@ -159,9 +201,19 @@ def write_outputs(cfg, meta, pool, scores, wins, recs, records) -> dict:
     figure2(out / "figure2.png", cfg, meta, agg)
     files.write_text(out / "samples.md", samples_md(cfg, meta, pool, scores, records))
     window_info = {
-        f"{m}/p{p:g}": {"indices": [pool[i].index for i in pos], "min": float(scores[m][pos].min()),
-                        "max": float(scores[m][pos].max())}
+        f"{m}/p{p:g}": {
+            "indices": [pool[i].index for i in pos],
+            "min": float(scores[m][pos].min()),
+            "max": float(scores[m][pos].max()),
+        }
         for (m, p), pos in wins.items()
-    }  # fmt: skip
-    return {"meta": meta, "config": cfg, "aggregate": agg, "spearman": rho, "windows": window_info,
-            "runs": recs, "table_md": md}
+    }
+    return {
+        "meta": meta,
+        "config": cfg,
+        "aggregate": agg,
+        "spearman": rho,
+        "windows": window_info,
+        "runs": recs,
+        "table_md": md,
+    }

@@ -62,17 +62,27 @@ def model_digest(cfg: PercentilesConfig, lm) -> str:
     """The model's name, architecture and a sample of every weight (tells checkpoints apart
     without hashing all of them)."""
     # switching a speed option (remat, unrolled layers) keeps the cached scores, log-probs and runs
-    return fingerprint(cfg.model, result_fields(lm.config), cfg.compute_dtype, params_digest(lm.params, sample=64))
+    return fingerprint(
+        cfg.model, result_fields(lm.config), cfg.compute_dtype, params_digest(lm.params, sample=64)
+    )
 
 
 def scoring_config(cfg: PercentilesConfig) -> scoring.ScoringConfig:
     d = cfg.data
     return scoring.ScoringConfig(
-        model=cfg.model, data=d.source, out="", max_length=d.max_length,
-        max_prompt_length=d.max_prompt_length or d.max_length, overflow=cfg.overflow,
-        template=d.template, batch_size=cfg.score_batch_size, dtype=cfg.compute_dtype,
-        columns=d.columns, split=d.split, limit=d.limit,
-    )  # fmt: skip
+        model=cfg.model,
+        data=d.source,
+        out="",
+        max_length=d.max_length,
+        max_prompt_length=d.max_prompt_length or d.max_length,
+        overflow=cfg.overflow,
+        template=d.template,
+        batch_size=cfg.score_batch_size,
+        dtype=cfg.compute_dtype,
+        columns=d.columns,
+        split=d.split,
+        limit=d.limit,
+    )
 
 
 def training_pool(records, tokenizer, cfg: PercentilesConfig):
@@ -87,7 +97,9 @@ def training_pool(records, tokenizer, cfg: PercentilesConfig):
             pool.append(p)
     report.kept = len(pool)
     if len(pool) < cfg.window:
-        raise LdJaxError(f"only {len(pool)} usable pairs ({report.summary()}) for windows of {cfg.window}")
+        raise LdJaxError(
+            f"only {len(pool)} usable pairs ({report.summary()}) for windows of {cfg.window}"
+        )
     return scored, pool, report
 
 
@@ -96,29 +108,48 @@ def pool_scores(cfg: PercentilesConfig, lm, scored, pool, cache: Path) -> dict[s
     the kernel, as in `ld-jax ches`, so that batches (and so the last bits) are the same."""
     key = fingerprint(model_digest(cfg, lm), pairs_digest(scored), cfg.score_batch_size)
     scores = protocol.cached_arrays(
-        cache / f"scores-{key}.npz", lambda: ches.score_pairs(lm, scored, cfg.score_batch_size, progress=cfg.progress)
+        cache / f"scores-{key}.npz",
+        lambda: ches.score_pairs(lm, scored, cfg.score_batch_size, progress=cfg.progress),
     )
     row = {p.index: k for k, p in enumerate(scored)}
     keys = (*MEASURES, "len_chosen", "len_rejected")
     return {k: np.asarray(scores[k], np.float64)[[row[p.index] for p in pool]] for k in keys}
 
 
-def windows(scores: dict[str, np.ndarray], cfg: PercentilesConfig) -> dict[tuple[str, float], np.ndarray]:
+def windows(
+    scores: dict[str, np.ndarray], cfg: PercentilesConfig
+) -> dict[tuple[str, float], np.ndarray]:
     """(measure, percentile) -> pool positions `[window]` of its window, ascending."""
     return {
         (m, p): np.sort(scoring.percentile_window(scores[m], p, cfg.window))
-        for m in cfg.measures for p in cfg.percentiles
-    }  # fmt: skip
+        for m in cfg.measures
+        for p in cfg.percentiles
+    }
 
 
-def train_config(cfg: PercentilesConfig, output_dir: Path, seed: int, lr: float, **kw) -> loop.TrainConfig:
+def train_config(
+    cfg: PercentilesConfig, output_dir: Path, seed: int, lr: float, **kw
+) -> loop.TrainConfig:
     return loop.TrainConfig(
-        model=cfg.model, output_dir=str(output_dir), batch_size=cfg.batch_size, num_epochs=1,
-        seed=seed, compute_dtype=cfg.compute_dtype, remat=cfg.remat, seq_chunk=cfg.seq_chunk,
-        reference="cached", checkpoint_every=0, keep_checkpoints=1, resume=True, progress=cfg.progress,
-        data=cfg.data, loss=cfg.loss, optimizer=dataclasses.replace(cfg.optimizer, lr=lr), mesh=cfg.mesh,
+        model=cfg.model,
+        output_dir=str(output_dir),
+        batch_size=cfg.batch_size,
+        num_epochs=1,
+        seed=seed,
+        compute_dtype=cfg.compute_dtype,
+        remat=cfg.remat,
+        seq_chunk=cfg.seq_chunk,
+        reference="cached",
+        checkpoint_every=0,
+        keep_checkpoints=1,
+        resume=True,
+        progress=cfg.progress,
+        data=cfg.data,
+        loss=cfg.loss,
+        optimizer=dataclasses.replace(cfg.optimizer, lr=lr),
+        mesh=cfg.mesh,
         **kw,
-    )  # fmt: skip
+    )
 
 
 def initial_logps(cfg: PercentilesConfig, lm, pairs, cache: Path) -> np.ndarray:
@@ -128,26 +159,50 @@ def initial_logps(cfg: PercentilesConfig, lm, pairs, cache: Path) -> np.ndarray:
     layout = feed.batch_layout(tc.batch_size, len(pairs), mesh, tc.optimizer.grad_accum_steps)
     model = lm.with_options(dtype=tc.compute_dtype, remat=tc.remat)
     padding = reference.Padding(models.pad_id(model), tc.data.pad_to_multiple, tc.data.padding_side)
-    return reference.reference_logps(model, pairs, mesh, rows=layout.eval_rows, seq_chunk=tc.seq_chunk,
-                                     padding=padding, cache_dir=cache / "init_logps", progress=cfg.progress)  # fmt: skip
+    return reference.reference_logps(
+        model,
+        pairs,
+        mesh,
+        rows=layout.eval_rows,
+        seq_chunk=tc.seq_chunk,
+        padding=padding,
+        cache_dir=cache / "init_logps",
+        progress=cfg.progress,
+    )
 
 
-def train_run(cfg: PercentilesConfig, lm, pairs, ref, run: Run, workdir: Path, search: bool) -> dict:
+def train_run(
+    cfg: PercentilesConfig, lm, pairs, ref, run: Run, workdir: Path, search: bool
+) -> dict:
     """One epoch on one window -> its record. In the lr `search`, a run whose loss turns
     non-finite is recorded as failed (its lr is unstable) instead of raising."""
     t0 = time.perf_counter()
     try:
-        result = loop.train(train_config(cfg, workdir, run.seed, run.lr), model=lm, pairs=pairs, ref_logps=ref)
+        result = loop.train(
+            train_config(cfg, workdir, run.seed, run.lr), model=lm, pairs=pairs, ref_logps=ref
+        )
         s = result.summary
-        rec = {k: s[k] for k in ("loss_init", "loss_final", "loss_decreased", "mean_chosen_logp_init",
-                                 "mean_chosen_logp_change", "mean_rejected_logp_change", "fraction_pairs_displaced")}
+        rec = {
+            k: s[k]
+            for k in (
+                "loss_init",
+                "loss_final",
+                "loss_decreased",
+                "mean_chosen_logp_init",
+                "mean_chosen_logp_change",
+                "mean_rejected_logp_change",
+                "fraction_pairs_displaced",
+            )
+        }
         rec["first_step"] = {k: result.metrics[0][k] for k in ("loss", "chosen_logp_change")}
         rec["error"] = None
     except LdJaxError as e:
         if not search or "non-finite" not in str(e):
             raise
         rec = {"error": str(e)}
-    rec.update(dataclasses.asdict(run), indices=[p.index for p in pairs], seconds=time.perf_counter() - t0)
+    rec.update(
+        dataclasses.asdict(run), indices=[p.index for p in pairs], seconds=time.perf_counter() - t0
+    )
     if not cfg.keep_checkpoints:
         shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
     return rec
@@ -163,7 +218,9 @@ def run_percentiles(cfg: PercentilesConfig) -> dict:
     out = Path(cfg.out_dir)
     cache = out / "cache"
     with stages("load model"):
-        lm = models.from_pretrained(cfg.model, dtype="float32")  # fp32 master weights; the loop casts
+        lm = models.from_pretrained(
+            cfg.model, dtype="float32"
+        )  # fp32 master weights; the loop casts
         if lm.tokenizer is None:
             raise LdJaxError(f"{cfg.model}: the checkpoint has no tokenizer files")
     with stages("read and tokenize"):
@@ -178,43 +235,87 @@ def run_percentiles(cfg: PercentilesConfig) -> dict:
         init = initial_logps(cfg, lm, [pool[i] for i in union], cache)
     row = {int(i): k for k, i in enumerate(union)}  # pool position -> row of `init`
 
-    key = fingerprint(model_digest(cfg, lm), pairs_digest(pool), cfg.loss, dataclasses.replace(cfg.optimizer, lr=0),
-                      cfg.batch_size, cfg.compute_dtype, cfg.seq_chunk, cfg.window, cfg.data.pad_to_multiple)  # fmt: skip
+    key = fingerprint(
+        model_digest(cfg, lm),
+        pairs_digest(pool),
+        cfg.loss,
+        dataclasses.replace(cfg.optimizer, lr=0),
+        cfg.batch_size,
+        cfg.compute_dtype,
+        cfg.seq_chunk,
+        cfg.window,
+        cfg.data.pad_to_multiple,
+    )
     store = protocol.RunStore(out / "runs" / key)
 
     def train_all(runs: list[Run], desc: str, search: bool = False) -> list[dict]:
         def one(run: Run) -> dict:
             positions = wins[(run.measure, run.percentile)]
             ref = init[[row[int(i)] for i in positions]]
-            return train_run(cfg, lm, [pool[i] for i in positions], ref, run, store.workdir(run.name), search)
+            return train_run(
+                cfg, lm, [pool[i] for i in positions], ref, run, store.workdir(run.name), search
+            )
 
         return store.many([(r.name, lambda r=r: one(r)) for r in runs], desc, cfg.progress)
 
     with stages("lr search"):
         chosen, trials = protocol.lr_search(
-            cfg.lr_grid, lambda lr: train_all([Run(cfg.measures[0], p, 0, lr) for p in cfg.percentiles],
-                                              f"lr search {lr:g}", search=True),
-            "falls_overall", curve=lambda r: [r.get("loss_init", np.nan), r.get("loss_final", np.nan)],
-        )  # fmt: skip
-        search = [{"lr": lr, "runs": len(recs), "stable": ok, "errors": [r["error"] for r in recs if r["error"]]}
-                  for lr, recs, ok in trials]  # fmt: skip
+            cfg.lr_grid,
+            lambda lr: train_all(
+                [Run(cfg.measures[0], p, 0, lr) for p in cfg.percentiles],
+                f"lr search {lr:g}",
+                search=True,
+            ),
+            "falls_overall",
+            curve=lambda r: [r.get("loss_init", np.nan), r.get("loss_final", np.nan)],
+        )
+        search = [
+            {
+                "lr": lr,
+                "runs": len(recs),
+                "stable": ok,
+                "errors": [r["error"] for r in recs if r["error"]],
+            }
+            for lr, recs, ok in trials
+        ]
         if cfg.lr_grid and chosen is None:
             print(f"no lr in {cfg.lr_grid} was stable in all search runs; using the smallest")
-        lr = chosen if chosen is not None else (min(cfg.lr_grid) if cfg.lr_grid else cfg.optimizer.lr)
+        lr = (
+            chosen
+            if chosen is not None
+            else (min(cfg.lr_grid) if cfg.lr_grid else cfg.optimizer.lr)
+        )
         reused = next((recs for _, recs, ok in trials if ok), [])
     with stages("training runs"):
-        runs = [Run(m, p, s, lr) for m in cfg.measures for p in cfg.percentiles for s in range(cfg.seeds)]
+        runs = [
+            Run(m, p, s, lr)
+            for m in cfg.measures
+            for p in cfg.percentiles
+            for s in range(cfg.seeds)
+        ]
         recs = train_all(runs, f"{cfg.loss.name} lr {lr:g}")
         if failed := [r for r in recs if r["error"]]:  # search runs of an lr that no lr beat
-            raise LdJaxError(f"{len(failed)} run(s) had a non-finite loss at lr {lr:g}: {failed[0]['error']}")
+            raise LdJaxError(
+                f"{len(failed)} run(s) had a non-finite loss at lr {lr:g}: {failed[0]['error']}"
+            )
 
     meta = {
-        "model": cfg.model, "title": cfg.title or cfg.model, "data": d.source, "pool": len(pool),
-        "data_filter": report.summary(), "lr": lr, "lr_search": search, "reused_search_runs": len(reused),
-        "union_pairs": len(union), "run_store": str(store.root), "stage_seconds": stages.seconds,
+        "model": cfg.model,
+        "title": cfg.title or cfg.model,
+        "data": d.source,
+        "pool": len(pool),
+        "data_filter": report.summary(),
+        "lr": lr,
+        "lr_search": search,
+        "reused_search_runs": len(reused),
+        "union_pairs": len(union),
+        "run_store": str(store.root),
+        "stage_seconds": stages.seconds,
         "machine": protocol.machine(),
-    }  # fmt: skip
-    with stages("report"):  # meta holds `stages.seconds` itself, so results.json gets this stage too
+    }
+    with stages(
+        "report"
+    ):  # meta holds `stages.seconds` itself, so results.json gets this stage too
         result = percentiles_report.write_outputs(cfg, meta, pool, scores, wins, recs, records)
     write_json(out / "results.json", result)
     return result

@@ -9,11 +9,38 @@ from ld_jax.losses import LossConfig
 from ld_jax.train.optim import OptimizerConfig
 
 DEFAULT_MEANINGS = {
-    "yes": ("Yes", "Yeah", "Yep", "Yup", "Sure", "Certainly", "Absolutely", "Definitely", "Indeed",
-            "Agreed", "Agree", "Correct", "True", "Right", "Of course", "Okay", "OK"),
+    "yes": (
+        "Yes",
+        "Yeah",
+        "Yep",
+        "Yup",
+        "Sure",
+        "Certainly",
+        "Absolutely",
+        "Definitely",
+        "Indeed",
+        "Agreed",
+        "Agree",
+        "Correct",
+        "True",
+        "Right",
+        "Of course",
+        "Okay",
+        "OK",
+    ),
     "no": ("No", "Never", "Nope", "Nah", "Not", "None", "False", "Disagree", "Incorrect", "Wrong"),
-    "hedge": ("Maybe", "Perhaps", "Possibly", "Probably", "Sometimes", "Depends", "Unsure",
-              "Uncertain", "Partially", "Somewhat"),
+    "hedge": (
+        "Maybe",
+        "Perhaps",
+        "Possibly",
+        "Probably",
+        "Sometimes",
+        "Depends",
+        "Unsure",
+        "Uncertain",
+        "Partially",
+        "Somewhat",
+    ),
 }
 
 
@@ -70,14 +97,22 @@ class PersonaConfig:
     def __post_init__(self):
         # YAML 1.1 reads 1e-7 as a string; lists of lrs do not pass through the loader's float cast.
         object.__setattr__(self, "lr_grid", tuple(float(x) for x in self.lr_grid))
-        words = [w for pair in self.pairs for w in pair] + [*self.no_set, *self.yes_set, *self.substitutes]
+        words = [w for pair in self.pairs for w in pair] + [
+            *self.no_set,
+            *self.yes_set,
+            *self.substitutes,
+        ]
         words += [w for ws in self.meanings.values() for w in ws]
         if bad := [w for w in words if not isinstance(w, str)]:
-            raise ValueError(f"token words must be strings, got {bad}: quote Yes/No in YAML, which reads them as booleans")
+            raise ValueError(
+                f"token words must be strings, got {bad}: quote Yes/No in YAML, which reads them as booleans"
+            )
         if any(len(pair) != 2 for pair in self.pairs):
             raise ValueError(f"each pair must be [y+, y-], got {self.pairs}")
         if self.prompt_format not in ("auto", "chat", "plain"):
-            raise ValueError(f"prompt_format must be auto, chat or plain, not {self.prompt_format!r}")
+            raise ValueError(
+                f"prompt_format must be auto, chat or plain, not {self.prompt_format!r}"
+            )
         if self.seeds < 1 or self.steps < 1:
             raise ValueError("seeds and steps must be >= 1")
         if any(s > self.steps for s in self.report_steps):

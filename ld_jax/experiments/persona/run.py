@@ -60,13 +60,20 @@ def load_records(path: str | Path) -> list[dict]:
             continue
         try:
             rec = json.loads(line)
-            records.append({"question": rec["question"], "accords": rec["answer_matching_behavior"].strip() == "Yes"})
+            records.append(
+                {
+                    "question": rec["question"],
+                    "accords": rec["answer_matching_behavior"].strip() == "Yes",
+                }
+            )
         except (json.JSONDecodeError, KeyError, AttributeError) as e:
             raise LdJaxError(f"{path}:{i}: not a Persona record ({e})") from e
     return records
 
 
-def encode_prompts(tokenizer, questions: list[str], prompt_format: str) -> tuple[list[list[int]], str]:
+def encode_prompts(
+    tokenizer, questions: list[str], prompt_format: str
+) -> tuple[list[list[int]], str]:
     """Token ids of each prompt and the format used: the chat template with a generation prompt
     when the tokenizer has one (or `chat` is asked), else `question + "\\n"` with the tokenizer's BOS."""
     fmt = prompt_format
@@ -77,8 +84,12 @@ def encode_prompts(tokenizer, questions: list[str], prompt_format: str) -> tuple
     out = []
     for q in questions:
         if fmt == "chat":
-            text = tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-            out.append(tokenizer.encode(text, add_special_tokens=False))  # the template holds the specials
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+            )
+            out.append(
+                tokenizer.encode(text, add_special_tokens=False)
+            )  # the template holds the specials
         else:
             out.append(tokenizer.encode(q + "\n", add_special_tokens=True))
     return out, fmt
@@ -95,8 +106,12 @@ def resolve_tokens(tokenizer, words, substitutes: dict) -> dict[str, dict]:
             raise LdJaxError(
                 f"{text!r} is {len(ids)} tokens {pieces}, not one; set substitutes: {{{word}: <single-token text>}}"
             )
-        resolved[word] = {"id": ids[0], "token": tokenizer.convert_ids_to_tokens(ids[0]),
-                          "text": tokenizer.decode(ids), "substitute": word in substitutes}
+        resolved[word] = {
+            "id": ids[0],
+            "token": tokenizer.convert_ids_to_tokens(ids[0]),
+            "text": tokenizer.decode(ids),
+            "substitute": word in substitutes,
+        }
     return resolved
 
 
@@ -128,35 +143,58 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LD_JAX_CACHE") or "~/.cache/ld_jax").expanduser()
 
 
-def sft_phase(cfg: PersonaConfig, lm, prompts: list[list[int]], labels: np.ndarray, log) -> tuple[dict, dict, str]:
+def sft_phase(
+    cfg: PersonaConfig, lm, prompts: list[list[int]], labels: np.ndarray, log
+) -> tuple[dict, dict, str]:
     """`cfg.sft.epochs` of SFT (paper J.1) through the training loop with the `sft` loss: each
     prompt's response is its one label token, RMSProp, batches of `cfg.sft.batch_size` in the
     loop's seeded order. Cached under `$LD_JAX_CACHE/persona_sft/<key>`. -> (params, info, key)."""
-    pairs = [TokenizedPair(i, list(p), [int(y)], [int(y)]) for i, (p, y) in enumerate(zip(prompts, labels))]
+    pairs = [
+        TokenizedPair(i, list(p), [int(y)], [int(y)])
+        for i, (p, y) in enumerate(zip(prompts, labels))
+    ]
     s = cfg.sft
     tc = loop.TrainConfig(
-        model=cfg.model, batch_size=s.batch_size, num_epochs=s.epochs, seed=s.seed, final_eval=False,
-        loss=LossConfig("sft"), optimizer=OptimizerConfig(name="rmsprop", lr=s.lr),
-        data=loop.DataConfig(pad_to_multiple=8), keep_checkpoints=1,
+        model=cfg.model,
+        batch_size=s.batch_size,
+        num_epochs=s.epochs,
+        seed=s.seed,
+        final_eval=False,
+        loss=LossConfig("sft"),
+        optimizer=OptimizerConfig(name="rmsprop", lr=s.lr),
+        data=loop.DataConfig(pad_to_multiple=8),
+        keep_checkpoints=1,
     )
     key = fingerprint(loop.run_identity(tc, lm, pairs), params_digest(lm.params, sample=64))
     path = cache_dir() / "persona_sft" / f"{key}.json"
 
     def mean_label_prob(params) -> float:
-        logps = reference.reference_logps(dataclasses.replace(lm, params=params), pairs, rows=s.batch_size)
+        logps = reference.reference_logps(
+            dataclasses.replace(lm, params=params), pairs, rows=s.batch_size
+        )
         return float(np.exp(logps[:, 0]).mean())
 
     def compute():
         before, t0 = mean_label_prob(lm.params), time.time()
-        result = loop.train(dataclasses.replace(tc, output_dir=str(path.with_suffix(""))), model=lm, pairs=pairs)
+        result = loop.train(
+            dataclasses.replace(tc, output_dir=str(path.with_suffix(""))), model=lm, pairs=pairs
+        )
         params = jax.device_get(result.params)
-        info = {"steps": len(result.metrics), "lr": s.lr, "loss_first_batch": result.metrics[0]["loss"],
-                "loss_last_batch": result.metrics[-1]["loss"], "mean_label_prob_before": before,
-                "mean_label_prob_after": mean_label_prob(params), "seconds": time.time() - t0}  # fmt: skip
+        info = {
+            "steps": len(result.metrics),
+            "lr": s.lr,
+            "loss_first_batch": result.metrics[0]["loss"],
+            "loss_last_batch": result.metrics[-1]["loss"],
+            "mean_label_prob_before": before,
+            "mean_label_prob_after": mean_label_prob(params),
+            "seconds": time.time() - t0,
+        }
         return params, info
 
     def save(p, value):
-        save_param_tree(p.with_suffix(".safetensors"), value[0])  # the weights first: the JSON marks done
+        save_param_tree(
+            p.with_suffix(".safetensors"), value[0]
+        )  # the weights first: the JSON marks done
         files.write_json(p, value[1])
 
     def load(p):
@@ -189,16 +227,27 @@ class Runner:
         self.pair_ids, self.predicted, self.watch_base = pair_ids, predicted, watch_base
         self.store = protocol.RunStore(store, arrays=True)
         self.first_rise: dict | None = None  # where the last stop_on_rise run stopped
-        self.opt, self.step, self.measure, self.initial = persona_step.make_run_fns(lm, cfg.loss, cfg.optimizer, cfg.track_k)
+        self.opt, self.step, self.measure, self.initial = persona_step.make_run_fns(
+            lm, cfg.loss, cfg.optimizer, cfg.track_k
+        )
 
     def _batch(self, run) -> dict:
         ids, mask, last = _pad(self.prompts[run.prompt], models.pad_id(self.lm))
         logp0, _ = self.initial(self.params, ids, mask, last)  # [V]: the reference, computed once
         y_pos, y_neg = self.pair_ids[run.pair]
         watch = np.array([y_pos, y_neg, *self.predicted[run.pair], *self.watch_base], np.int32)
-        return {"ids": ids, "mask": mask, "last": last, "y_pos": y_pos, "y_neg": y_neg,
-                "ref_pos": logp0[y_pos], "ref_neg": logp0[y_neg], "p0": jnp.exp(logp0),
-                "watch": watch, "lr": np.float32(run.lr)}  # fmt: skip
+        return {
+            "ids": ids,
+            "mask": mask,
+            "last": last,
+            "y_pos": y_pos,
+            "y_neg": y_neg,
+            "ref_pos": logp0[y_pos],
+            "ref_neg": logp0[y_neg],
+            "p0": jnp.exp(logp0),
+            "watch": watch,
+            "lr": np.float32(run.lr),
+        }
 
     def name(self, run) -> str:
         y_pos, y_neg = self.cfg.pairs[run.pair]
@@ -211,15 +260,29 @@ class Runner:
         params = jax.tree.map(jnp.copy, self.params)  # the step donates its input
         opt_state, hist = self.opt.init(params), []
         y_pos, y_neg = self.cfg.pairs[run.pair]
-        bar = tqdm(range(self.cfg.steps), desc=f"{desc} ({y_pos}, {y_neg}) seed {run.seed}", unit="step")
+        bar = tqdm(
+            range(self.cfg.steps), desc=f"{desc} ({y_pos}, {y_neg}) seed {run.seed}", unit="step"
+        )
         for _ in bar:
             params, opt_state, m = self.step(params, opt_state, batch)
             hist.append(jax.device_get(m))
-            bar.set_postfix(loss=f"{hist[-1]['loss']:.4g}", p_pos=f"{np.exp(hist[-1]['logp_pos']):.3f}", refresh=False)
-            if stop_on_rise and len(hist) > 1 and loss_rose(np.array([hist[-2]["loss"], hist[-1]["loss"]])):
+            bar.set_postfix(
+                loss=f"{hist[-1]['loss']:.4g}",
+                p_pos=f"{np.exp(hist[-1]['logp_pos']):.3f}",
+                refresh=False,
+            )
+            if (
+                stop_on_rise
+                and len(hist) > 1
+                and loss_rose(np.array([hist[-2]["loss"], hist[-1]["loss"]]))
+            ):
                 bar.close()
-                self.first_rise = {"pair": [y_pos, y_neg], "seed": run.seed, "step": len(hist) - 1,
-                                   "loss": [float(hist[-2]["loss"]), float(hist[-1]["loss"])]}  # fmt: skip
+                self.first_rise = {
+                    "pair": [y_pos, y_neg],
+                    "seed": run.seed,
+                    "step": len(hist) - 1,
+                    "loss": [float(hist[-2]["loss"]), float(hist[-1]["loss"])],
+                }
                 return None
         hist.append(jax.device_get(self.measure(params, batch)))
         host_memory.release_freed_memory()  # the run's params and optimizer state (3 model copies) are garbage now
@@ -228,8 +291,13 @@ class Runner:
     def many(self, runs: list, desc: str, stop_on_rise: bool = False) -> list[dict] | None:
         """Records of `runs` (stored ones read back), each with its `run`; None as soon as one
         run's loss rises under `stop_on_rise`."""
-        todo = [(self.name(r), lambda r=r, i=i: self.train(r, f"{desc} run {i + 1}/{len(runs)}", stop_on_rise))
-                for i, r in enumerate(runs)]  # fmt: skip
+        todo = [
+            (
+                self.name(r),
+                lambda r=r, i=i: self.train(r, f"{desc} run {i + 1}/{len(runs)}", stop_on_rise),
+            )
+            for i, r in enumerate(runs)
+        ]
         recs = self.store.many(todo, desc, progress=False)  # every run has its own step bar
         return None if recs is None else [{**rec, "run": run} for rec, run in zip(recs, runs)]
 
@@ -247,16 +315,29 @@ def run_persona(cfg: PersonaConfig) -> dict:
     lm = models.from_pretrained(cfg.model, dtype="float32")
     tok = lm.tokenizer
     prompts, fmt = encode_prompts(tok, [r["question"] for r in records], cfg.prompt_format)
-    words = [w for pair in cfg.pairs for w in pair] + list(cfg.no_set + cfg.yes_set if cfg.sft.enabled else ())
+    words = [w for pair in cfg.pairs for w in pair] + list(
+        cfg.no_set + cfg.yes_set if cfg.sft.enabled else ()
+    )
     tokens = resolve_tokens(tok, words, cfg.substitutes)
     pair_ids = [(tokens[a]["id"], tokens[b]["id"]) for a, b in cfg.pairs]
-    log(f"{cfg.model}: prompt format {fmt!r}; tokens " + ", ".join(
-        f"{w}={t['id']} {t['token']!r}" + (" (substitute)" if t["substitute"] else "") for w, t in tokens.items()))
+    log(
+        f"{cfg.model}: prompt format {fmt!r}; tokens "
+        + ", ".join(
+            f"{w}={t['id']} {t['token']!r}" + (" (substitute)" if t["substitute"] else "")
+            for w, t in tokens.items()
+        )
+    )
 
     params, sft_info, sft_key = lm.params, None, None
     if cfg.sft.enabled:
         rng = np.random.default_rng(cfg.sft.seed)
-        labels = np.array([tokens[rng.choice(cfg.no_set if r["accords"] else cfg.yes_set)]["id"] for r in records], np.int32)
+        labels = np.array(
+            [
+                tokens[rng.choice(cfg.no_set if r["accords"] else cfg.yes_set)]["id"]
+                for r in records
+            ],
+            np.int32,
+        )
         params, sft_info, sft_key = sft_phase(cfg, lm, prompts, labels, log)
 
     W = lm.unembedding(params)
@@ -266,32 +347,64 @@ def run_persona(cfg: PersonaConfig) -> dict:
         score[[a, b]] = -np.inf
         predicted.append([int(i) for i in np.argsort(-score)[: cfg.top_k + 2]])
     watch = watch_tokens(tok, cfg.meanings)
-    store = Path(cfg.out_dir) / "runs" / fingerprint(
-        cfg.model, fmt, sft_key, cfg.loss, dataclasses.replace(cfg.optimizer, lr=0),
-        cfg.steps, cfg.track_k, cfg.prompt_seed, watch)
+    store = (
+        Path(cfg.out_dir)
+        / "runs"
+        / fingerprint(
+            cfg.model,
+            fmt,
+            sft_key,
+            cfg.loss,
+            dataclasses.replace(cfg.optimizer, lr=0),
+            cfg.steps,
+            cfg.track_k,
+            cfg.prompt_seed,
+            watch,
+        )
+    )
     runner = Runner(lm, params, cfg, prompts, pair_ids, predicted, watch, store)
 
     n_search, first_rise = min(cfg.lr_search_seeds, cfg.seeds), {}
 
     def search_runs(lr):
-        recs = runner.many(_runs(cfg, records, range(n_search), lr), f"lr search {lr:g}", stop_on_rise=True)
+        recs = runner.many(
+            _runs(cfg, records, range(n_search), lr), f"lr search {lr:g}", stop_on_rise=True
+        )
         first_rise[lr] = None if recs is not None else runner.first_rise
         return recs
 
-    chosen, trials = protocol.lr_search(cfg.lr_grid, search_runs, "falls_every_step", curve=lambda rec: rec["loss"])
-    search = [{"lr": lr, "runs": len(cfg.pairs) * n_search, "loss_fell_every_step": ok, "first_rise": first_rise[lr]}
-              for lr, _, ok in trials]  # fmt: skip
+    chosen, trials = protocol.lr_search(
+        cfg.lr_grid, search_runs, "falls_every_step", curve=lambda rec: rec["loss"]
+    )
+    search = [
+        {
+            "lr": lr,
+            "runs": len(cfg.pairs) * n_search,
+            "loss_fell_every_step": ok,
+            "first_rise": first_rise[lr],
+        }
+        for lr, _, ok in trials
+    ]
     if cfg.lr_grid and chosen is None:
         log(f"no lr in {cfg.lr_grid} kept the loss falling in all search runs; using the smallest")
     lr = chosen if chosen is not None else (min(cfg.lr_grid) if cfg.lr_grid else cfg.optimizer.lr)
     reused = next((recs for _, recs, ok in trials if ok), [])
     done = {(r["run"].pair, r["run"].seed) for r in reused}
     todo = [r for r in _runs(cfg, records, range(cfg.seeds), lr) if (r.pair, r.seed) not in done]
-    recs = sorted(reused + runner.many(todo, f"{cfg.loss.name} lr {lr:g}"), key=lambda r: (r["run"].pair, r["run"].seed))
+    recs = sorted(
+        reused + runner.many(todo, f"{cfg.loss.name} lr {lr:g}"),
+        key=lambda r: (r["run"].pair, r["run"].seed),
+    )
 
     meta = {
-        "model": cfg.model, "title": cfg.title or cfg.model, "prompt_format": fmt, "tokens": tokens,
-        "sft": sft_info, "lr": lr, "lr_search": search, "seconds": time.time() - t_start,
+        "model": cfg.model,
+        "title": cfg.title or cfg.model,
+        "prompt_format": fmt,
+        "tokens": tokens,
+        "sft": sft_info,
+        "lr": lr,
+        "lr_search": search,
+        "seconds": time.time() - t_start,
         "machine": protocol.machine(),
-    }  # fmt: skip
+    }
     return persona_report.write_outputs(cfg, meta, recs, tok)

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +42,9 @@ def last_position_logprobs(lm, params, ids: Array, mask: Array, last: Array) -> 
     return jax.nn.log_softmax(logits.astype(jnp.float32)), h
 
 
-def track(lm, params, logp: Array, h: Array, loss: Array, batch: dict, track_k: int) -> dict[str, Array]:
+def track(
+    lm, params, logp: Array, h: Array, loss: Array, batch: dict, track_k: int
+) -> dict[str, Array]:
     """Per-step statistics of one run, all small: the `[V]` distribution never leaves the device.
 
     Returns scalars loss, logp_pos, logp_neg, w_inner = ⟨W_{y+}, W_{y−}⟩, proj_par / proj_perp =
@@ -122,5 +125,7 @@ def make_run_fns(lm, loss_cfg: LossConfig, opt_cfg: OptimizerConfig, track_k: in
         return track(lm, params, logp, h, loss, batch, track_k)
 
     initial = jax.jit(functools.partial(last_position_logprobs, lm))
-    _RUN_FNS[key] = RunFns(opt, jax.jit(one_step, donate_argnums=(0, 1)), jax.jit(one_measure), initial)
+    _RUN_FNS[key] = RunFns(
+        opt, jax.jit(one_step, donate_argnums=(0, 1)), jax.jit(one_measure), initial
+    )
     return _RUN_FNS[key]

@@ -71,7 +71,9 @@ class UnalignConfig:
     sft_lambdas: tuple[float, ...] = (0.01, 0.1, 1.0)
     ches_fraction: float = 0.05
     loss: LossConfig = dataclasses.field(default_factory=lambda: LossConfig("dpo", beta=0.1))
-    optimizer: OptimizerConfig = dataclasses.field(default_factory=lambda: OptimizerConfig("rmsprop", lr=1e-6))
+    optimizer: OptimizerConfig = dataclasses.field(
+        default_factory=lambda: OptimizerConfig("rmsprop", lr=1e-6)
+    )
     lr_grid: tuple[float, ...] = ()  # largest lr whose `full` run lowers its loss (SPEC E3)
     batch_size: int = 32
     max_length: int = 256  # prompt + response tokens of a training pair (gold replies can be long)
@@ -83,9 +85,13 @@ class UnalignConfig:
     progress: bool = True
 
     def __post_init__(self):
-        object.__setattr__(self, "lr_grid", tuple(sorted((float(x) for x in self.lr_grid), reverse=True)))
+        object.__setattr__(
+            self, "lr_grid", tuple(sorted((float(x) for x in self.lr_grid), reverse=True))
+        )
         object.__setattr__(self, "sft_lambdas", tuple(float(x) for x in self.sft_lambdas))
         if bad := set(self.conditions) - {"full", "sft", "gold", "ches"}:
-            raise ValueError(f"unknown condition(s) {sorted(bad)}; choose from full, sft, gold, ches")
+            raise ValueError(
+                f"unknown condition(s) {sorted(bad)}; choose from full, sft, gold, ches"
+            )
         if not 0 < self.test_fraction < 1:
             raise ValueError("test_fraction must be in (0, 1)")

@@ -33,7 +33,9 @@ class PromptsConfig:
     source: str = "../shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
     format: str = "hh"  # hh | jsonl
     field: str = "turns"
-    max_prompt_tokens: int = 128  # chat-formatted prompt tokens; longer prompts are counted, left out
+    max_prompt_tokens: int = (
+        128  # chat-formatted prompt tokens; longer prompts are counted, left out
+    )
 
     def __post_init__(self):
         if self.format not in ("hh", "jsonl"):
@@ -90,7 +92,9 @@ def read_prompts(cfg: PromptsConfig, count_tokens) -> tuple[list[UnsafePrompt], 
 def _raw_prompts(cfg: PromptsConfig):
     if cfg.format == "hh":
         for r in preference.load_preferences(cfg.source):
-            turns = r.prompt if isinstance(r.prompt, list) else [{"role": "user", "content": r.prompt}]
+            turns = (
+                r.prompt if isinstance(r.prompt, list) else [{"role": "user", "content": r.prompt}]
+            )
             first = turns[0]["content"] if turns and turns[0]["role"] == "user" else ""
             gold = (r.chosen, r.rejected) if len(turns) == 1 and r.chosen and r.rejected else None
             yield r.index, first, gold
@@ -104,7 +108,9 @@ def _raw_prompts(cfg: PromptsConfig):
         yield index, value, None
 
 
-def choose_prompts(prompts: Sequence[UnsafePrompt], n: int, n_warmup: int, seed: int, need_gold: bool):
+def choose_prompts(
+    prompts: Sequence[UnsafePrompt], n: int, n_warmup: int, seed: int, need_gold: bool
+):
     """Seeded disjoint draws: `n` experiment prompts (with a gold pair when `need_gold`) and up to
     `n_warmup` others for the alignment warm-up. Returns (experiment, warm-up) lists."""
     rng = np.random.default_rng(seed)
@@ -123,10 +129,14 @@ def split_prompts(prompts: Sequence[UnsafePrompt], test_fraction: float, seed: i
     n_test = min(len(prompts) - 1, max(1, round(test_fraction * len(prompts))))
     order = np.random.default_rng(seed).permutation(len(prompts))
     test = set(order[:n_test].tolist())
-    return [p for i, p in enumerate(prompts) if i not in test], [p for i, p in enumerate(prompts) if i in test]
+    return [p for i, p in enumerate(prompts) if i not in test], [
+        p for i, p in enumerate(prompts) if i in test
+    ]
 
 
-def build_pairs(prompts, responses, labels, seed: int, tie_scores=None) -> tuple[list[OnPolicyPair], dict[str, int]]:
+def build_pairs(
+    prompts, responses, labels, seed: int, tie_scores=None
+) -> tuple[list[OnPolicyPair], dict[str, int]]:
     """One pair per prompt from its two sampled responses and their verdicts.
 
     responses, labels: `[len(prompts)][2]`. A refusal is preferred to a compliance. A tie is
@@ -137,7 +147,9 @@ def build_pairs(prompts, responses, labels, seed: int, tie_scores=None) -> tuple
     rng = np.random.default_rng(seed)
     pairs, counts = [], Counter()
     for i, (p, (a, b), (la, lb)) in enumerate(zip(prompts, responses, labels, strict=True)):
-        flip = bool(rng.integers(2))  # drawn for every prompt, so exclusions do not shift later draws
+        flip = bool(
+            rng.integers(2)
+        )  # drawn for every prompt, so exclusions do not shift later draws
         if "unparsable" in (la, lb) or not {la, lb} <= {"refusal", "compliance"}:
             counts["unparsable"] += 1
             continue
@@ -172,7 +184,9 @@ def lowest_fraction(scores: np.ndarray, fraction: float) -> np.ndarray:
 def as_records(pairs: Sequence[OnPolicyPair]) -> list[preference.PreferenceRecord]:
     """Preference records for the training pipeline (the prompt as one user turn)."""
     return [
-        preference.PreferenceRecord(p.prompt.index, [{"role": "user", "content": p.prompt.text}], p.chosen, p.rejected)
+        preference.PreferenceRecord(
+            p.prompt.index, [{"role": "user", "content": p.prompt.text}], p.chosen, p.rejected
+        )
         for p in pairs
     ]
 

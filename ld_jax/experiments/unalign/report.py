@@ -13,7 +13,11 @@ from ld_jax import files
 from ld_jax.experiments.unalign.onpolicy import PAIR_TYPES
 from ld_jax.report import format_number, markdown_table, plt, write_json
 
-COLORS = {"refusal/refusal": "tab:blue", "refusal/compliance": "tab:green", "compliance/compliance": "tab:red"}
+COLORS = {
+    "refusal/refusal": "tab:blue",
+    "refusal/compliance": "tab:green",
+    "compliance/compliance": "tab:red",
+}
 
 
 def best_sft(runs: dict, lambdas) -> str | None:
@@ -29,11 +33,18 @@ def conditions(result: dict, lambdas) -> list[tuple[str, dict]]:
     if "full" in runs:
         rows.append((f"{loss} on full data", runs["full"]))
     if best := best_sft(runs, lambdas):
-        rows.append((f"+ SFT term (λ = {runs[best]['loss']['sft_lambda']:g}, best of {len(lambdas)})", runs[best]))
+        rows.append(
+            (
+                f"+ SFT term (λ = {runs[best]['loss']['sft_lambda']:g}, best of {len(lambdas)})",
+                runs[best],
+            )
+        )
     if "gold" in runs:
         rows.append(("gold HH-RLHF pairs", runs["gold"]))
     if "ches" in runs:
-        rows.append((f"lowest length-normalised CHES ({runs['ches']['pairs']} pairs)", runs["ches"]))
+        rows.append(
+            (f"lowest length-normalised CHES ({runs['ches']['pairs']} pairs)", runs["ches"])
+        )
     return rows
 
 
@@ -44,28 +55,61 @@ def _rate(r: dict) -> str:
 
 def table(result: dict, lambdas) -> str:
     before = result["before"]
-    rows = [["initial (starting model)", "–", _rate(before["train"]), _rate(before["test"]), "–", "–"]]
+    rows = [
+        ["initial (starting model)", "–", _rate(before["train"]), _rate(before["test"]), "–", "–"]
+    ]
     for label, r in conditions(result, lambdas):
-        rows.append([label, r["pairs"], _rate(r["train"]), _rate(r["test"]),
-                     format_number(r["logp_chosen_change"]), format_number(r["logp_rejected_change"])])  # fmt: skip
-    head = ["model", "train pairs", "train refusal %", "test refusal %", "Δ mean ln π(y+)", "Δ mean ln π(y−)"]
+        rows.append(
+            [
+                label,
+                r["pairs"],
+                _rate(r["train"]),
+                _rate(r["test"]),
+                format_number(r["logp_chosen_change"]),
+                format_number(r["logp_rejected_change"]),
+            ]
+        )
+    head = [
+        "model",
+        "train pairs",
+        "train refusal %",
+        "test refusal %",
+        "Δ mean ln π(y+)",
+        "Δ mean ln π(y−)",
+    ]
     text = markdown_table(head, rows, "lrrrrr")
     sft = [(n, r) for n, r in result["runs"].items() if n.startswith("sft_")]
     if sft:
         text += "\nSFT-term runs (the best by train refusal rate is in the table above):\n\n"
         text += markdown_table(
             ["λ", "train refusal %", "test refusal %", "Δ mean ln π(y+)"],
-            [[r["loss"]["sft_lambda"], _rate(r["train"]), _rate(r["test"]), format_number(r["logp_chosen_change"])]
-             for _, r in sft],
+            [
+                [
+                    r["loss"]["sft_lambda"],
+                    _rate(r["train"]),
+                    _rate(r["test"]),
+                    format_number(r["logp_chosen_change"]),
+                ]
+                for _, r in sft
+            ],
             "rrrr",
-        )  # fmt: skip
+        )
     return text + "\nRefusal %: mean over the evaluation seeds [min, max]; temperature 0.7.\n"
 
 
 def pair_type_table(result: dict) -> str:
     train, everything = result["pair_types"], result["pair_types_all"]
     n_train, n_all = max(sum(train.values()), 1), max(sum(everything.values()), 1)
-    rows = [[t, everything[t], f"{100 * everything[t] / n_all:.1f}", train[t], f"{100 * train[t] / n_train:.1f}"] for t in PAIR_TYPES]
+    rows = [
+        [
+            t,
+            everything[t],
+            f"{100 * everything[t] / n_all:.1f}",
+            train[t],
+            f"{100 * train[t] / n_train:.1f}",
+        ]
+        for t in PAIR_TYPES
+    ]
     text = markdown_table(["pair type", "all pairs", "%", "train pairs", "%"], rows, "lrrrr")
     left_out = ", ".join(f"{k} {v}" for k, v in result["pair_counts"].items()) or "none"
     return text + f"\nPairs left out: {left_out}. Tokenisation: {result['filter']}.\n"
@@ -75,36 +119,65 @@ def displacement_by_type(out: Path, result: dict, name: str = "full") -> str:
     """Mean change of ln π(y±|x) per pair type over the train pairs of run `name` (from the
     loop's logps.npz), and how many pairs lost ln π(y+): where the displacement happened."""
     run = result["runs"].get(name)
-    path = None if run is None else out / "runs" / run["name"] / "logps.npz"  # the run's loop directory
+    path = (
+        None if run is None else out / "runs" / run["name"] / "logps.npz"
+    )  # the run's loop directory
     if path is None or not path.is_file():
         return ""
     z = np.load(path)
     change = dict(zip(z["index"].tolist(), (z["final"] - z["init"]).tolist()))
     rows = []
     for t in PAIR_TYPES:
-        d = np.asarray([change[p["index"]] for p in result["train_pairs"] if p["type"] == t and p.get("index") in change])
+        d = np.asarray(
+            [
+                change[p["index"]]
+                for p in result["train_pairs"]
+                if p["type"] == t and p.get("index") in change
+            ]
+        )
         if len(d):
-            rows.append([t, len(d), format_number(d[:, 0].mean()), format_number(d[:, 1].mean()), f"{int((d[:, 0] < 0).sum())}/{len(d)}"])
+            rows.append(
+                [
+                    t,
+                    len(d),
+                    format_number(d[:, 0].mean()),
+                    format_number(d[:, 1].mean()),
+                    f"{int((d[:, 0] < 0).sum())}/{len(d)}",
+                ]
+            )
     if not rows:
         return ""
     head = ["pair type", "pairs", "Δ mean ln π(y+)", "Δ mean ln π(y−)", "pairs with ln π(y+) down"]
-    return "\nChange over one epoch on the full data, by pair type:\n\n" + markdown_table(head, rows, "lrrrr")
+    return "\nChange over one epoch on the full data, by pair type:\n\n" + markdown_table(
+        head, rows, "lrrrr"
+    )
 
 
 def figure3(path: Path, result: dict, lambdas) -> None:
-    rows = [("initial", result["before"])] + [(label.split(" (")[0], r) for label, r in conditions(result, lambdas)]
+    rows = [("initial", result["before"])] + [
+        (label.split(" (")[0], r) for label, r in conditions(result, lambdas)
+    ]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, split in zip(axes, ("train", "test")):
         means = [100 * np.mean(r[split]["rates"]) for _, r in rows]
         lo = [m - 100 * min(r[split]["rates"]) for m, (_, r) in zip(means, rows)]
         hi = [100 * max(r[split]["rates"]) - m for m, (_, r) in zip(means, rows)]
-        ax.bar(range(len(rows)), means, yerr=[lo, hi], capsize=4, color=["gray"] + ["tab:blue"] * (len(rows) - 1))
+        ax.bar(
+            range(len(rows)),
+            means,
+            yerr=[lo, hi],
+            capsize=4,
+            color=["gray"] + ["tab:blue"] * (len(rows) - 1),
+        )
         ax.set_xticks(range(len(rows)), [n for n, _ in rows], rotation=20, ha="right", fontsize=8)
         ax.set_title(f"{split} prompts")
         ax.set_ylabel("refusal rate (%)")
         ax.set_ylim(0, 100)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{result['title']}: refusal rate before and after training (error bars: min/max over seeds)", fontsize=10)
+    fig.suptitle(
+        f"{result['title']}: refusal rate before and after training (error bars: min/max over seeds)",
+        fontsize=10,
+    )
     fig.tight_layout()
     files.save_figure(fig, path, dpi=110)
     plt.close(fig)
@@ -118,7 +191,9 @@ def figure4(path: Path, result: dict) -> None:
         ranks = [k for k, i in enumerate(order) if types[i] == t]
         ax.scatter(ranks, scores[order][ranks], s=12, color=COLORS[t], label=f"{t} ({len(ranks)})")
     if result["ches"]["kept"]:
-        ax.axvline(len(result["ches"]["kept"]) - 0.5, color="k", lw=0.8, ls="--", label="CHES filter cut")
+        ax.axvline(
+            len(result["ches"]["kept"]) - 0.5, color="k", lw=0.8, ls="--", label="CHES filter cut"
+        )
     ax.set_xlabel("train pairs ranked by length-normalised CHES")
     ax.set_ylabel("length-normalised CHES")
     ax.legend(fontsize=8)
@@ -136,20 +211,32 @@ def examples(result: dict, shown: int) -> str:
     if run is None:
         return "No `full` run, so no examples.\n"
     replies = dict(zip(result["train_prompts"], run["train"]["replies"]))
-    found = [(p, replies[p["prompt"]]) for p in result["train_pairs"]
-             if p["type"] == "refusal/refusal" and replies.get(p["prompt"], ("", ""))[1] == "compliance"]  # fmt: skip
+    found = [
+        (p, replies[p["prompt"]])
+        for p in result["train_pairs"]
+        if p["type"] == "refusal/refusal" and replies.get(p["prompt"], ("", ""))[1] == "compliance"
+    ]
     loss = result["config"]["loss"]["name"].upper()
-    lines = [f"# Both initial samples refused; after {loss} on the full data the model complies (by the judge)\n",
-             f"{len(found)} train prompts of {len(result['train_pairs'])} (reply: seed 0, temperature 0.7).\n"]  # fmt: skip
+    lines = [
+        f"# Both initial samples refused; after {loss} on the full data the model complies (by the judge)\n",
+        f"{len(found)} train prompts of {len(result['train_pairs'])} (reply: seed 0, temperature 0.7).\n",
+    ]
     for p, (reply, _) in found[:shown]:
-        lines += [f"**Prompt:** {p['prompt']}\n", f"- initial sample (chosen): {p['chosen']}",
-                  f"- initial sample (rejected): {p['rejected']}", f"- after training: {reply}\n"]  # fmt: skip
+        lines += [
+            f"**Prompt:** {p['prompt']}\n",
+            f"- initial sample (chosen): {p['chosen']}",
+            f"- initial sample (rejected): {p['rejected']}",
+            f"- after training: {reply}\n",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def write_all(out: Path, result: dict, lambdas, shown: int) -> dict:
-    texts = {"table_md": table(result, lambdas), "pair_types_md": pair_type_table(result) + displacement_by_type(out, result),
-             "examples_md": examples(result, shown)}  # fmt: skip
+    texts = {
+        "table_md": table(result, lambdas),
+        "pair_types_md": pair_type_table(result) + displacement_by_type(out, result),
+        "examples_md": examples(result, shown),
+    }
     files.write_text(out / "table.md", texts["table_md"])
     files.write_text(out / "pair_types.md", texts["pair_types_md"])
     files.write_text(out / "examples.md", texts["examples_md"])
