@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import torch
+from common import machine, write_result
 from tqdm.auto import tqdm
 
 from ld_jax import ches, models, scoring
@@ -269,20 +269,9 @@ def main() -> None:
             overflow="truncate",
             template="chat",
         ),
-        machine=dict(
-            cores=os.cpu_count(),
-            platform=platform.platform(),
-            python=platform.python_version(),
-            jax=jax.__version__,
-            jax_devices=[str(d) for d in jax.devices()],
-            torch=torch.__version__,
-            torch_threads=torch.get_num_threads(),
-            load_average_before=load_before,
-            load_average_after=os.getloadavg(),
-        ),
+        machine=machine(load_average_before=load_before),
     )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, RESULTS)
     print(
         json.dumps(
             {k: result[k] for k in ("ld_jax", "reference_torch_batch1", "ceiling_bare_forward")},

@@ -7,27 +7,45 @@ import json
 import os
 import platform
 import statistics
+import sys
 from pathlib import Path
 
 
-def machine() -> dict:
-    """Cores, platform, library versions, XLA flags and the load average right now."""
-    import jax
-    import torch
-    import transformers
+def machine(**extra) -> dict:
+    """Cores, platform, Python and library versions, devices, XLA flags and the load average
+    right now (the 1/5/15-minute means: a benchmark is only comparable with its load). Every
+    benchmark writes this record under "machine"; `extra` adds benchmark-specific entries."""
+    import importlib.metadata as metadata
 
-    return {
+    import jax
+
+    versions = {}
+    for package in ("jax", "jaxlib", "torch", "transformers", "trl", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    record = {
         "cores": os.cpu_count(),
         "platform": platform.platform(),
         "processor": platform.processor(),
-        "jax": jax.__version__,
+        "python": platform.python_version(),
+        **versions,
         "jax_backend": jax.default_backend(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "transformers": transformers.__version__,
+        "devices": [str(d) for d in jax.devices()],
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "load_average": os.getloadavg(),
     }
+    if "torch" in sys.modules:
+        record["torch_threads"] = sys.modules["torch"].get_num_threads()
+    return {**record, **extra}
+
+
+def write_result(result: dict, out: Path) -> None:
+    """Write a benchmark's JSON atomically (a killed benchmark leaves the old file)."""
+    from ld_jax import files
+
+    files.write_json(out, result, indent=2)
 
 
 def write_rates(
@@ -39,8 +57,7 @@ def write_rates(
         median = statistics.median(ts)
         result[name] = {"times_s": ts, "median_s": median, "tokens_per_s": tokens / median}
     result["ratio"] = result["ld_jax"]["tokens_per_s"] / result[baseline]["tokens_per_s"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, out)
     print(json.dumps(result, indent=2))
     print(
         f"ld_jax {result['ld_jax']['tokens_per_s']:.1f} tok/s, {baseline} {result[baseline]['tokens_per_s']:.1f} tok/s, "

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import machine, write_result
 
 DATA = str(
     Path(__file__).resolve().parents[2] / "shared" / "data" / "ultrafeedback" / "train.jsonl"
@@ -257,10 +257,6 @@ def main() -> None:
         print(json.dumps(worker_trl(args.batch_file, args.steps)))
         return
 
-    import jax
-    import torch
-    import trl
-
     with tempfile.TemporaryDirectory() as tmp:
         batch_file = Path(tmp) / "batch.json"
         make_batch_file(batch_file)
@@ -284,17 +280,9 @@ def main() -> None:
             "max_ref_logp_diff": ref_diff,
             "step1_loss": [ours["losses"][0], theirs["losses"][0]],
         },
-        "machine": {
-            "cpu_cores": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "jax": jax.__version__,
-            "torch": torch.__version__,
-            "trl": trl.__version__,
-        },
+        "machine": machine(),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
+    write_result(result, RESULTS)
     print(
         f"ld_jax {ours['tokens_per_s']:.0f} tok/s (peak RSS {ours['peak_rss_mb']:.0f} MB), "
         f"TRL {theirs['tokens_per_s']:.0f} tok/s (peak RSS {theirs['peak_rss_mb']:.0f} MB), "

@@ -17,15 +17,12 @@ timings; `ratio` is (a's instances/s) / (b's instances/s), higher is better.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
-import torch
+from common import machine, write_result
 from tqdm.auto import tqdm
 
 from ld_jax.flow import state, verify
@@ -91,19 +88,9 @@ def main() -> None:
         },
         "settings": settings,
         "args": vars(args),
-        "machine": {
-            "cores": os.cpu_count(),
-            "load_average": os.getloadavg(),
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "python": platform.python_version(),
-            "jax": jax.__version__,
-            "torch": torch.__version__,
-            "devices": [str(d) for d in jax.devices()],
-        },
+        "machine": machine(),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(result, RESULTS)
     for name, s in settings.items():
         print(
             f"{name:>13}: vmapped {s['instances_per_s']['vmapped']:9.1f} inst/s, "

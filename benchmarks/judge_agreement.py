@@ -14,6 +14,8 @@ benchmarks/results/judge_agreement.json and prints a summary.
 import json
 from pathlib import Path
 
+from common import machine, write_result
+
 from ld_jax import judge
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +100,8 @@ def main():
         "smollm2": smollm2_sample(),
     }
     out = ROOT / "benchmarks/results/judge_agreement.json"
-    out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    result["machine"] = machine()
+    write_result(result, out)
     print(
         json.dumps(
             {k: result[k] for k in ("all", "clear_only", "pairs_hand", "pairs_judge")}, indent=1

@@ -16,9 +16,6 @@ Writes benchmarks/results/persona_step.json; `ratio` = baseline seconds / ours (
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -26,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from common import machine, write_result
 
 from ld_jax import host_memory, models
 from ld_jax.experiments.persona import run as persona_run
@@ -166,19 +164,11 @@ def main():
         "ratio": ratio,
         "vmapped_over_plain_per_run_step": vmap_ratio,
         **results,
-        "machine": {
-            "cores": os.cpu_count(),
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "jax": jax.__version__,
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "load_average_at_end": os.getloadavg(),
-        },
+        "machine": machine(),
     }
     path = Path(__file__).parent / "results" / "persona_step.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1) + "\n")
+    write_result(out, path)
     print(path)
 
 

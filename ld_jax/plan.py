@@ -21,9 +21,7 @@ The model comes from `cfg.model`'s config.json, or, when that directory does not
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import math
 from pathlib import Path
 
@@ -243,23 +241,12 @@ def step_flops(
         def step(state, batch):  # seq_chunk=None: the chunk loop would also be counted once
             return train_step(state, batch, model=lm, loss_cfg=cfg.loss, optimizer=optimizer)
 
-        with _unrolled_scans():
-            return float(jax.jit(step).lower(state, batch).cost_analysis()["flops"])
+        # micro_batches=1 and seq_chunk=None: no scan is left but the layer scan, and that one
+        # is unrolled explicitly (unroll_layers), since XLA counts a loop body once.
+        return float(jax.jit(step).lower(state, batch).cost_analysis()["flops"])
 
     f1, f2 = cost(1), cost(2)
     return f1 + (config.n_layers - 1) * (f2 - f1)
-
-
-@contextlib.contextmanager
-def _unrolled_scans():
-    """`jax.lax.scan` unrolled while lowering, so that XLA's cost analysis sees every layer (it
-    counts a while-loop body once). The models look `jax.lax.scan` up at call time."""
-    scan = jax.lax.scan
-    jax.lax.scan = functools.partial(scan, unroll=True)
-    try:
-        yield
-    finally:
-        jax.lax.scan = scan
 
 
 def activation_bytes(

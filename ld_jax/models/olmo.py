@@ -85,20 +85,16 @@ def hidden_states(config: ModelConfig, params: Params, input_ids, attention_mask
     return core.rms_norm(x, params["final_norm"], config.norm_eps), cache
 
 
-OLMO = core.Family(
-    name="olmo",
-    model_types=("olmo",),
-    config_from_hf=config_from_hf,
-    weight_table=WEIGHTS["olmo"],
-    hidden_states=hidden_states,
-    partition_rules=core.MATRIX_RULES,
-)
-OLMO2 = core.Family(
-    name="olmo2",
-    model_types=("olmo2",),
-    config_from_hf=config_from_hf,
-    weight_table=WEIGHTS["olmo2"],
-    hidden_states=hidden_states,
-    # OLMo 2 normalises q and k over the whole projection, so its norms follow wq/wk's outputs
-    partition_rules=((r"(^|/)layers/(q_norm|k_norm)$", P(None, "tensor")),) + core.MATRIX_RULES,
+# OLMo 2 normalises q and k over the whole projection, so its norms follow wq/wk's outputs
+_OLMO2_RULES = ((r"(^|/)layers/(q_norm|k_norm)$", P(None, "tensor")),) + core.MATRIX_RULES
+OLMO, OLMO2 = (
+    core.Family(
+        name=name,
+        model_types=(name,),
+        config_from_hf=config_from_hf,
+        weight_table=WEIGHTS[name],
+        hidden_states=hidden_states,
+        partition_rules=rules,
+    )
+    for name, rules in (("olmo", core.MATRIX_RULES), ("olmo2", _OLMO2_RULES))
 )

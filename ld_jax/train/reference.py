@@ -143,3 +143,23 @@ def reference_logps(
         broadcast=distributed.broadcast_from_main,
         like=np.zeros((len(pairs), 2), np.float32),
     )
+
+
+def like_training(cfg, model, pairs, cache_dir, progress: bool = True) -> np.ndarray:
+    """ln π(y±|x) `[len(pairs), 2]` of `model`'s own weights, batched, padded and cached exactly
+    as `train.loop.train(cfg, ...)` computes its cached reference pass (`cfg`: a
+    loop.TrainConfig), so that experiments can share one pass between many runs."""
+    mesh = sharding.make_mesh(cfg.mesh)
+    layout = feed.batch_layout(cfg.batch_size, len(pairs), mesh, cfg.optimizer.grad_accum_steps)
+    model = model.with_options(dtype=cfg.compute_dtype, remat=cfg.remat)
+    padding = Padding(models.pad_id(model), cfg.data.pad_to_multiple, cfg.data.padding_side)
+    return reference_logps(
+        model,
+        pairs,
+        mesh,
+        rows=layout.eval_rows,
+        seq_chunk=cfg.seq_chunk,
+        padding=padding,
+        cache_dir=cache_dir,
+        progress=progress,
+    )

@@ -43,7 +43,7 @@ from ld_jax.experiments.percentiles import report as percentiles_report
 from ld_jax.experiments.percentiles.config import MEASURES, PercentilesConfig
 from ld_jax.files import write_json
 from ld_jax.models.core import result_fields
-from ld_jax.train import feed, loop, reference, sharding
+from ld_jax.train import loop, reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,23 +130,18 @@ def windows(
 def train_config(
     cfg: PercentilesConfig, output_dir: Path, seed: int, lr: float, **kw
 ) -> loop.TrainConfig:
-    return loop.TrainConfig(
-        model=cfg.model,
-        output_dir=str(output_dir),
-        batch_size=cfg.batch_size,
-        num_epochs=1,
+    return protocol.train_config(
+        cfg,
+        output_dir,
+        lr,
         seed=seed,
         compute_dtype=cfg.compute_dtype,
         remat=cfg.remat,
-        seq_chunk=cfg.seq_chunk,
         reference="cached",
         checkpoint_every=0,
-        keep_checkpoints=1,
         resume=True,
-        progress=cfg.progress,
         data=cfg.data,
         loss=cfg.loss,
-        optimizer=dataclasses.replace(cfg.optimizer, lr=lr),
         mesh=cfg.mesh,
         **kw,
     )
@@ -155,20 +150,7 @@ def train_config(
 def initial_logps(cfg: PercentilesConfig, lm, pairs, cache: Path) -> np.ndarray:
     """ln π_init(y±|x) `[len(pairs), 2]`, batched as the loop batches its reference pass."""
     tc = train_config(cfg, cache, 0, cfg.optimizer.lr)
-    mesh = sharding.make_mesh(tc.mesh)
-    layout = feed.batch_layout(tc.batch_size, len(pairs), mesh, tc.optimizer.grad_accum_steps)
-    model = lm.with_options(dtype=tc.compute_dtype, remat=tc.remat)
-    padding = reference.Padding(models.pad_id(model), tc.data.pad_to_multiple, tc.data.padding_side)
-    return reference.reference_logps(
-        model,
-        pairs,
-        mesh,
-        rows=layout.eval_rows,
-        seq_chunk=tc.seq_chunk,
-        padding=padding,
-        cache_dir=cache / "init_logps",
-        progress=cfg.progress,
-    )
+    return reference.like_training(tc, lm, pairs, cache / "init_logps", cfg.progress)
 
 
 def train_run(

@@ -59,16 +59,8 @@ def table(result: dict, lambdas) -> str:
         ["initial (starting model)", "–", _rate(before["train"]), _rate(before["test"]), "–", "–"]
     ]
     for label, r in conditions(result, lambdas):
-        rows.append(
-            [
-                label,
-                r["pairs"],
-                _rate(r["train"]),
-                _rate(r["test"]),
-                format_number(r["logp_chosen_change"]),
-                format_number(r["logp_rejected_change"]),
-            ]
-        )
+        changes = [format_number(r[f"logp_{k}_change"]) for k in ("chosen", "rejected")]
+        rows.append([label, r["pairs"], _rate(r["train"]), _rate(r["test"]), *changes])
     head = [
         "model",
         "train pairs",

@@ -46,7 +46,7 @@ from ld_jax.experiments.unalign import report as unalign_report
 from ld_jax.experiments.unalign.config import UnalignConfig
 from ld_jax.losses import LossConfig, preference_loss
 from ld_jax.models.loading import load_param_tree, save_param_tree
-from ld_jax.train import feed, loop, reference, sharding
+from ld_jax.train import loop, reference
 
 
 def refusal_rates(
@@ -102,20 +102,8 @@ def tokenize(cfg: UnalignConfig, tok, records, drop_identical=True):
 def train_config(
     cfg: UnalignConfig, out: Path, loss: LossConfig, lr: float, **kw
 ) -> loop.TrainConfig:
-    return loop.TrainConfig(
-        model=cfg.model,
-        output_dir=str(out),
-        batch_size=cfg.batch_size,
-        num_epochs=1,
-        seed=cfg.seed,
-        seq_chunk=cfg.seq_chunk,
-        loss=loss,
-        optimizer=dataclasses.replace(cfg.optimizer, lr=lr),
-        data=loop.DataConfig(pad_to_multiple=32),
-        keep_checkpoints=1,
-        progress=cfg.progress,
-        **kw,
-    )
+    data = loop.DataConfig(pad_to_multiple=32)
+    return protocol.train_config(cfg, out, lr, seed=cfg.seed, loss=loss, data=data, **kw)
 
 
 def warm_up(cfg: UnalignConfig, lm, prompts, held_out, judge_fn, log) -> tuple[dict, dict]:
@@ -200,11 +188,16 @@ def warm_up(cfg: UnalignConfig, lm, prompts, held_out, judge_fn, log) -> tuple[d
     return load_param_tree(root / "params.safetensors"), info
 
 
+def _key(warm_key: str, prompts, *parts) -> str:
+    """Cache key of a stage that depends on the warmed-up model and a set of prompts."""
+    return fingerprint(warm_key, [p.index for p in prompts], *parts)
+
+
 def build_data(cfg: UnalignConfig, lm, prompts, judge_fn, warm_key: str, log) -> dict:
     """Stage 3 -> {"samples": [[a, b]], "labels": [[la, lb]], "seconds"} in prompt order, cached."""
-    key = fingerprint(
+    key = _key(
         warm_key,
-        [p.index for p in prompts],
+        prompts,
         cfg.temperature,
         cfg.max_new_tokens,
         cfg.seed,
@@ -316,20 +309,7 @@ def initial_logps(cfg: UnalignConfig, lm, pairs) -> np.ndarray:
     """ln π(y±|x) `[len(pairs), 2]` of the starting model, batched as the loop batches its
     reference pass; cached under `cache_dir/init_logps`."""
     tc = train_config(cfg, Path(cfg.cache_dir), cfg.loss, cfg.optimizer.lr)
-    mesh = sharding.make_mesh(tc.mesh)
-    layout = feed.batch_layout(tc.batch_size, len(pairs), mesh, tc.optimizer.grad_accum_steps)
-    model = lm.with_options(dtype=tc.compute_dtype)
-    padding = reference.Padding(models.pad_id(model), tc.data.pad_to_multiple, tc.data.padding_side)
-    return reference.reference_logps(
-        model,
-        pairs,
-        mesh,
-        rows=layout.eval_rows,
-        seq_chunk=tc.seq_chunk,
-        padding=padding,
-        cache_dir=Path(cfg.cache_dir) / "init_logps",
-        progress=cfg.progress,
-    )
+    return reference.like_training(tc, lm, pairs, Path(cfg.cache_dir) / "init_logps", cfg.progress)
 
 
 def _loss(cfg: LossConfig, logps: np.ndarray, ref: np.ndarray) -> float:
@@ -404,9 +384,9 @@ def run_unalign(cfg: UnalignConfig) -> dict:
         train_pairs = [by_index[p.index] for p in tokenized]  # the pairs that survive tokenisation
 
     with stages("refusal rates before"):
-        before_key = fingerprint(
+        before_key = _key(
             warm_key,
-            [p.index for p in experiment],
+            experiment,
             cfg.eval,
             cfg.judge,
             cfg.template,
