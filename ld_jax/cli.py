@@ -74,7 +74,14 @@ def _add_data_flags(p) -> None:
 
 
 def _add_ches(sub) -> None:
-    p = sub.add_parser("ches", help="score preference pairs with CHES, ln-CHES and §5 baselines")
+    _scoring_parser(sub, "ches", "score preference pairs with CHES, ln-CHES and §5 baselines")
+    _scoring_parser(
+        sub, "rate", "exact first-order displacement rates ⟨g+, g+ − g−⟩ of preference pairs"
+    )
+
+
+def _scoring_parser(sub, name: str, help: str) -> None:
+    p = sub.add_parser(name, help=help)
     p.add_argument("--model", help="checkpoint directory or known model name")
     _add_data_flags(p)
     p.add_argument("--max-length", type=int, help="max prompt+response tokens (default 512)")
@@ -82,6 +89,7 @@ def _add_ches(sub) -> None:
     p.add_argument("--overflow", choices=["truncate", "skip"], help="too long (default truncate)")
     p.add_argument("--batch-size", type=int, help="pairs per batch (default 8)")
     p.add_argument("--template", choices=["auto", "chat", "plain"], help="default auto")
+    p.set_defaults(measure=name)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="sums are fp32 (float32)")
     p.add_argument("--limit", type=int, help="score only the first N samples")
     p.add_argument(
@@ -100,7 +108,7 @@ def _ches(args) -> int:
 
     distributed.initialize_from_env()
     fields = ("model", "max_length", "max_prompt_length", "overflow", "batch_size", "template")
-    names = {**_DATA_FLAGS, **{f: f for f in (*fields, "dtype", "limit", "resume")}}
+    names = {**_DATA_FLAGS, **{f: f for f in (*fields, "dtype", "limit", "resume", "measure")}}
     print(score_file(load_config(ScoringConfig, args.config, _config_flags(args, names))))
     return 0
 
@@ -109,7 +117,7 @@ def _add_filter(sub) -> None:
     p = sub.add_parser("filter", help="keep the lowest/highest scores or a percentile window")
     _add_data_flags(p)
     p.add_argument("--scores", help="scores .jsonl written by `ld-jax ches`")
-    scores = ["ches", "ln_ches", "edit_distance", "last_hidden_ip"]
+    scores = ["ches", "ln_ches", "edit_distance", "last_hidden_ip", "rate", "pos_sq", "cross"]
     p.add_argument("--by", choices=scores, help="default ln_ches")
     p.add_argument("--keep-lowest", type=float, metavar="FRACTION", help="e.g. 0.05 (paper §6)")
     p.add_argument("--keep-highest", type=float, metavar="FRACTION")

@@ -1,12 +1,14 @@
 """Score a whole preference dataset with CHES, and select subsets by score (paper §5, §6).
 
     score_file(ScoringConfig(model, data, out))   # `ld-jax ches`:   scores.jsonl
+    score_file(ScoringConfig(..., measure="rate"))  # `ld-jax rate`: first-order rates
     filter_file(FilterConfig(data, scores, out))  # `ld-jax filter`: kept.jsonl
 
 The scores file has one line per input sample, keyed by `index` (the 0-based line or row number
 of the input), in the order the batches finish (longest pairs first):
 `{index, ches, ln_ches, edit_distance, last_hidden_ip, len_chosen, len_rejected, truncated}`, or
-`{index, skipped: reason}` for a sample that was not scored. Lines are written as each batch
+`{index, skipped: reason}` for a sample that was not scored. With `measure="rate"` the score
+columns are `displacement.RATE_KEYS` (pos_sq, cross, neg_sq, rate) instead. Lines are written as each batch
 finishes, so memory does not grow with the dataset beyond a few floats per sample.
 
 Length limit: `max_length` bounds prompt + response tokens of each sequence. With
@@ -28,7 +30,7 @@ import jax
 import numpy as np
 import scipy.stats
 
-from ld_jax import ches, distributed, files
+from ld_jax import ches, displacement, distributed, files, stats
 from ld_jax.data import formatting, preference
 from ld_jax.data.preference import ColumnMap
 from ld_jax.digest import pairs_digest
@@ -36,6 +38,12 @@ from ld_jax.errors import LdJaxError
 
 OVERFLOW = ("truncate", "skip")
 SCORE_COLUMNS = ("ches", "ln_ches", "edit_distance", "last_hidden_ip")
+# measure -> (its score columns, the batch generator score_file streams; looked up at call
+# time, so that the generator can be replaced, e.g. by a test that kills it)
+MEASURES = {
+    "ches": (SCORE_COLUMNS, lambda *a, **k: ches.score_batches(*a, **k)),
+    "rate": (displacement.RATE_KEYS, lambda *a, **k: displacement.rate_batches(*a, **k)),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +61,11 @@ class ScoringConfig:
     split: str = "train"
     limit: int | None = None
     resume: bool = False  # continue the `<out>.partial` file of a killed run
+    measure: str = "ches"  # or "rate": the exact first-order rates (ld_jax.displacement)
 
     def __post_init__(self):
+        if self.measure not in MEASURES:
+            raise LdJaxError(f"measure must be one of {', '.join(MEASURES)}, got {self.measure!r}")
         if self.overflow not in OVERFLOW:
             raise LdJaxError(
                 f"overflow must be one of {', '.join(OVERFLOW)}, got {self.overflow!r}"
@@ -83,8 +94,9 @@ class FilterConfig:
     split: str = "train"
 
     def __post_init__(self):
-        if self.by not in SCORE_COLUMNS:
-            raise LdJaxError(f"--by must be one of {', '.join(SCORE_COLUMNS)}, got {self.by!r}")
+        known = SCORE_COLUMNS + displacement.RATE_KEYS
+        if self.by not in known:
+            raise LdJaxError(f"--by must be one of {', '.join(known)}, got {self.by!r}")
         modes = [
             self.keep_lowest is not None,
             self.keep_highest is not None,
@@ -189,8 +201,11 @@ def score_file(cfg: ScoringConfig, lm=None, progress: bool = True) -> str:
     new_rows = []
     scoring_start = time.perf_counter()
     with open(partial if main else os.devnull, "a") as f:
-        for batch in ches.score_batches(lm, mine, cfg.batch_size, progress=progress and main):
-            batch_rows = [_score_row(batch, k, truncated) for k in range(len(batch["index"]))]
+        columns, batches = MEASURES[cfg.measure]
+        for batch in batches(lm, mine, cfg.batch_size, progress=progress and main):
+            batch_rows = [
+                _score_row(batch, k, truncated, columns) for k in range(len(batch["index"]))
+            ]
             if not multi:
                 f.writelines(json.dumps(row) + "\n" for row in batch_rows)
                 f.flush()
@@ -210,12 +225,12 @@ def score_file(cfg: ScoringConfig, lm=None, progress: bool = True) -> str:
         f"{scoring_time:.1f} s ({len(new_rows) / max(scoring_time, 1e-9):.2f} pairs/s), "
         f"{total:.1f} s in all"
     )
-    return head + "\n" + summarize(rows)
+    return head + "\n" + summarize(rows, MEASURES[cfg.measure][0])
 
 
-def _score_row(batch: dict, k: int, truncated: set[int]) -> dict:
+def _score_row(batch: dict, k: int, truncated: set[int], columns=SCORE_COLUMNS) -> dict:
     index = int(batch["index"][k])
-    row = {"index": index, **{key: float(batch[key][k]) for key in SCORE_COLUMNS}}
+    row = {"index": index, **{key: float(batch[key][k]) for key in columns}}
     row.update(len_chosen=int(batch["len_chosen"][k]), len_rejected=int(batch["len_rejected"][k]))
     row["truncated"] = index in truncated
     return row
@@ -246,16 +261,24 @@ def _resumed_rows(partial: Path, stamp: Path, key: dict) -> list[dict]:
 # ---------------------------------------------------------------- summary
 
 
-def summarize(rows: list[dict]) -> str:
-    """Quantiles of every score and the correlation of ln_ches with the length difference
-    (len_chosen − len_rejected) over scored rows."""
+def summarize(rows: list[dict], columns=SCORE_COLUMNS) -> str:
+    """Quantiles of every score, then the correlation of ln_ches with the length difference
+    (len_chosen − len_rejected), or for rates the share of pairs with rate < 0 (Wilson 95%)."""
     if not rows:
         return "no scored samples"
     qs = (0, 5, 25, 50, 75, 95, 100)
     lines = [f"{'':<15}" + "".join(f"{'q' + str(q):>12}" for q in qs)]
-    for key in SCORE_COLUMNS:
+    for key in columns:
         values = np.array([r[key] for r in rows], np.float64)
         lines.append(f"{key:<15}" + "".join(f"{v:>12.4g}" for v in np.percentile(values, qs)))
+    if "rate" in columns:
+        k = sum(r["rate"] < 0 for r in rows)
+        lo, hi = stats.wilson(k, len(rows))
+        lines.append(
+            f"rate < 0 (displaced at first order): {k} of {len(rows)} "
+            f"({k / len(rows):.1%}, Wilson 95% [{lo:.1%}, {hi:.1%}])"
+        )
+        return "\n".join(lines)
     ln_ches = np.array([r["ln_ches"] for r in rows])
     diff = np.array([r["len_chosen"] - r["len_rejected"] for r in rows], np.float64)
     if len(rows) > 2 and np.ptp(diff) > 0 and np.ptp(ln_ches) > 0:
@@ -289,9 +312,13 @@ def read_scores(path: str) -> tuple[list[dict], dict[int, str]]:
                 raise LdJaxError(f"{path} line {n}: not a scores line ({e})") from e
             if "skipped" in row:
                 skipped[index] = row["skipped"]
-            elif not all(isinstance(row.get(k), int | float) for k in SCORE_COLUMNS):
+            elif not any(
+                all(isinstance(row.get(k), int | float) for k in columns)
+                for columns, _ in MEASURES.values()
+            ):
                 raise LdJaxError(
-                    f"{path} line {n}: sample {index} lacks one of {', '.join(SCORE_COLUMNS)}"
+                    f"{path} line {n}: sample {index} lacks one of {', '.join(SCORE_COLUMNS)} "
+                    f"(or of {', '.join(displacement.RATE_KEYS)})"
                 )
             else:
                 rows.append(row)
@@ -337,6 +364,9 @@ def filter_file(cfg: FilterConfig) -> str:
     rows, skipped = read_scores(cfg.scores)
     if not rows:
         raise LdJaxError(f"{cfg.scores}: no scored samples")
+    if cfg.by not in rows[0]:
+        have = [k for k in rows[0] if k not in ("index", "truncated")]
+        raise LdJaxError(f"{cfg.scores} has no {cfg.by} scores (it has {', '.join(have)}): --by")
     values = np.array([r[cfg.by] for r in rows], np.float64)
     if not np.isfinite(values).all():
         raise LdJaxError(f"{cfg.scores}: non-finite {cfg.by} values")
@@ -377,4 +407,5 @@ def filter_file(cfg: FilterConfig) -> str:
         f"wrote {cfg.out}: kept {found} of {len(rows)} scored samples ({describe_selection(cfg)}); "
         f"skipped at scoring: {skipped_text}\nkept samples:"
     )
-    return head + "\n" + summarize(chosen_rows)
+    columns = next(c for c, _ in MEASURES.values() if all(k in chosen_rows[0] for k in c))
+    return head + "\n" + summarize(chosen_rows, columns)

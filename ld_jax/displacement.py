@@ -1,0 +1,239 @@
+"""The exact first-order displacement of ln π(y+|x) on the real network (Proposition 1, SPEC §3).
+
+With g± = ∇θ ln π(y±|x) over every trainable parameter, a gradient step on one pair's margin
+loss ℓ moves ln π(y+|x) at the rate −ℓ′·⟨g+, g+ − g−⟩ per unit learning rate. Since ℓ′ < 0
+for DPO, IPO and their relatives, the pair displaces its preferred response at first order iff
+⟨g+, g+ − g−⟩ < 0, whatever ℓ is. CHES (`ld_jax.ches`) approximates this quantity from hidden
+states; here it is computed exactly.
+
+    rates = first_order_rates(lm, prompt_ids, chosen_ids, rejected_ids)  # dict of [n] arrays
+    change = dataset_rates(lm, pairs)          # every pair's ln π(y+) change under ∇ of the
+                                               # whole dataset's loss, per unit lr  [n]
+
+ln π is the sum of the response tokens' log-probs at the positions `logprobs.pair_logprobs`
+uses (the ids include EOS when the caller wants it; nothing is added). Gradients are float32.
+
+Pair mode differentiates each pair's two log-probs with one reverse-mode Jacobian (one forward,
+two backward passes sharing it) and reduces the two gradients to their 2×2 Gram matrix on the
+device; only `vectorize` pairs' gradients are live at a time. Dataset mode needs no per-pair
+gradient at all: one backward pass for ∇L over all pairs, then one forward-mode JVP of every
+ln π(y+_i) along −∇L (Theorem 8's cross-sample effect, on the real network).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from ld_jax import ches, logprobs
+from ld_jax.data.formatting import TokenizedPair
+from ld_jax.errors import LdJaxError
+from ld_jax.losses import LossConfig, preference_loss
+from ld_jax.train.optim import OptimizerConfig, make_optimizer
+
+RATE_KEYS = ("pos_sq", "cross", "neg_sq", "rate")
+ARRAYS = ("input_ids", "attention_mask", "response_mask")
+
+
+def pair_gram(model, params, input_ids, attention_mask, response_mask, vectorize: int = 1):
+    """`[B, 2, S]` pairs -> `[B, 2, 2]` float32 Gram matrices ⟨g_a, g_b⟩ of g± = ∇θ ln π(y±|x),
+    a, b ∈ (chosen, rejected). `vectorize` pairs are differentiated together (more memory:
+    2·vectorize parameter-sized gradients live; B must be a multiple of it)."""
+
+    def logps(p, ids, mask, resp):  # one pair, [2, S] -> [2]
+        return logprobs.sequence_logprobs(model, p, ids, mask, resp)[0]
+
+    def gram(xs):
+        jac = jax.jacrev(logps)(params, *xs)  # leaves [2, *leaf]
+        leaves = [g.astype(jnp.float32).reshape(2, -1) for g in jax.tree.leaves(jac)]
+        return sum(g @ g.T for g in leaves)
+
+    xs = (input_ids, attention_mask, response_mask)
+    return jax.lax.map(gram, xs, batch_size=vectorize if vectorize > 1 else None)
+
+
+def rates_from_gram(gram: np.ndarray) -> dict[str, np.ndarray]:
+    """`[n, 2, 2]` Gram matrices -> RATE_KEYS, each `[n]` float64."""
+    g = np.asarray(gram, np.float64)
+    out = {"pos_sq": g[:, 0, 0], "cross": g[:, 0, 1], "neg_sq": g[:, 1, 1]}
+    out["rate"] = out["pos_sq"] - out["cross"]
+    return out
+
+
+def _check_ids(prompt_ids, chosen_ids, rejected_ids) -> list[TokenizedPair]:
+    n = len(prompt_ids)
+    if not (len(chosen_ids) == len(rejected_ids) == n):
+        raise LdJaxError(
+            f"got {n} prompts, {len(chosen_ids)} chosen and {len(rejected_ids)} rejected"
+        )
+    for i, (p, c, r) in enumerate(zip(prompt_ids, chosen_ids, rejected_ids)):
+        if not (len(p) and len(c) and len(r)):
+            raise LdJaxError(f"pair {i} has an empty prompt or response")
+    return [
+        TokenizedPair(i, list(p), list(c), list(r))
+        for i, (p, c, r) in enumerate(zip(prompt_ids, chosen_ids, rejected_ids))
+    ]
+
+
+def _batches(lm, pairs, batch_size: int, pad_to_multiple: int):
+    """(pairs' positions in `pairs`, batch arrays) per padded batch, longest pairs first."""
+    position = {p.index: k for k, p in enumerate(pairs)}
+    if len(position) != len(pairs):
+        raise LdJaxError("the pairs' indices must be distinct")
+    for batch in ches.length_batches(lm, pairs, batch_size, pad_to_multiple):
+        real = batch["valid"] > 0
+        rows = [position[int(i)] for i in batch["index"][real]]
+        yield rows, tuple(jnp.asarray(batch[k]) for k in ARRAYS)
+
+
+def rate_batches(
+    lm,
+    pairs: Sequence[TokenizedPair],
+    batch_size: int = 4,
+    vectorize: int = 1,
+    pad_to_multiple: int = 32,
+    progress: bool = False,
+):
+    """Rates batch by batch, longest pairs first; yields dicts of `[k]` NumPy arrays: `index`,
+    RATE_KEYS, len_chosen and len_rejected for the k real pairs of each batch (the shape
+    `scoring.score_file` streams). One device; the params stay where they are."""
+    if batch_size % vectorize:
+        raise LdJaxError(f"batch_size {batch_size} is not a multiple of vectorize {vectorize}")
+    kernel = jax.jit(lambda params, *xs: pair_gram(lm, params, *xs, vectorize=vectorize))
+    bar = tqdm(total=len(pairs), unit="pair", desc="rates", disable=not progress)
+    for batch in ches.length_batches(lm, pairs, batch_size, pad_to_multiple):
+        real = batch["valid"] > 0
+        arrays = tuple(jnp.asarray(batch[k]) for k in ARRAYS)
+        out = rates_from_gram(np.asarray(kernel(lm.params, *arrays))[real])
+        lengths = batch["response_mask"][real].sum(-1)
+        out.update(index=batch["index"][real], len_chosen=lengths[:, 0], len_rejected=lengths[:, 1])
+        bar.update(int(real.sum()))
+        yield out
+    bar.close()
+
+
+def pair_rates(
+    lm,
+    pairs: Sequence[TokenizedPair],
+    batch_size: int = 4,
+    vectorize: int = 1,
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """RATE_KEYS of every pair, in `pairs` order: dict of `[len(pairs)]` float64 arrays."""
+    position = {p.index: k for k, p in enumerate(pairs)}
+    if len(position) != len(pairs):
+        raise LdJaxError("the pairs' indices must be distinct")
+    result = {key: np.zeros(len(pairs)) for key in RATE_KEYS}
+    for out in rate_batches(lm, pairs, batch_size, vectorize, progress=progress):
+        rows = [position[int(i)] for i in out["index"]]
+        for key in RATE_KEYS:
+            result[key][rows] = out[key]
+    return result
+
+
+def first_order_rates(
+    lm,
+    prompt_ids: Sequence[Sequence[int]],
+    chosen_ids: Sequence[Sequence[int]],
+    rejected_ids: Sequence[Sequence[int]],
+    batch_size: int = 4,
+    vectorize: int = 1,
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """⟨g+, g+⟩, ⟨g+, g−⟩, ⟨g−, g−⟩ and the rate ⟨g+, g+ − g−⟩ of n pairs, taking what
+    `ches.ches_scores` takes (formatted token-id lists) -> dict of `[n]` float64 arrays."""
+    pairs = _check_ids(prompt_ids, chosen_ids, rejected_ids)
+    return pair_rates(lm, pairs, batch_size, vectorize, progress=progress)
+
+
+def dataset_gradient(lm, pairs, loss: LossConfig, batch_size: int = 8, pad_to_multiple: int = 32):
+    """∇θ of the mean loss over all `pairs` at θ = the model's weights, with the reference
+    model equal to it (the first step of training), float32, same pytree as the params."""
+    if loss.needs_rewards:
+        raise LdJaxError(f"loss {loss.name!r} needs rewards; the dataset mode has none")
+
+    def total(params, ids, mask, resp):
+        b, _, s = ids.shape
+        flat = [x.reshape(2 * b, s) for x in (ids, mask, resp)]
+        lp, length = logprobs.sequence_logprobs(lm, params, *flat)
+        lp, length = lp.reshape(b, 2), length.reshape(b, 2)
+        ref = jax.lax.stop_gradient(lp)
+        per_pair, _ = preference_loss(
+            loss, lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1], length[:, 0], length[:, 1]
+        )
+        return jnp.sum(per_pair * (length[:, 0] > 0))  # padding rows have no response
+
+    grad = jax.jit(jax.grad(total))
+    acc = jax.tree.map(jnp.zeros_like, lm.params)
+    for _, arrays in _batches(lm, pairs, batch_size, pad_to_multiple):
+        acc = jax.tree.map(jnp.add, acc, grad(lm.params, *arrays))
+    return jax.tree.map(lambda g: g / len(pairs), acc)
+
+
+def directional_change(
+    lm, pairs, direction, batch_size: int = 8, pad_to_multiple: int = 32
+) -> np.ndarray:
+    """d/dt ln π(y±|x) at θ + t·direction, t = 0, by one JVP per batch -> `[len(pairs), 2]`."""
+
+    def logps(params, ids, mask, resp):
+        b, _, s = ids.shape
+        flat = [x.reshape(2 * b, s) for x in (ids, mask, resp)]
+        return logprobs.sequence_logprobs(lm, params, *flat)[0].reshape(b, 2)
+
+    jvp = jax.jit(lambda p, d, *xs: jax.jvp(lambda q: logps(q, *xs), (p,), (d,))[1])
+    out = np.zeros((len(pairs), 2))
+    for rows, arrays in _batches(lm, pairs, batch_size, pad_to_multiple):
+        out[rows] = np.asarray(jvp(lm.params, direction, *arrays))[: len(rows)]
+    return out
+
+
+def dataset_rates(
+    lm, pairs: Sequence[TokenizedPair], loss: LossConfig | None = None, batch_size: int = 8
+) -> np.ndarray:
+    """The first-order change of every pair's ln π(y+|x) per unit learning rate under one
+    full-batch gradient step on the mean `loss` (DPO by default) over all pairs: −⟨g+_i, ∇L⟩,
+    `[len(pairs)]` float64. Negative: that pair's preferred response is displaced."""
+    grad = dataset_gradient(lm, pairs, loss or LossConfig("dpo"), batch_size)
+    step = jax.tree.map(jnp.negative, grad)
+    return directional_change(lm, pairs, step, batch_size)[:, 0]
+
+
+def pair_logps(lm, pairs, params=None, batch_size: int = 8, pad_to_multiple: int = 32):
+    """ln π(y±|x) `[len(pairs), 2]` under `params` (default the model's own)."""
+    params = lm.params if params is None else params
+
+    def logps(p, ids, mask, resp):
+        b, _, s = ids.shape
+        flat = [x.reshape(2 * b, s) for x in (ids, mask, resp)]
+        return logprobs.sequence_logprobs(lm, p, *flat)[0].reshape(b, 2)
+
+    run = jax.jit(logps)
+    out = np.zeros((len(pairs), 2))
+    for rows, arrays in _batches(lm, pairs, batch_size, pad_to_multiple):
+        out[rows] = np.asarray(run(params, *arrays))[: len(rows)]
+    return out
+
+
+def update_rates(
+    lm,
+    pairs: Sequence[TokenizedPair],
+    optimizer: OptimizerConfig,
+    loss: LossConfig | None = None,
+    batch_size: int = 8,
+) -> dict[str, np.ndarray]:
+    """Every pair's ln π(y+|x) change under the optimizer's actual first update u on the mean
+    `loss` over all pairs (RMSProp's first step is sign-like, not along −∇L): `linear`, the
+    first-order change ⟨g+_i, u⟩, and `measured`, ln π(y+_i) after the update minus before,
+    both `[len(pairs)]` float64; their agreement checks the linearisation at this lr."""
+    grad = dataset_gradient(lm, pairs, loss or LossConfig("dpo"), batch_size)
+    opt = make_optimizer(optimizer)
+    update, _ = opt.update(grad, opt.init(lm.params), lm.params)
+    moved = jax.tree.map(jnp.add, lm.params, update)
+    before = pair_logps(lm, pairs, batch_size=batch_size)[:, 0]
+    after = pair_logps(lm, pairs, moved, batch_size=batch_size)[:, 0]
+    linear = directional_change(lm, pairs, update, batch_size)[:, 0]
+    return {"linear": linear, "measured": after - before}
