@@ -242,7 +242,7 @@ def test_smollm2_greedy_chat_equals_transformers():
     tok = lm.tokenizer
     encoded = tok(generate.format_prompts(tok, chats), add_special_tokens=False)["input_ids"]
     assert len(encoded[0]) != len(encoded[1])  # the batch really is left-padded
-    stop, pad = generate.stop_token_ids(lm), generate.pad_token_id(lm)
+    stop, pad = generate.stop_token_ids(lm), models.pad_id(lm)
     ids, mask = generate.left_pad(encoded, pad_id=pad)
     ref = padded_to(hf_generate(model, ids, mask, 32, stop, pad=pad, do_sample=False), 32, pad)
     gen = ours(
