@@ -40,6 +40,8 @@ WEIGHTS = {
         "layers/post_mlp_norm": (_LAYER + "post_feedforward_layernorm.weight", ("d_model",)),
     },
 }
+# The inverses, HF tensor name -> our path: what export writes (core.invert_weights).
+EXPORT = {name: core.invert_weights(table) for name, table in WEIGHTS.items()}
 _OLMO_LAYER_NORM_EPS = 1e-5  # hard-coded in OLMo-1B
 
 
@@ -90,6 +92,7 @@ OLMO = core.Family(
     model_types=("olmo",),
     config_from_hf=config_from_hf,
     weight_table=WEIGHTS["olmo"],
+    export_table=EXPORT["olmo"],
     hidden_states=hidden_states,
     partition_rules=core.MATRIX_RULES,
 )
@@ -98,6 +101,7 @@ OLMO2 = core.Family(
     model_types=("olmo2",),
     config_from_hf=config_from_hf,
     weight_table=WEIGHTS["olmo2"],
+    export_table=EXPORT["olmo2"],
     hidden_states=hidden_states,
     # OLMo 2 normalises q and k over the whole projection, so its norms follow wq/wk's outputs
     partition_rules=((r"(^|/)layers/(q_norm|k_norm)$", P(None, "tensor")),) + core.MATRIX_RULES,

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from ld_jax.errors import LdJaxError
@@ -68,3 +69,35 @@ class Checkpoints:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def restore_params(directory: str | Path, step: int | None = None):
+    """The parameter pytree (host arrays) of the checkpoint at `step` (default the latest) in
+    `directory`, read without knowing the optimizer: for `ld-jax export`."""
+    directory = Path(directory).absolute()
+    if not directory.is_dir():
+        raise LdJaxError(f"no checkpoints directory at {directory}")
+    manager = ocp.CheckpointManager(directory)
+    try:
+        steps = manager.all_steps()
+        step = manager.latest_step() if step is None else step
+        if step is None or step not in steps:
+            raise LdJaxError(
+                f"{directory}: no checkpoint at step {step} (saved steps: "
+                f"{', '.join(map(str, sorted(steps))) or 'none'})"
+            )
+        try:
+            restored = manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+            )
+        except Exception as e:
+            raise LdJaxError(
+                f"cannot read the checkpoint at {directory} step {step}: "
+                f"{' '.join(str(e).split())[:300]}"
+            ) from e
+    finally:
+        manager.close()
+    state = restored.state
+    # TrainState is a NamedTuple; restored without a target it comes back as a dict or a list
+    params = state["params"] if isinstance(state, dict) else state[1]
+    return jax.tree.map(np.asarray, params)
