@@ -36,11 +36,11 @@ from ld_jax.data import formatting, pipeline, preference
 from ld_jax.digest import fingerprint, pairs_digest, params_digest
 from ld_jax.errors import LdJaxError
 from ld_jax.losses import LossConfig
-from ld_jax.train import feed, reference, sharding
+from ld_jax.train import feed, reference, sharding, writers
 from ld_jax.train.checkpoint import Checkpoints
 from ld_jax.train.optim import OptimizerConfig, make_optimizer
 from ld_jax.train.state import init_state
-from ld_jax.train.step import SEQUENCE_KEYS, batch_losses, compile_step
+from ld_jax.train.step import PER_PAIR, SEQUENCE_KEYS, batch_losses, compile_step
 
 Callback = Callable[[int, Any, dict], dict | None]
 
@@ -80,6 +80,8 @@ class TrainConfig:
     force_resume: bool = False  # resume even from a checkpoint of another config, data or model
     final_eval: bool = True  # log-probs of the whole dataset after training (summary.json)
     progress: bool = True
+    # where per-step metrics go besides metrics.jsonl (always written): tensorboard, wandb
+    logging: tuple[str, ...] = ("jsonl",)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
@@ -91,6 +93,11 @@ class TrainConfig:
         for name in ("compute_dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16"):
                 raise ValueError(f"{name} must be float32 or bfloat16, got {getattr(self, name)!r}")
+        unknown = set(self.logging) - set(writers.WRITERS)
+        if unknown:
+            raise ValueError(
+                f"unknown logging {sorted(unknown)}; choose from {', '.join(writers.WRITERS)}"
+            )
 
 
 # TrainConfig fields that a resumed run may change: where and how long it runs and how it is
@@ -106,6 +113,7 @@ RESUMABLE_CHANGES = (
     "force_resume",
     "final_eval",
     "progress",
+    "logging",
     "remat",
     "unroll_layers",
     "mesh",
@@ -251,11 +259,13 @@ def _train(cfg: TrainConfig, model, pairs, callback, ref_logps, filter_summary) 
         else reference.logprobs_function(model, mesh, param_shardings, cfg.seq_chunk)
     )
 
+    log = writers.Writers([])  # opened in the try, so that a failing open still closes ckpt
     try:
         if start:
             state, _ = ckpt.restore(start, state, state_shardings)
             _say(main, cfg, f"resuming from the checkpoint at step {start}")
         records = _metrics_log(out / "metrics.jsonl", start, main)
+        log = writers.open_writers(cfg.logging, out, to_dict(cfg), start, main)
 
         show = main and cfg.progress
         bar = tqdm(range(start, total), initial=start, total=total, desc="train", disable=not show)
@@ -266,7 +276,10 @@ def _train(cfg: TrainConfig, model, pairs, callback, ref_logps, filter_summary) 
                 batch = _with_ref(batch, np.asarray(ref_fn(ref_params, seqs))[rows])
             t0 = time.perf_counter()
             state, metrics = step_fn(state, feed.to_global(batch, mesh, layout.rows))
-            metrics = {name: float(v) for name, v in jax.device_get(metrics).items()}
+            metrics = jax.device_get(metrics)
+            per_pair = metrics.pop(PER_PAIR)
+            metrics = {name: float(v) for name, v in metrics.items()}
+            metrics.update(writers.displacement(per_pair))
             seconds = time.perf_counter() - t0
             if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
                 raise _non_finite(
@@ -281,9 +294,7 @@ def _train(cfg: TrainConfig, model, pairs, callback, ref_logps, filter_summary) 
             if callback is not None:
                 record.update(callback(k + 1, state.params, record) or {})
             records.append(record)
-            if main:  # before the checkpoint: a checkpoint's steps always have their lines
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
+            log.write(k + 1, record)  # before the checkpoint: its steps always have their lines
             bar.set_postfix(
                 loss=f"{metrics['loss']:.4f}", dlogp_plus=f"{metrics['chosen_logp_change']:+.3f}"
             )
@@ -291,6 +302,7 @@ def _train(cfg: TrainConfig, model, pairs, callback, ref_logps, filter_summary) 
                 ckpt.save(k + 1, state, {"step": k + 1, "identity": identity})
     finally:
         ckpt.close()  # waits for pending saves, also when a step fails or the run is killed
+        log.close()
 
     if init_logps is None and (cfg.final_eval or ref_params is not None):
         init_logps = all_logps(ref_params, "reference log-probs")
