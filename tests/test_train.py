@@ -402,3 +402,24 @@ def test_cli_train_runs_a_yaml_config_and_reports_bad_input(tiny, tmp_path, caps
     data.write_text('{"prompt": "a", "chosen": "", "rejected": ""}\n{"prompt": "a"\n')
     assert cli.main(args + [f"output_dir={tmp_path / 'bad'}"]) == 2
     assert "line 2: malformed JSON" in capsys.readouterr().err
+
+
+def test_the_datas_reference_logps_are_the_cached_reference(tiny, tmp_path, monkeypatch):
+    """TRL's ref_chosen_logps / ref_rejected_logps columns replace the reference pass."""
+    _, lm = tiny
+    rng = np.random.default_rng(0)
+    given = -rng.uniform(5, 30, (len(PAIRS), 2)).astype(np.float32)
+    pairs = [dataclasses.replace(p, ref_logps=tuple(map(float, r))) for p, r in zip(PAIRS, given)]
+    monkeypatch.setattr(
+        reference, "reference_logps", lambda *a, **k: pytest.fail("reference pass ran")
+    )
+    cfg = _cfg(tmp_path, final_eval=False, max_steps=1, batch_size=10)
+    result = loop.train(cfg, model=lm, pairs=pairs)
+    np.testing.assert_array_equal(result.init_logps, given)
+    seqs = pipeline.make_batches(PAIRS, 10, shuffle=False)[0]
+    logps = np.asarray(jax.jit(lambda p, b: logprobs.pair_logprobs(lm, p, b)[0])(lm.params, seqs))
+    margin = (logps[:, 0] - given[:, 0]) - (logps[:, 1] - given[:, 1])
+    expected = np.mean(np.logaddexp(0.0, -BETA * margin.astype(np.float64)))  # −ln σ(βu)
+    assert result.metrics[0]["loss"] == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(LdJaxError, match="lack ref_chosen_logps"):
+        loop.train(_cfg(tmp_path / "b"), model=lm, pairs=[pairs[0], *PAIRS[1:]])

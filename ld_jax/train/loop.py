@@ -157,6 +157,10 @@ def train(
         filter_summary = report.summary()
         _say(main, cfg, f"data: {filter_summary}")
     _check_rewards(cfg.loss, pairs)
+    if ref_logps is None and cfg.reference == "cached":
+        ref_logps = data_reference(pairs)  # TRL's ref_chosen_logps / ref_rejected_logps columns
+        if ref_logps is not None:
+            _say(main, cfg, "reference: the data's ref_chosen_logps / ref_rejected_logps")
     with _locked(out) if main else contextlib.nullcontext():
         return _train(cfg, model, pairs, callback, ref_logps, filter_summary)
 
@@ -341,6 +345,21 @@ def _check_rewards(loss: LossConfig, pairs) -> None:
             f"loss {loss.name!r} needs rewards, but {len(missing)} of {len(pairs)} pairs have none "
             f"(first: record {missing[0]}); map them with data.columns.reward_chosen/reward_rejected"
         )
+
+
+def data_reference(pairs) -> np.ndarray | None:
+    """`[len(pairs), 2]` reference log-probs that the data carries (every pair or none), or
+    None."""
+    given = [p.ref_logps is not None for p in pairs]
+    if not any(given):
+        return None
+    if not all(given):
+        first = next(p.index for p in pairs if p.ref_logps is None)
+        raise LdJaxError(
+            f"{given.count(False)} of {len(pairs)} pairs lack ref_chosen_logps/ref_rejected_logps "
+            f"(first: record {first}); give them for every pair or for none"
+        )
+    return np.array([p.ref_logps for p in pairs], np.float32)
 
 
 def run_identity(cfg: TrainConfig, model, pairs, ref_logps=None) -> dict:
