@@ -423,3 +423,43 @@ def test_the_datas_reference_logps_are_the_cached_reference(tiny, tmp_path, monk
     assert result.metrics[0]["loss"] == pytest.approx(expected, rel=1e-5)
     with pytest.raises(LdJaxError, match="lack ref_chosen_logps"):
         loop.train(_cfg(tmp_path / "b"), model=lm, pairs=[pairs[0], *PAIRS[1:]])
+
+
+def test_tr_dpo_reference_sync(tiny, tmp_path):
+    """α = 1 every step: the reference is the policy, so every step starts at DPO's ln 2 with no
+    change of ln π(y+); without the sync the loss moves. A run killed after a sync and resumed
+    equals the uninterrupted one (the moving reference is checkpointed)."""
+    _, lm = tiny
+    base = dict(final_eval=False, reference="on_the_fly", max_steps=4)
+    synced = loop.train(
+        _cfg(tmp_path / "a1", ref_sync_every=1, ref_mixup_alpha=1.0, **base), model=lm, pairs=PAIRS
+    )
+    for r in synced.metrics:
+        # (to rounding: the reference pass and the step are two compiled functions)
+        assert r["loss"] == pytest.approx(math.log(2), abs=1e-5)
+        assert abs(r["chosen_logp_change"]) < 1e-4
+    plain = loop.train(_cfg(tmp_path / "plain", **base), model=lm, pairs=PAIRS)
+    assert abs(plain.metrics[-1]["loss"] - math.log(2)) > 1e-3
+
+    cfg = _cfg(
+        tmp_path / "killed", ref_sync_every=2, ref_mixup_alpha=0.5, checkpoint_every=2, **base
+    )
+    full = loop.train(
+        dataclasses.replace(cfg, output_dir=str(tmp_path / "full")), model=lm, pairs=PAIRS
+    )
+
+    def kill_after_step_3(step, params, record):
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        loop.train(cfg, model=lm, pairs=PAIRS, callback=kill_after_step_3)
+    resumed = loop.train(cfg, model=lm, pairs=PAIRS)
+    assert [r["loss"] for r in resumed.metrics] == pytest.approx(
+        [r["loss"] for r in full.metrics], abs=1e-6
+    )
+    # the soft update itself: α·π_θ + (1 − α)·π_ref
+    a, b = {"w": np.float32([1.0, 2.0])}, {"w": np.float32([3.0, -2.0])}
+    np.testing.assert_allclose(reference.sync_reference(a, b, 0.25)["w"], [1.5, 1.0])
+    with pytest.raises(ValueError, match="on_the_fly"):
+        _cfg(tmp_path, ref_sync_every=2)

@@ -27,9 +27,26 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state, meta: dict) -> None:
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        self._manager.save(step, args=args)
+    def save(self, step: int, state, meta: dict, reference=None) -> None:
+        """reference: parameters of a moving reference model (TR-DPO), saved beside the state."""
+        items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        if reference is not None:
+            items["reference"] = ocp.args.StandardSave(reference)
+        self._manager.save(step, args=ocp.args.Composite(**items))
+
+    def restore_reference(self, step: int, like, shardings):
+        """The reference parameters saved at `step` (see `save`), laid out as `shardings`."""
+        target = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like, shardings
+        )
+        args = ocp.args.Composite(reference=ocp.args.StandardRestore(target))
+        try:
+            return self._manager.restore(step, args=args).reference
+        except Exception as e:
+            raise LdJaxError(
+                f"the checkpoint at {self.directory} step {step} holds no reference parameters "
+                f"(saved without ref_sync_every?): {' '.join(str(e).split())[:300]}"
+            ) from e
 
     def meta(self, step: int) -> dict:
         """The JSON record saved with the checkpoint at `step` (no arrays are read)."""

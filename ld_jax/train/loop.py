@@ -74,6 +74,10 @@ class TrainConfig:
     unroll_layers: bool = False  # unrolled layer scan: faster steps on CPU, longer compile
     seq_chunk: int | None = None  # LM-head positions per chunk (bounds the logits' memory)
     reference: str = "cached"  # cached | on_the_fly
+    # TR-DPO (Gorbatovski et al. 2024): every ref_sync_every steps the reference becomes
+    # α·π_θ + (1 − α)·π_ref (soft update; α = 1 copies the policy). Needs reference=on_the_fly.
+    ref_sync_every: int = 0
+    ref_mixup_alpha: float = 0.6
     checkpoint_every: int = 0  # steps; 0 saves only at the end
     keep_checkpoints: int = 2
     resume: bool = True  # continue from the latest checkpoint in output_dir
@@ -93,6 +97,10 @@ class TrainConfig:
         for name in ("compute_dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16"):
                 raise ValueError(f"{name} must be float32 or bfloat16, got {getattr(self, name)!r}")
+        if self.ref_sync_every and self.reference != "on_the_fly":
+            raise ValueError("ref_sync_every (TR-DPO) needs reference='on_the_fly'")
+        if not 0.0 < self.ref_mixup_alpha <= 1.0:
+            raise ValueError(f"ref_mixup_alpha must be in (0, 1], got {self.ref_mixup_alpha}")
         unknown = set(self.logging) - set(writers.WRITERS)
         if unknown:
             raise ValueError(
@@ -263,10 +271,15 @@ def _train(cfg: TrainConfig, model, pairs, callback, ref_logps, filter_summary) 
         else reference.logprobs_function(model, mesh, param_shardings, cfg.seq_chunk)
     )
 
+    initial_logps = None  # TR-DPO moves the reference: the summary needs the initial model's
+    if cfg.ref_sync_every and cfg.final_eval:
+        initial_logps = all_logps(ref_params, "initial log-probs")
     log = writers.Writers([])  # opened in the try, so that a failing open still closes ckpt
     try:
         if start:
             state, _ = ckpt.restore(start, state, state_shardings)
+            if cfg.ref_sync_every:
+                ref_params = ckpt.restore_reference(start, ref_params, param_shardings)
             _say(main, cfg, f"resuming from the checkpoint at step {start}")
         records = _metrics_log(out / "metrics.jsonl", start, main)
         log = writers.open_writers(cfg.logging, out, to_dict(cfg), start, main)
@@ -302,13 +315,18 @@ def _train(cfg: TrainConfig, model, pairs, callback, ref_logps, filter_summary) 
             bar.set_postfix(
                 loss=f"{metrics['loss']:.4f}", dlogp_plus=f"{metrics['chosen_logp_change']:+.3f}"
             )
+            if cfg.ref_sync_every and (k + 1) % cfg.ref_sync_every == 0:
+                ref_params = reference.sync_reference(ref_params, state.params, cfg.ref_mixup_alpha)
             if (cfg.checkpoint_every and (k + 1) % cfg.checkpoint_every == 0) or k + 1 == total:
-                ckpt.save(k + 1, state, {"step": k + 1, "identity": identity})
+                meta = {"step": k + 1, "identity": identity}
+                ckpt.save(k + 1, state, meta, reference=ref_params if cfg.ref_sync_every else None)
     finally:
         ckpt.close()  # waits for pending saves, also when a step fails or the run is killed
         log.close()
 
-    if init_logps is None and (cfg.final_eval or ref_params is not None):
+    if initial_logps is not None:
+        init_logps = initial_logps
+    elif init_logps is None and (cfg.final_eval or ref_params is not None):
         init_logps = all_logps(ref_params, "reference log-probs")
     final_logps = all_logps(state.params, "final log-probs") if cfg.final_eval else None
     summary = _summary(cfg, layout, records, init_logps, final_logps, pairs, filter_summary)
