@@ -79,6 +79,11 @@ class LossConfig:
     sft_lambda: coefficient λ of the SFT term −λ·ln π(y+|x) (CPO/RPO); 0 disables it.
         `sft` is that term alone with λ = 1, −ln π(y+|x) (y− is ignored): plain supervised
         fine-tuning through the same loop, e.g. E3's alignment warm-up.
+    nca, apo_zero, apo_down, robust, exo, bco_pair, cal_dpo: the losses of `_peer_loss`;
+        `dpo_shift` is `weighted` with λ+ = 1, λ− = dpo_shift_lambda (DPO-Shift's fixed f(λ)).
+    loss_type: TRL's name instead of ours (TRL_LOSS_TYPES); it overrides `name` and the options
+        where TRL means something else (its "ipo" is length-averaged with τ = β).
+    docs/training.md has the table of every loss, its TRL name, formula and source.
     """
 
     name: str = "dpo"

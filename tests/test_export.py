@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 from ld_jax import cli, models
 from ld_jax.errors import LdJaxError
 from ld_jax.losses import LossConfig
-from ld_jax.models import core, export, registry
+from ld_jax.models import core, export, loading, registry
 from ld_jax.train import loop
 from ld_jax.train.optim import OptimizerConfig
 
@@ -156,5 +156,16 @@ def test_real_model_trained_a_few_steps_round_trips_through_transformers(name, t
     rows = lm.tokenizer(["The capital of France is", "Hello there, how are"]).input_ids
     n = min(len(r) for r in rows)
     ids = np.asarray([r[:n] for r in rows], np.int32)
-    ours = np.asarray(jax.jit(lm.forward)(result.params, ids, np.ones_like(ids)).logits)
-    np.testing.assert_allclose(hf_logits(tmp_path / "hf", ids), ours, atol=1e-4, rtol=0)
+    forward = jax.jit(lm.forward)
+    ours = np.asarray(forward(result.params, ids, np.ones_like(ids)).logits)
+    exported = np.abs(hf_logits(tmp_path / "hf", ids) - ours).max()
+    # The export is exact (ld_jax reads back the trained params bit for bit); what is left is
+    # torch's and XLA's fp32 arithmetic over 18-30 layers, measured on the untrained model.
+    again = models.from_pretrained(str(tmp_path / "hf"))
+    assert jax.tree.all(
+        jax.tree.map(lambda a, b: bool(jnp.all(a == b)), again.params, result.params)
+    )
+    base_ours = np.asarray(forward(lm.params, ids, np.ones_like(ids)).logits)
+    base = np.abs(hf_logits(loading.resolve(name), ids) - base_ours).max()
+    print(f"{name}: max |logit diff| exported {exported:.3g}, untrained parity {base:.3g}")
+    assert exported <= max(1e-4, 1.5 * base)

@@ -15,7 +15,6 @@ fraction of the install: see README's install figures.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -188,4 +187,3 @@ def convert(gguf_path: Path, target: Path) -> None:
     hf_config.save_pretrained(str(target))
     GenerationConfig.from_model_config(hf_config).save_pretrained(str(target))
     build_tokenizer(metadata, hf_config).save_pretrained(str(target))
-    json.loads((target / "config.json").read_text())  # written whole
