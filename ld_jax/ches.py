@@ -166,16 +166,39 @@ def score_pairs(
 ) -> dict[str, np.ndarray]:
     """Every score of `pairs`, in memory: dict of `[len(pairs)]` arrays in `pairs` order, the
     SCORE_KEYS plus len_chosen and len_rejected (the number of states each sum covers)."""
+    keys = (*SCORE_KEYS, "len_chosen", "len_rejected")
+    return collect(score_batches(lm, pairs, batch_size, mesh, progress=progress), pairs, keys)
+
+
+def collect(batches, pairs: Sequence[TokenizedPair], keys) -> dict[str, np.ndarray]:
+    """Streamed per-batch dicts (`index` plus `keys`, as `score_batches` yields) -> one
+    `[len(pairs)]` float64 array per key, in `pairs` order."""
     position = {p.index: k for k, p in enumerate(pairs)}
     if len(position) != len(pairs):
-        raise LdJaxError("score_pairs: the pairs' indices must be distinct")
-    keys = (*SCORE_KEYS, "len_chosen", "len_rejected")
+        raise LdJaxError("the pairs' indices must be distinct")
     result = {key: np.zeros(len(pairs), np.float64) for key in keys}
-    for out in score_batches(lm, pairs, batch_size, mesh, progress=progress):
+    for out in batches:
         rows = [position[int(i)] for i in out["index"]]
         for key in keys:
             result[key][rows] = out[key]
     return result
+
+
+def pairs_from_ids(prompt_ids, chosen_ids, rejected_ids, caller: str) -> list[TokenizedPair]:
+    """n formatted token-id lists of each part -> n TokenizedPairs indexed 0..n−1; a length
+    mismatch or an empty part is a one-line error naming `caller`."""
+    n = len(prompt_ids)
+    if not (len(chosen_ids) == len(rejected_ids) == n):
+        raise LdJaxError(
+            f"{caller}: got {n} prompts, {len(chosen_ids)} chosen and {len(rejected_ids)} rejected"
+        )
+    for i, (p, c, r) in enumerate(zip(prompt_ids, chosen_ids, rejected_ids)):
+        if not (len(p) and len(c) and len(r)):
+            raise LdJaxError(f"{caller}: pair {i} has an empty prompt or response")
+    return [
+        TokenizedPair(i, list(p), list(c), list(r))
+        for i, (p, c, r) in enumerate(zip(prompt_ids, chosen_ids, rejected_ids))
+    ]
 
 
 def ches_scores(
@@ -192,18 +215,6 @@ def ches_scores(
     Each `*_ids` is a list of n token-id lists, already formatted; the response lists include
     EOS when the caller wants it (nothing is added). -> dict of [n] float arrays, SCORE_KEYS.
     """
-    n = len(prompt_ids)
-    if not (len(chosen_ids) == len(rejected_ids) == n):
-        raise LdJaxError(
-            f"ches_scores: got {n} prompts, {len(chosen_ids)} chosen and "
-            f"{len(rejected_ids)} rejected"
-        )
-    for i, (p, c, r) in enumerate(zip(prompt_ids, chosen_ids, rejected_ids)):
-        if not (len(p) and len(c) and len(r)):
-            raise LdJaxError(f"ches_scores: pair {i} has an empty prompt or response")
-    pairs = [
-        TokenizedPair(i, list(p), list(c), list(r))
-        for i, (p, c, r) in enumerate(zip(prompt_ids, chosen_ids, rejected_ids))
-    ]
+    pairs = pairs_from_ids(prompt_ids, chosen_ids, rejected_ids, "ches_scores")
     scores = score_pairs(lm, pairs, batch_size, mesh, progress)
     return {key: scores[key] for key in SCORE_KEYS}

@@ -32,6 +32,27 @@ def _add_models(sub) -> None:
     info.set_defaults(func=_models_info)
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export", help="write a model (or a training run's weights) as a Hugging Face checkpoint"
+    )
+    p.add_argument("--model", help="checkpoint directory or known model name (default: the run's)")
+    p.add_argument("--checkpoint", metavar="RUN_DIR", help="a training run's output_dir")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.set_defaults(func=_export)
+
+
+def _export(args) -> int:
+    from ld_jax.models import export
+
+    if args.step is not None and args.checkpoint is None:
+        raise LdJaxError("--step needs --checkpoint")
+    print(export.export(args.model, args.out, args.checkpoint, args.step, args.dtype))
+    return 0
+
+
 def _models_pull(args) -> int:
     from ld_jax.models import pull
 
@@ -339,6 +360,7 @@ def _flow_simulate(args) -> int:
 # Subcommands register here, in the order `ld-jax --help` lists them.
 _REGISTRY = [
     _add_models,
+    _add_export,
     _add_ches,
     _add_filter,
     _add_train,

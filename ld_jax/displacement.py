@@ -64,21 +64,6 @@ def rates_from_gram(gram: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def _check_ids(prompt_ids, chosen_ids, rejected_ids) -> list[TokenizedPair]:
-    n = len(prompt_ids)
-    if not (len(chosen_ids) == len(rejected_ids) == n):
-        raise LdJaxError(
-            f"got {n} prompts, {len(chosen_ids)} chosen and {len(rejected_ids)} rejected"
-        )
-    for i, (p, c, r) in enumerate(zip(prompt_ids, chosen_ids, rejected_ids)):
-        if not (len(p) and len(c) and len(r)):
-            raise LdJaxError(f"pair {i} has an empty prompt or response")
-    return [
-        TokenizedPair(i, list(p), list(c), list(r))
-        for i, (p, c, r) in enumerate(zip(prompt_ids, chosen_ids, rejected_ids))
-    ]
-
-
 def _batches(lm, pairs, batch_size: int, pad_to_multiple: int):
     """(pairs' positions in `pairs`, batch arrays) per padded batch, longest pairs first."""
     position = {p.index: k for k, p in enumerate(pairs)}
@@ -116,38 +101,18 @@ def rate_batches(
     bar.close()
 
 
-def pair_rates(
-    lm,
-    pairs: Sequence[TokenizedPair],
-    batch_size: int = 4,
-    vectorize: int = 1,
-    progress: bool = False,
-) -> dict[str, np.ndarray]:
+def pair_rates(lm, pairs: Sequence[TokenizedPair], batch_size=4, vectorize=1, progress=False):
     """RATE_KEYS of every pair, in `pairs` order: dict of `[len(pairs)]` float64 arrays."""
-    position = {p.index: k for k, p in enumerate(pairs)}
-    if len(position) != len(pairs):
-        raise LdJaxError("the pairs' indices must be distinct")
-    result = {key: np.zeros(len(pairs)) for key in RATE_KEYS}
-    for out in rate_batches(lm, pairs, batch_size, vectorize, progress=progress):
-        rows = [position[int(i)] for i in out["index"]]
-        for key in RATE_KEYS:
-            result[key][rows] = out[key]
-    return result
+    batches = rate_batches(lm, pairs, batch_size, vectorize, progress=progress)
+    return ches.collect(batches, pairs, RATE_KEYS)
 
 
-def first_order_rates(
-    lm,
-    prompt_ids: Sequence[Sequence[int]],
-    chosen_ids: Sequence[Sequence[int]],
-    rejected_ids: Sequence[Sequence[int]],
-    batch_size: int = 4,
-    vectorize: int = 1,
-    progress: bool = False,
-) -> dict[str, np.ndarray]:
+def first_order_rates(lm, prompt_ids, chosen_ids, rejected_ids, **kw) -> dict[str, np.ndarray]:
     """⟨g+, g+⟩, ⟨g+, g−⟩, ⟨g−, g−⟩ and the rate ⟨g+, g+ − g−⟩ of n pairs, taking what
-    `ches.ches_scores` takes (formatted token-id lists) -> dict of `[n]` float64 arrays."""
-    pairs = _check_ids(prompt_ids, chosen_ids, rejected_ids)
-    return pair_rates(lm, pairs, batch_size, vectorize, progress=progress)
+    `ches.ches_scores` takes (n formatted token-id lists each) -> dict of `[n]` float64 arrays;
+    `kw` as `pair_rates` (batch_size, vectorize, progress)."""
+    pairs = ches.pairs_from_ids(prompt_ids, chosen_ids, rejected_ids, "first_order_rates")
+    return pair_rates(lm, pairs, **kw)
 
 
 def dataset_gradient(lm, pairs, loss: LossConfig, batch_size: int = 8, pad_to_multiple: int = 32):

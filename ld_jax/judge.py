@@ -139,6 +139,7 @@ class JudgePrompt:
 def _load(path: str | None, auto_class: str):
     import transformers
 
+    require_torch("a Hugging Face judge model")
     if not path or not Path(path).is_dir():
         raise LdJaxError(f"judge model directory not found: {path}")
     try:
@@ -151,6 +152,14 @@ def _load(path: str | None, auto_class: str):
             f"{path}: cannot load the judge ({auto_class}): {str(e).splitlines()[0]}"
         ) from e
     return tok, model
+
+
+def require_torch(what: str) -> None:
+    """Local HF judges and reward models run in PyTorch, an optional extra of ld-jax."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise LdJaxError(f"{what} runs in PyTorch: pip install 'ld-jax[torch]'")
 
 
 class HFCausalJudge:

@@ -29,7 +29,43 @@ GPO_FUNCTIONS: dict[str, Callable[[Array], Array]] = {
     "savage": lambda r: jax.nn.sigmoid(-r) ** 2,
 }
 
-LOSS_NAMES = ("dpo", "ipo", "slic", "rebel", "gpo", "weighted", "simpo", "dpop", "sft")
+LOSS_NAMES = (
+    "dpo",
+    "ipo",
+    "slic",
+    "rebel",
+    "gpo",
+    "weighted",
+    "simpo",
+    "dpop",
+    "sft",
+    # losses that peers ship (TRL's DPOTrainer) or papers publish; formulas in `_peer_loss`
+    "nca",
+    "apo_zero",
+    "apo_down",
+    "robust",
+    "exo",
+    "bco_pair",
+    "cal_dpo",
+    "dpo_shift",
+)
+_PEER_LOSSES = ("nca", "apo_zero", "apo_down", "robust", "exo", "bco_pair", "cal_dpo")
+
+# TRL's DPOConfig.loss_type -> our LossConfig fields, with TRL's semantics. "beta" as a value
+# copies β (TRL's IPO calls its τ β). TRL's "ipo" averages the log-probs over response tokens,
+# our "ipo" (the paper's) does not; TRL's "sft" is the NLL per chosen token.
+TRL_LOSS_TYPES: dict[str, dict] = {
+    "sigmoid": {"name": "dpo"},
+    "hinge": {"name": "gpo", "gpo_f": "hinge"},
+    "ipo": {"name": "ipo", "ipo_length_average": True, "tau": "beta"},
+    "sft": {"name": "sft", "sft_length_average": True},
+    "nca_pair": {"name": "nca"},
+    "apo_zero": {"name": "apo_zero"},
+    "apo_down": {"name": "apo_down"},
+    "robust": {"name": "robust"},
+    "exo_pair": {"name": "exo"},
+    "bco_pair": {"name": "bco_pair"},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +79,11 @@ class LossConfig:
     sft_lambda: coefficient λ of the SFT term −λ·ln π(y+|x) (CPO/RPO); 0 disables it.
         `sft` is that term alone with λ = 1, −ln π(y+|x) (y− is ignored): plain supervised
         fine-tuning through the same loop, e.g. E3's alignment warm-up.
+    nca, apo_zero, apo_down, robust, exo, bco_pair, cal_dpo: the losses of `_peer_loss`;
+        `dpo_shift` is `weighted` with λ+ = 1, λ− = dpo_shift_lambda (DPO-Shift's fixed f(λ)).
+    loss_type: TRL's name instead of ours (TRL_LOSS_TYPES); it overrides `name` and the options
+        where TRL means something else (its "ipo" is length-averaged with τ = β).
+    docs/training.md has the table of every loss, its TRL name, formula and source.
     """
 
     name: str = "dpo"
@@ -58,6 +99,10 @@ class LossConfig:
     dpop_lambda: float = 50.0  # DPOP penalty weight
     sft_lambda: float = 0.0
     sft_length_average: bool = False  # RPO normalises the NLL by length
+    label_smoothing: float = 0.0  # ε of robust DPO and EXO (TRL's label_smoothing)
+    dpo_shift_lambda: float = 0.95  # f(λ) of DPO-Shift: the weight of the rejected log-ratio
+    # TRL's DPOConfig.loss_type (TRL_LOSS_TYPES): sets `name` and its options as TRL means them
+    loss_type: str | None = None
 
     @property
     def needs_reference(self) -> bool:
@@ -70,12 +115,24 @@ class LossConfig:
         return self.name == "rebel"
 
     def __post_init__(self):
+        if self.loss_type is not None:
+            if self.loss_type not in TRL_LOSS_TYPES:
+                raise ValueError(
+                    f"unknown TRL loss_type {self.loss_type!r}; supported: "
+                    f"{', '.join(TRL_LOSS_TYPES)}"
+                )
+            for field, value in TRL_LOSS_TYPES[self.loss_type].items():
+                object.__setattr__(self, field, self.beta if value == "beta" else value)
         if self.name not in LOSS_NAMES:
             raise ValueError(f"unknown loss {self.name!r}; choose one of {', '.join(LOSS_NAMES)}")
         if self.name == "gpo" and self.gpo_f not in GPO_FUNCTIONS:
             raise ValueError(
                 f"unknown GPO function {self.gpo_f!r}; choose one of {', '.join(GPO_FUNCTIONS)}"
             )
+        if self.name == "exo" and not 0.0 < self.label_smoothing < 1.0:
+            raise ValueError("loss 'exo' needs 0 < label_smoothing < 1 (the EXO paper uses 1e-3)")
+        if self.name == "robust" and not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError("loss 'robust' needs 0 <= label_smoothing < 0.5")
 
 
 def preference_loss(
@@ -117,7 +174,10 @@ def preference_loss(
     else:
         ref_c, ref_r = ref_chosen, ref_rejected
 
-    if name in ("weighted", "simpo", "dpop"):
+    if name in _PEER_LOSSES:
+        margin = (pc - ref_c) - (pr - ref_r)
+        losses = _peer_loss(cfg, pc - ref_c, pr - ref_r)
+    elif name in ("weighted", "simpo", "dpop", "dpo_shift"):
         lam_c, lam_r = _weights(cfg, policy_chosen, ref_chosen, chosen_len, rejected_len)
         if name == "simpo":  # reference-free (Meng et al. 2024; TRL "simpo")
             margin = lam_c * pc - lam_r * pr
@@ -155,9 +215,40 @@ def _weights(cfg: LossConfig, policy_chosen, ref_chosen, chosen_len, rejected_le
     """λ+ and λ− of the weighted form (paper eq. 5), each a scalar or `[batch]`."""
     if cfg.name == "simpo":
         return 1.0 / chosen_len, 1.0 / rejected_len
+    if cfg.name == "dpo_shift":
+        return 1.0, cfg.dpo_shift_lambda
     if cfg.name == "dpop":
         # Paper footnote 10: the extra weight is active only below the initial (reference) value.
         # The indicator carries no gradient, so this equals DPOP's −λ·max(0, ln π_ref − ln π) term.
         below = jax.lax.stop_gradient((policy_chosen < ref_chosen).astype(policy_chosen.dtype))
         return 1.0 + cfg.dpop_lambda * below, 1.0
     return cfg.weight_chosen, cfg.weight_rejected
+
+
+def _peer_loss(cfg: LossConfig, h_chosen: Array, h_rejected: Array) -> Array:
+    """ℓ of the losses in _PEER_LOSSES from the log-ratios h± = ln π(y±|x) − ln π_ref(y±|x)
+    `[batch]`; u = h+ − h−, β = cfg.beta, ε = cfg.label_smoothing, σ the logistic function.
+    docs/training.md has the table with each loss's source."""
+    beta, eps = cfg.beta, cfg.label_smoothing
+    log_sig = jax.nn.log_sigmoid
+    r_c, r_r = beta * h_chosen, beta * h_rejected
+    u = h_chosen - h_rejected
+    if cfg.name == "nca":  # Chen et al. 2024, NCA for pairs: −ln σ(r+) − ½ln σ(−r+) − ½ln σ(−r−)
+        return -log_sig(r_c) - 0.5 * log_sig(-r_c) - 0.5 * log_sig(-r_r)
+    if cfg.name == "apo_zero":  # D'Oosterlinck et al. 2024 eq. 7: (1 − σ(r+)) + σ(r−)
+        return 1.0 - jax.nn.sigmoid(r_c) + jax.nn.sigmoid(r_r)
+    if cfg.name == "apo_down":  # eq. 8: σ(r+) + (1 − σ(βu))
+        return jax.nn.sigmoid(r_c) + 1.0 - jax.nn.sigmoid(beta * u)
+    if cfg.name == "robust":  # Chowdhury et al. 2024: unbiased under label flips with rate ε
+        return (-(1.0 - eps) * log_sig(beta * u) + eps * log_sig(-beta * u)) / (1.0 - 2.0 * eps)
+    if cfg.name == "exo":  # Ji et al. 2024 eq. 16 (K = 2): KL(softmax(βh±) ‖ (1 − ε, ε))
+        q_w, q_l = jax.nn.sigmoid(beta * u), jax.nn.sigmoid(-beta * u)
+        return q_w * (log_sig(beta * u) - jnp.log1p(-eps)) + q_l * (
+            log_sig(-beta * u) - jnp.log(eps)
+        )
+    if cfg.name == "bco_pair":  # Jung et al. 2024, pairwise BCO without its running-mean shift
+        return -log_sig(r_c) - log_sig(-r_r)
+    # cal_dpo: Xiao et al. 2024 (arXiv 2412.14516), as the authors' code computes it: DPO's ℓ of
+    # the unscaled u plus ½ the squared distance of h± from the reward scale ±1/(2β)
+    target = 1.0 / (2.0 * beta)
+    return -log_sig(u) + 0.5 * ((h_chosen - target) ** 2 + (h_rejected + target) ** 2)

@@ -343,3 +343,68 @@ def test_fixed_seq_len_and_bad_arguments():
         pipeline.make_batches(pairs, 2, ref_logps=np.zeros((2, 2)))
     with pytest.raises(LdJaxError, match="no preference pairs"):
         pipeline.make_batches([], 2)
+
+
+# ---- TRL's dataset formats (#24) ----------------------------------------------------------------
+
+
+def test_trl_formats_read_as_trl_reads_them(tmp_path):
+    """TRL's four preference formats, each checked against TRL's own `maybe_extract_prompt` (the
+    oracle) on the same rows."""
+    from trl.data_utils import maybe_extract_prompt
+
+    user = {"role": "user", "content": "What color is the sky?"}
+    rows = [
+        # standard, explicit prompt
+        {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
+        # standard, implicit prompt
+        {"chosen": "The sky is blue.", "rejected": "The sky is green."},
+        # conversational, explicit prompt
+        {
+            "prompt": [user],
+            "chosen": [{"role": "assistant", "content": "It is blue."}],
+            "rejected": [{"role": "assistant", "content": "It is green."}],
+        },
+        # conversational, implicit prompt
+        {
+            "chosen": [user, {"role": "assistant", "content": "It is blue."}],
+            "rejected": [user, {"role": "assistant", "content": "It is green."}],
+        },
+    ]
+    records = preference.load_preferences(_write_jsonl(tmp_path / "trl.jsonl", rows))
+    for row, rec in zip(rows, records):
+        trl = maybe_extract_prompt(row)
+        assert rec.prompt == trl["prompt"]
+        for part in ("chosen", "rejected"):
+            theirs = trl[part]
+            assert getattr(rec, part) == (
+                theirs if isinstance(theirs, str) else theirs[0]["content"]
+            )
+
+
+def test_trl_reference_logps_columns_are_read_and_must_come_in_pairs(tmp_path):
+    rows = [
+        {
+            "prompt": "a",
+            "chosen": "b",
+            "rejected": "c",
+            "ref_chosen_logps": -3.5,
+            "ref_rejected_logps": -4,
+        },
+        {
+            "prompt": "a",
+            "chosen": "d",
+            "rejected": "e",
+            "ref_chosen_logps": -1.0,
+            "ref_rejected_logps": -2,
+        },
+    ]
+    recs = preference.load_preferences(_write_jsonl(tmp_path / "ref.jsonl", rows))
+    assert [r.ref_logps for r in recs] == [(-3.5, -4.0), (-1.0, -2.0)]
+    pairs, _ = formatting.tokenize_preferences(recs, tiny_tokenizer(), "plain")
+    assert [p.ref_logps for p in pairs] == [(-3.5, -4.0), (-1.0, -2.0)]
+    del rows[1]["ref_rejected_logps"]
+    with pytest.raises(
+        LdJaxError, match="line 2: has 'ref_chosen_logps' but not 'ref_rejected_logps'"
+    ):
+        preference.load_preferences(_write_jsonl(tmp_path / "bad.jsonl", rows))

@@ -240,3 +240,117 @@ def test_matches_trl(trl_trainer, logps, trl_types, trl_weights, cfg, equal_leng
     beta = cfg.tau if cfg.name == "ipo" else cfg.beta  # TRL's β is IPO's τ
     theirs = _trl_loss(trl_trainer, trl_types, trl_weights, beta, d)
     np.testing.assert_allclose(ours.mean(), theirs, rtol=1e-5)
+
+
+# ---- the losses peers ship (#24) ----------------------------------------------------------------
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _peer_closed_forms(d):
+    """Each paper's formula in float64, from h± = ln π(y±) − ln π_ref(y±), u = h+ − h−."""
+    hc, hr = d["pc"] - d["rc"], d["pr"] - d["rr"]
+    u = hc - hr
+    b, eps = 0.1, 0.2
+    return {
+        # NCA (Chen et al. 2024, arXiv 2402.05369), pairwise as TRL's nca_pair
+        "nca": (
+            LossConfig("nca", beta=b),
+            -_log_sigmoid(b * hc) - 0.5 * _log_sigmoid(-b * hc) - 0.5 * _log_sigmoid(-b * hr),
+        ),
+        # APO (D'Oosterlinck et al. 2024, arXiv 2408.06266) eqs. 7 and 8
+        "apo_zero": (LossConfig("apo_zero", beta=b), 1 - _sigmoid(b * hc) + _sigmoid(b * hr)),
+        "apo_down": (LossConfig("apo_down", beta=b), _sigmoid(b * hc) + 1 - _sigmoid(b * u)),
+        # robust DPO (Chowdhury et al. 2024, arXiv 2403.00409) eq. 4
+        "robust": (
+            LossConfig("robust", beta=b, label_smoothing=eps),
+            ((1 - eps) * -_log_sigmoid(b * u) - eps * -_log_sigmoid(-b * u)) / (1 - 2 * eps),
+        ),
+        # EXO (Ji et al. 2024, arXiv 2402.00856): KL between (σ(βu), σ(−βu)) and (1 − ε, ε)
+        "exo": (
+            LossConfig("exo", beta=b, label_smoothing=eps),
+            _sigmoid(b * u) * np.log(_sigmoid(b * u) / (1 - eps))
+            + _sigmoid(-b * u) * np.log(_sigmoid(-b * u) / eps),
+        ),
+        # BCO on pairs (Jung et al. 2024, arXiv 2404.04656) with δ = 0
+        "bco_pair": (
+            LossConfig("bco_pair", beta=b),
+            -np.log(_sigmoid(b * hc)) - np.log(_sigmoid(-b * hr)),
+        ),
+        # Cal-DPO (Xiao et al. 2024, arXiv 2412.14516), as the authors' code: the calibration
+        # term weighs ½ and the DPO term takes the unscaled log-ratio margin
+        "cal_dpo": (
+            LossConfig("cal_dpo", beta=b),
+            -np.log(_sigmoid(u)) + 0.5 * ((hc - 1 / (2 * b)) ** 2 + (hr + 1 / (2 * b)) ** 2),
+        ),
+        # DPO-Shift (Yang et al. 2025, arXiv 2502.07599) with a fixed f(λ) = 0.8
+        "dpo_shift": (
+            LossConfig("dpo_shift", beta=b, dpo_shift_lambda=0.8),
+            -np.log(_sigmoid(b * hc - 0.8 * b * hr)),
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "name", ["nca", "apo_zero", "apo_down", "robust", "exo", "bco_pair", "cal_dpo", "dpo_shift"]
+)
+def test_peer_loss_matches_its_paper(logps, name):
+    cfg, expected = _peer_closed_forms(logps)[name]
+    ours, metrics = _ours(cfg, logps)
+    np.testing.assert_allclose(ours, expected, rtol=2e-5, atol=1e-6)
+    if name != "dpo_shift":  # a preset of `weighted`, whose margin is the weighted one
+        u = (logps["pc"] - logps["rc"]) - (logps["pr"] - logps["rr"])
+        np.testing.assert_allclose(np.asarray(metrics["margin"]), u, rtol=1e-5, atol=1e-4)
+
+
+def test_robust_without_noise_is_dpo_and_exo_needs_a_noise_rate(logps):
+    np.testing.assert_allclose(
+        _ours(LossConfig("robust", label_smoothing=0.0), logps)[0],
+        _ours(LossConfig("dpo"), logps)[0],
+        rtol=1e-6,
+    )
+    with pytest.raises(ValueError, match="label_smoothing"):
+        LossConfig("exo")
+    with pytest.raises(ValueError, match="unknown TRL loss_type"):
+        LossConfig(loss_type="kto_pair")
+
+
+def test_trl_loss_types_set_trl_semantics():
+    ipo = LossConfig(loss_type="ipo", beta=0.3)
+    assert (ipo.name, ipo.ipo_length_average, ipo.tau) == ("ipo", True, 0.3)
+    assert LossConfig(loss_type="sigmoid").name == "dpo"
+    hinge = LossConfig(loss_type="hinge")
+    assert (hinge.name, hinge.gpo_f) == ("gpo", "hinge")
+    assert LossConfig(loss_type="exo_pair", label_smoothing=1e-3).name == "exo"
+    # a config written with loss_type reads back the same (what resume and run identity see)
+    from ld_jax.config import from_dict, to_dict
+
+    assert from_dict(LossConfig, to_dict(ipo)) == ipo
+
+
+@pytest.mark.parametrize(
+    "loss_type,kw",
+    [
+        ("sigmoid", {}),
+        ("hinge", {}),
+        ("ipo", {}),
+        ("nca_pair", {}),
+        ("apo_zero", {}),
+        ("apo_down", {}),
+        ("robust", {"label_smoothing": 0.2}),
+        ("exo_pair", {"label_smoothing": 0.2}),
+        ("bco_pair", {}),
+    ],
+)
+def test_trl_loss_types_match_trl(trl_trainer, logps, loss_type, kw):
+    """Our loss under TRL's loss_type equals TRL's DPOTrainer on the same log-probs."""
+    cfg = LossConfig(loss_type=loss_type, beta=0.1, **kw)
+    ours, _ = _ours(cfg, logps)
+    trl_trainer.label_smoothing = kw.get("label_smoothing", 0.0)
+    try:
+        theirs = _trl_loss(trl_trainer, [loss_type], [1.0], 0.1, logps)
+    finally:
+        trl_trainer.label_smoothing = 0.0
+    np.testing.assert_allclose(ours.mean(), theirs, rtol=1e-5)

@@ -402,3 +402,78 @@ def test_cli_train_runs_a_yaml_config_and_reports_bad_input(tiny, tmp_path, caps
     data.write_text('{"prompt": "a", "chosen": "", "rejected": ""}\n{"prompt": "a"\n')
     assert cli.main(args + [f"output_dir={tmp_path / 'bad'}"]) == 2
     assert "line 2: malformed JSON" in capsys.readouterr().err
+
+
+def test_the_datas_reference_logps_are_the_cached_reference(tiny, tmp_path, monkeypatch):
+    """TRL's ref_chosen_logps / ref_rejected_logps columns replace the reference pass."""
+    _, lm = tiny
+    rng = np.random.default_rng(0)
+    given = -rng.uniform(5, 30, (len(PAIRS), 2)).astype(np.float32)
+    pairs = [dataclasses.replace(p, ref_logps=tuple(map(float, r))) for p, r in zip(PAIRS, given)]
+    monkeypatch.setattr(
+        reference, "reference_logps", lambda *a, **k: pytest.fail("reference pass ran")
+    )
+    cfg = _cfg(tmp_path, final_eval=False, max_steps=1, batch_size=10)
+    result = loop.train(cfg, model=lm, pairs=pairs)
+    np.testing.assert_array_equal(result.init_logps, given)
+    seqs = pipeline.make_batches(PAIRS, 10, shuffle=False)[0]
+    logps = np.asarray(jax.jit(lambda p, b: logprobs.pair_logprobs(lm, p, b)[0])(lm.params, seqs))
+    margin = (logps[:, 0] - given[:, 0]) - (logps[:, 1] - given[:, 1])
+    expected = np.mean(np.logaddexp(0.0, -BETA * margin.astype(np.float64)))  # −ln σ(βu)
+    assert result.metrics[0]["loss"] == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(LdJaxError, match="lack ref_chosen_logps"):
+        loop.train(_cfg(tmp_path / "b"), model=lm, pairs=[pairs[0], *PAIRS[1:]])
+
+
+def test_tr_dpo_reference_sync(tiny, tmp_path):
+    """α = 1 every step: the reference is the policy, so every step starts at DPO's ln 2 with no
+    change of ln π(y+); without the sync the loss moves. A run killed after a sync and resumed
+    equals the uninterrupted one (the moving reference is checkpointed)."""
+    _, lm = tiny
+    base = dict(final_eval=False, reference="on_the_fly", max_steps=4)
+    synced = loop.train(
+        _cfg(tmp_path / "a1", ref_sync_every=1, ref_mixup_alpha=1.0, **base), model=lm, pairs=PAIRS
+    )
+    for r in synced.metrics:
+        # (to rounding: the reference pass and the step are two compiled functions)
+        assert r["loss"] == pytest.approx(math.log(2), abs=1e-5)
+        assert abs(r["chosen_logp_change"]) < 1e-4
+    plain = loop.train(_cfg(tmp_path / "plain", **base), model=lm, pairs=PAIRS)
+    assert abs(plain.metrics[-1]["loss"] - math.log(2)) > 1e-3
+
+    cfg = _cfg(
+        tmp_path / "killed", ref_sync_every=2, ref_mixup_alpha=0.5, checkpoint_every=2, **base
+    )
+    full = loop.train(
+        dataclasses.replace(cfg, output_dir=str(tmp_path / "full")), model=lm, pairs=PAIRS
+    )
+
+    def kill_after_step_3(step, params, record):
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        loop.train(cfg, model=lm, pairs=PAIRS, callback=kill_after_step_3)
+    resumed = loop.train(cfg, model=lm, pairs=PAIRS)
+    assert [r["loss"] for r in resumed.metrics] == pytest.approx(
+        [r["loss"] for r in full.metrics], abs=1e-6
+    )
+    # the soft update itself: α·π_θ + (1 − α)·π_ref
+    a, b = {"w": np.float32([1.0, 2.0])}, {"w": np.float32([3.0, -2.0])}
+    np.testing.assert_allclose(reference.sync_reference(a, b, 0.25)["w"], [1.5, 1.0])
+    with pytest.raises(ValueError, match="on_the_fly"):
+        _cfg(tmp_path, ref_sync_every=2)
+
+
+def test_a_loss_that_needs_rewards_refuses_data_without_them(tiny, tmp_path):
+    """REBEL once trained on zero rewards when the data had none; now it is a one-line error
+    that names a record, and nothing is written to the run directory."""
+    _, lm = tiny
+    cfg = _cfg(tmp_path / "rebel", loss=LossConfig("rebel"), final_eval=False)
+    assert all(p.reward_chosen is None for p in PAIRS)
+    with pytest.raises(LdJaxError, match="needs rewards.*first: record 0"):
+        loop.train(cfg, model=lm, pairs=PAIRS)
+    assert not (tmp_path / "rebel" / "checkpoints").exists()
+    rewarded = [dataclasses.replace(p, reward_chosen=1.0, reward_rejected=0.0) for p in PAIRS]
+    summary = loop.train(cfg, model=lm, pairs=rewarded).summary
+    assert math.isfinite(summary["final_train_batch_loss"])

@@ -32,6 +32,7 @@ class TokenizedPair:
     rejected_ids: list[int]
     reward_chosen: float | None = None
     reward_rejected: float | None = None
+    ref_logps: tuple[float, float] | None = None  # given by the data (TRL's ref_*_logps)
 
     @property
     def length(self) -> int:
@@ -97,7 +98,9 @@ def tokenize_preferences(
         elif max_length is not None and len(p) + max(len(c), len(j)) > max_length:
             report.skip(r.index, "too_long")
         else:
-            pairs.append(TokenizedPair(r.index, p, c, j, r.reward_chosen, r.reward_rejected))
+            pairs.append(
+                TokenizedPair(r.index, p, c, j, r.reward_chosen, r.reward_rejected, r.ref_logps)
+            )
     report.kept = len(pairs)
     if records and not pairs:
         raise LdJaxError(f"no preference pairs left after filtering: {report.summary()}")

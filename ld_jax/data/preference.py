@@ -9,7 +9,14 @@ Three record shapes are understood, after the user's `ColumnMap` renames the col
   "\\n\\nHuman: ...\\n\\nAssistant: ..." transcripts, split into the shared dialogue (as chat
   messages) and the final assistant reply of each;
 - chat-message lists (`[{role, content}, ...]`), with or without a prompt column; the messages
-  shared by chosen and rejected become the prompt.
+  shared by chosen and rejected become the prompt (TRL's conversational and implicit-prompt
+  formats);
+- TRL's standard implicit-prompt format: `{chosen: str, rejected: str}` without a prompt, whose
+  shared prefix is the prompt (split as TRL's `extract_prompt` splits it).
+
+Rows may also carry TRL's precomputed reference log-probs, `ref_chosen_logps` and
+`ref_rejected_logps` (sums over response tokens): the training loop then uses them as the
+cached reference instead of computing one.
 
 Replies always come out as plain strings; prompts are a string or a list of chat messages.
 """
@@ -42,6 +49,9 @@ class ColumnMap:
     rejected: str = "rejected"
     reward_chosen: str | None = None
     reward_rejected: str | None = None
+    # TRL's precomputed reference log-probs; read when the row has them
+    ref_chosen: str = "ref_chosen_logps"
+    ref_rejected: str = "ref_rejected_logps"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +62,7 @@ class PreferenceRecord:
     rejected: str | list[Message]
     reward_chosen: float | None = None
     reward_rejected: float | None = None
+    ref_logps: tuple[float, float] | None = None  # ln π_ref(y±|x), when the data gives them
 
 
 def load_preferences(
@@ -144,6 +155,8 @@ def _record(index: int, row: dict, cols: ColumnMap, where: str) -> PreferenceRec
         prompt, chosen, rejected = _split_dialogues(chosen, rejected, where)
     elif isinstance(chosen, list) and isinstance(rejected, list):
         prompt, chosen, rejected = _strip_shared_prompt([], chosen, rejected)
+    elif isinstance(chosen, str) and isinstance(rejected, str) and _shared_text(chosen, rejected):
+        prompt, chosen, rejected = _split_shared_text(chosen, rejected)
     else:
         raise _missing(cols.prompt, row, where)
     return PreferenceRecord(
@@ -153,7 +166,32 @@ def _record(index: int, row: dict, cols: ColumnMap, where: str) -> PreferenceRec
         rejected=_reply_text(rejected, cols.rejected, where),
         reward_chosen=_reward(row, cols.reward_chosen, where),
         reward_rejected=_reward(row, cols.reward_rejected, where),
+        ref_logps=_ref_logps(row, cols, where),
     )
+
+
+def _ref_logps(row: dict, cols: ColumnMap, where: str) -> tuple[float, float] | None:
+    present = [c for c in (cols.ref_chosen, cols.ref_rejected) if row.get(c) is not None]
+    if not present:
+        return None
+    if len(present) == 1:
+        missing = ({cols.ref_chosen, cols.ref_rejected} - set(present)).pop()
+        raise LdJaxError(f"{where}: has {present[0]!r} but not {missing!r}")
+    values = (_reward(row, cols.ref_chosen, where), _reward(row, cols.ref_rejected, where))
+    return values
+
+
+def _shared_text(chosen: str, rejected: str) -> str:
+    return os.path.commonprefix([chosen, rejected])
+
+
+def _split_shared_text(chosen: str, rejected: str):
+    """TRL's implicit prompt for strings: the shared prefix, less a space that precedes the
+    first difference (which stays with the replies)."""
+    n = len(_shared_text(chosen, rejected))
+    if 0 < n < min(len(chosen), len(rejected)) and chosen[n - 1] == " ":
+        n -= 1
+    return chosen[:n], chosen[n:], rejected[n:]
 
 
 def _missing(column: str, row: dict, where: str) -> LdJaxError:
@@ -194,7 +232,7 @@ def _reward(row: dict, path: str | None, where: str) -> float | None:
     try:
         return float(node)
     except (TypeError, ValueError) as e:
-        raise LdJaxError(f"{where}: reward column {path!r} is not a number: {node!r}") from e
+        raise LdJaxError(f"{where}: column {path!r} is not a number: {node!r}") from e
 
 
 def _strip_shared_prompt(prompt, chosen, rejected):

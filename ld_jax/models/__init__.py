@@ -37,6 +37,7 @@ __all__ = [
     "init_cache",
     "logits_from_hidden",
     "pad_id",
+    "save_pretrained",
     "unembedding",
 ]
 
@@ -89,9 +90,13 @@ class LanguageModel:
     hidden_states: Callable[..., jax.Array]
     unembedding: Callable[[Params], jax.Array]
     logits_from_hidden: Callable[..., jax.Array]
+    # the checkpoint directory it was read from: `save_pretrained` takes its config.json
+    source: str | None = None
 
     @classmethod
-    def build(cls, config: ModelConfig, params: Params, tokenizer=None) -> LanguageModel:
+    def build(
+        cls, config: ModelConfig, params: Params, tokenizer=None, source: str | None = None
+    ) -> LanguageModel:
         bind = functools.partial
         return cls(
             config=config,
@@ -101,12 +106,13 @@ class LanguageModel:
             hidden_states=bind(hidden_states, config),
             unembedding=bind(unembedding, config),
             logits_from_hidden=bind(logits_from_hidden, config),
+            source=source,
         )
 
     def with_options(self, **changes) -> LanguageModel:
         """Same parameters, config fields replaced (e.g. remat=True)."""
         return LanguageModel.build(
-            dataclasses.replace(self.config, **changes), self.params, self.tokenizer
+            dataclasses.replace(self.config, **changes), self.params, self.tokenizer, self.source
         )
 
 
@@ -135,4 +141,12 @@ def from_pretrained(path_or_name: str, dtype: str = "float32", **options) -> Lan
     path = loading.resolve(path_or_name)
     config = dataclasses.replace(loading.read_config(path), dtype=dtype, **options)
     params = loading.load_params(path, config, dtype)
-    return LanguageModel.build(config, params, loading.load_tokenizer(path, config))
+    return LanguageModel.build(config, params, loading.load_tokenizer(path, config), str(path))
+
+
+def save_pretrained(lm: LanguageModel, params: Params, out_dir, dtype: str = "float32", **kw):
+    """Write `params` (ours, e.g. trained) as a Hugging Face checkpoint directory that
+    `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` reads; see `models.export`."""
+    from ld_jax.models import export
+
+    return export.save_pretrained(lm, params, out_dir, dtype, **kw)

@@ -146,6 +146,8 @@ class Family:
     partition_rules: (regex on a leaf's path, PartitionSpec) pairs, first match wins
         (`train/sharding.py` applies them).
     renames: prefixes of stored tensor names to rewrite before the table is read.
+    export_table: the inverse of weight_table (`invert_weights`), HF tensor name -> our path:
+        what `models.save_pretrained` writes, each family's next to its weight table.
     """
 
     name: str  # ModelConfig.family
@@ -155,6 +157,11 @@ class Family:
     hidden_states: Callable
     partition_rules: tuple
     renames: dict = dataclasses.field(default_factory=dict)
+    export_table: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.export_table != invert_weights(self.weight_table):
+            raise ValueError(f"family {self.name}: export_table is not the weight table's inverse")
 
     def weights(self, config: ModelConfig) -> dict:
         """The weight table of this checkpoint (no LM head when the embeddings are tied)."""
@@ -185,6 +192,19 @@ class Family:
             )
             node[name] = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
         return params
+
+
+def invert_weights(table: dict[str, tuple[str, tuple[str, ...]]]) -> dict[str, str]:
+    """A weight table (our path -> (HF name template, HF shape fields)) -> HF name template ->
+    our path. The layouts invert by the table's own convention (layers stacked on a leading
+    axis, their 2-D tensors transposed), so the names are all the inverse needs; two paths
+    written to one HF name would make export ambiguous, so that is refused."""
+    inverse = {}
+    for path, (hf_name, _) in table.items():
+        if hf_name in inverse:
+            raise ValueError(f"{inverse[hf_name]} and {path} both map to {hf_name}")
+        inverse[hf_name] = path
+    return inverse
 
 
 # Megatron-style over "tensor" (column-parallel in, row-parallel out), ZeRO-3-style over "fsdp"

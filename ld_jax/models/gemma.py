@@ -36,6 +36,9 @@ WEIGHTS["gemma3"] = {
     "layers/q_norm": (_LAYER + "self_attn.q_norm.weight", ("head_dim",)),
     "layers/k_norm": (_LAYER + "self_attn.k_norm.weight", ("head_dim",)),
 }
+# The inverses, HF tensor name -> our path: what export writes (core.invert_weights). A
+# multimodal Gemma 3 is exported as its text model (gemma3_text), so RENAMES are not inverted.
+EXPORT = {name: core.invert_weights(table) for name, table in WEIGHTS.items()}
 # Multimodal Gemma 3 checkpoints nest the text model (v5 and older layouts).
 RENAMES = {
     "model.language_model.": "model.",
@@ -117,6 +120,7 @@ def _family(name: str, model_types: tuple[str, ...]) -> core.Family:
         model_types=model_types,
         config_from_hf=config_from_hf,
         weight_table=WEIGHTS[name],
+        export_table=EXPORT[name],
         hidden_states=hidden_states,
         partition_rules=core.MATRIX_RULES,
         renames=RENAMES,

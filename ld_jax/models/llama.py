@@ -25,6 +25,8 @@ WEIGHTS = {
     "layers/w_up": ("model.layers.{i}.mlp.up_proj.weight", ("d_ff", "d_model")),
     "layers/w_down": ("model.layers.{i}.mlp.down_proj.weight", ("d_model", "d_ff")),
 }
+# The inverse, HF tensor name -> our path: what export writes (core.invert_weights).
+EXPORT = core.invert_weights(WEIGHTS)
 
 
 def config_from_hf(hf) -> ModelConfig:
@@ -59,6 +61,7 @@ FAMILY = core.Family(
     model_types=("llama",),
     config_from_hf=config_from_hf,
     weight_table=WEIGHTS,
+    export_table=EXPORT,
     hidden_states=hidden_states,
     partition_rules=core.MATRIX_RULES,
 )

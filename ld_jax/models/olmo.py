@@ -40,6 +40,8 @@ WEIGHTS = {
         "layers/post_mlp_norm": (_LAYER + "post_feedforward_layernorm.weight", ("d_model",)),
     },
 }
+# The inverses, HF tensor name -> our path: what export writes (core.invert_weights).
+EXPORT = {name: core.invert_weights(table) for name, table in WEIGHTS.items()}
 _OLMO_LAYER_NORM_EPS = 1e-5  # hard-coded in OLMo-1B
 
 
@@ -93,6 +95,7 @@ OLMO, OLMO2 = (
         model_types=(name,),
         config_from_hf=config_from_hf,
         weight_table=WEIGHTS[name],
+        export_table=EXPORT[name],
         hidden_states=hidden_states,
         partition_rules=rules,
     )

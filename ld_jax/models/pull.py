@@ -215,18 +215,10 @@ def _extract_gguf(spec: KnownModel, work: Path) -> Path:
 
 
 def _convert(gguf: Path, target: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Dequantize with the gguf package's NumPy code and write the HF directory (no torch)."""
+    from ld_jax.models import gguf_convert
 
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # The weights are already dequantized floats; only the GGUF bookkeeping blocks saving.
-    model.hf_quantizer = None
-    del model.config.quantization_config
-    model.save_pretrained(str(target))
-    tokenizer.save_pretrained(str(target))
+    gguf_convert.convert(gguf, target)
 
 
 def _check(name: str, spec: KnownModel, target: Path) -> None:

@@ -36,11 +36,11 @@ from ld_jax.data import formatting, pipeline, preference
 from ld_jax.digest import fingerprint, pairs_digest, params_digest
 from ld_jax.errors import LdJaxError
 from ld_jax.losses import LossConfig
-from ld_jax.train import feed, reference, sharding
+from ld_jax.train import feed, reference, sharding, writers
 from ld_jax.train.checkpoint import Checkpoints
 from ld_jax.train.optim import OptimizerConfig, make_optimizer
 from ld_jax.train.state import init_state
-from ld_jax.train.step import SEQUENCE_KEYS, batch_losses, compile_step
+from ld_jax.train.step import PER_PAIR, SEQUENCE_KEYS, batch_losses, compile_step
 
 Callback = Callable[[int, Any, dict], dict | None]
 
@@ -74,12 +74,18 @@ class TrainConfig:
     unroll_layers: bool = False  # unrolled layer scan: faster steps on CPU, longer compile
     seq_chunk: int | None = None  # LM-head positions per chunk (bounds the logits' memory)
     reference: str = "cached"  # cached | on_the_fly
+    # TR-DPO (Gorbatovski et al. 2024): every ref_sync_every steps the reference becomes
+    # α·π_θ + (1 − α)·π_ref (soft update; α = 1 copies the policy). Needs reference=on_the_fly.
+    ref_sync_every: int = 0
+    ref_mixup_alpha: float = 0.6
     checkpoint_every: int = 0  # steps; 0 saves only at the end
     keep_checkpoints: int = 2
     resume: bool = True  # continue from the latest checkpoint in output_dir
     force_resume: bool = False  # resume even from a checkpoint of another config, data or model
     final_eval: bool = True  # log-probs of the whole dataset after training (summary.json)
     progress: bool = True
+    # where per-step metrics go besides metrics.jsonl (always written): tensorboard, wandb
+    logging: tuple[str, ...] = ("jsonl",)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
@@ -91,6 +97,15 @@ class TrainConfig:
         for name in ("compute_dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16"):
                 raise ValueError(f"{name} must be float32 or bfloat16, got {getattr(self, name)!r}")
+        if self.ref_sync_every and self.reference != "on_the_fly":
+            raise ValueError("ref_sync_every (TR-DPO) needs reference='on_the_fly'")
+        if not 0.0 < self.ref_mixup_alpha <= 1.0:
+            raise ValueError(f"ref_mixup_alpha must be in (0, 1], got {self.ref_mixup_alpha}")
+        unknown = set(self.logging) - set(writers.WRITERS)
+        if unknown:
+            raise ValueError(
+                f"unknown logging {sorted(unknown)}; choose from {', '.join(writers.WRITERS)}"
+            )
 
 
 # TrainConfig fields that a resumed run may change: where and how long it runs and how it is
@@ -106,6 +121,7 @@ RESUMABLE_CHANGES = (
     "force_resume",
     "final_eval",
     "progress",
+    "logging",
     "remat",
     "unroll_layers",
     "mesh",
@@ -149,6 +165,10 @@ def train(
         filter_summary = report.summary()
         _say(main, cfg, f"data: {filter_summary}")
     _check_rewards(cfg.loss, pairs)
+    if ref_logps is None and cfg.reference == "cached":
+        ref_logps = data_reference(pairs)  # TRL's ref_chosen_logps / ref_rejected_logps columns
+        if ref_logps is not None:
+            _say(main, cfg, "reference: the data's ref_chosen_logps / ref_rejected_logps")
     with _locked(out) if main else contextlib.nullcontext():
         return _train(cfg, model, pairs, callback, ref_logps, filter_summary)
 
@@ -251,11 +271,18 @@ def _train(cfg: TrainConfig, model, pairs, callback, ref_logps, filter_summary) 
         else reference.logprobs_function(model, mesh, param_shardings, cfg.seq_chunk)
     )
 
+    initial_logps = None  # TR-DPO moves the reference: the summary needs the initial model's
+    if cfg.ref_sync_every and cfg.final_eval:
+        initial_logps = all_logps(ref_params, "initial log-probs")
+    log = writers.Writers([])  # opened in the try, so that a failing open still closes ckpt
     try:
         if start:
             state, _ = ckpt.restore(start, state, state_shardings)
+            if cfg.ref_sync_every:
+                ref_params = ckpt.restore_reference(start, ref_params, param_shardings)
             _say(main, cfg, f"resuming from the checkpoint at step {start}")
         records = _metrics_log(out / "metrics.jsonl", start, main)
+        log = writers.open_writers(cfg.logging, out, to_dict(cfg), start, main)
 
         show = main and cfg.progress
         bar = tqdm(range(start, total), initial=start, total=total, desc="train", disable=not show)
@@ -266,7 +293,10 @@ def _train(cfg: TrainConfig, model, pairs, callback, ref_logps, filter_summary) 
                 batch = _with_ref(batch, np.asarray(ref_fn(ref_params, seqs))[rows])
             t0 = time.perf_counter()
             state, metrics = step_fn(state, feed.to_global(batch, mesh, layout.rows))
-            metrics = {name: float(v) for name, v in jax.device_get(metrics).items()}
+            metrics = jax.device_get(metrics)
+            per_pair = metrics.pop(PER_PAIR)
+            metrics = {name: float(v) for name, v in metrics.items()}
+            metrics.update(writers.displacement(per_pair))
             seconds = time.perf_counter() - t0
             if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
                 raise _non_finite(
@@ -281,18 +311,22 @@ def _train(cfg: TrainConfig, model, pairs, callback, ref_logps, filter_summary) 
             if callback is not None:
                 record.update(callback(k + 1, state.params, record) or {})
             records.append(record)
-            if main:  # before the checkpoint: a checkpoint's steps always have their lines
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
+            log.write(k + 1, record)  # before the checkpoint: its steps always have their lines
             bar.set_postfix(
                 loss=f"{metrics['loss']:.4f}", dlogp_plus=f"{metrics['chosen_logp_change']:+.3f}"
             )
+            if cfg.ref_sync_every and (k + 1) % cfg.ref_sync_every == 0:
+                ref_params = reference.sync_reference(ref_params, state.params, cfg.ref_mixup_alpha)
             if (cfg.checkpoint_every and (k + 1) % cfg.checkpoint_every == 0) or k + 1 == total:
-                ckpt.save(k + 1, state, {"step": k + 1, "identity": identity})
+                meta = {"step": k + 1, "identity": identity}
+                ckpt.save(k + 1, state, meta, reference=ref_params if cfg.ref_sync_every else None)
     finally:
         ckpt.close()  # waits for pending saves, also when a step fails or the run is killed
+        log.close()
 
-    if init_logps is None and (cfg.final_eval or ref_params is not None):
+    if initial_logps is not None:
+        init_logps = initial_logps
+    elif init_logps is None and (cfg.final_eval or ref_params is not None):
         init_logps = all_logps(ref_params, "reference log-probs")
     final_logps = all_logps(state.params, "final log-probs") if cfg.final_eval else None
     summary = _summary(cfg, layout, records, init_logps, final_logps, pairs, filter_summary)
@@ -329,6 +363,21 @@ def _check_rewards(loss: LossConfig, pairs) -> None:
             f"loss {loss.name!r} needs rewards, but {len(missing)} of {len(pairs)} pairs have none "
             f"(first: record {missing[0]}); map them with data.columns.reward_chosen/reward_rejected"
         )
+
+
+def data_reference(pairs) -> np.ndarray | None:
+    """`[len(pairs), 2]` reference log-probs that the data carries (every pair or none), or
+    None."""
+    given = [p.ref_logps is not None for p in pairs]
+    if not any(given):
+        return None
+    if not all(given):
+        first = next(p.index for p in pairs if p.ref_logps is None)
+        raise LdJaxError(
+            f"{given.count(False)} of {len(pairs)} pairs lack ref_chosen_logps/ref_rejected_logps "
+            f"(first: record {first}); give them for every pair or for none"
+        )
+    return np.array([p.ref_logps for p in pairs], np.float32)
 
 
 def run_identity(cfg: TrainConfig, model, pairs, ref_logps=None) -> dict:

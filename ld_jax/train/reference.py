@@ -16,6 +16,7 @@ import dataclasses
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -162,4 +163,17 @@ def like_training(cfg, model, pairs, cache_dir, progress: bool = True) -> np.nda
         padding=padding,
         cache_dir=cache_dir,
         progress=progress,
+    )
+
+
+@jax.jit
+def sync_reference(ref_params, params, alpha):
+    """TR-DPO's soft reference update (Gorbatovski et al. 2024, arXiv 2404.09656):
+    π_ref ← α·π_θ + (1 − α)·π_ref, leaf by leaf, in the reference's dtype."""
+    return jax.tree.map(
+        lambda r, p: (alpha * p.astype(jnp.float32) + (1.0 - alpha) * r.astype(jnp.float32)).astype(
+            r.dtype
+        ),
+        ref_params,
+        params,
     )

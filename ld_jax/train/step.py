@@ -26,6 +26,10 @@ from ld_jax.losses import LossConfig, preference_loss
 from ld_jax.train.sharding import batch_shardings
 from ld_jax.train.state import TrainState
 
+# The step's one per-pair output, [B] (NaN on padding rows): ln π(y+|x) − ln π_ref(y+|x), of
+# which the loop logs quantiles (`train.writers.displacement`).
+PER_PAIR = "pair_chosen_logp_change"
+
 
 def batch_losses(loss_cfg: LossConfig, logps, lengths, batch):
     """Per-pair losses and loss metrics `[B]` from log-probs and lengths `[B, 2]`."""
@@ -54,7 +58,7 @@ def train_step(
 ):
     """batch: the arrays of `data.pipeline` with `ref_logps` `[B, 2]`, B a multiple of
     `micro_batches`. Returns the new state and scalar metrics (means over valid pairs; `tokens`
-    counts their non-padding tokens)."""
+    counts their non-padding tokens), plus `PER_PAIR` `[B]`."""
     n = jnp.maximum(batch["valid"].sum(), 1.0)
 
     def weighted_sums(params, mb):
@@ -68,28 +72,37 @@ def train_step(
             "rejected_logp": logps[:, 1],
             "chosen_logp_change": change[:, 0],
             "rejected_logp_change": change[:, 1],
+            "fraction_chosen_fell": (change[:, 0] < 0).astype(jnp.float32),
             "reward_accuracy": lm["accuracy"],
             "margin": lm["margin"],
             "tokens": mb["attention_mask"].sum((1, 2)).astype(jnp.float32),
         }
         sums = {k: jnp.sum(v * mb["valid"]) for k, v in stats.items()}
-        return sums["loss"] / n, sums
+        # per pair, NaN on padding rows: the host takes quantiles of it (`PER_PAIR`)
+        per_pair = jnp.where(mb["valid"] > 0, change[:, 0], jnp.nan)
+        return sums["loss"] / n, (sums, per_pair)
 
     grad_fn = jax.grad(weighted_sums, has_aux=True)
     if micro_batches == 1:
-        grads, sums = grad_fn(state.params, batch)
+        grads, (sums, per_pair) = grad_fn(state.params, batch)
     else:
 
         def accumulate(total, mb):
-            return jax.tree.map(jnp.add, total, grad_fn(state.params, mb)), None
+            grads, (sums, per_pair) = grad_fn(state.params, mb)
+            return jax.tree.map(jnp.add, total, (grads, sums)), per_pair
 
         first = jax.tree.map(lambda x: x[0], micro_batches_of(batch, micro_batches))
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, first))
-        (grads, sums), _ = jax.lax.scan(accumulate, zeros, micro_batches_of(batch, micro_batches))
+        grads_shape, (sums_shape, _) = jax.eval_shape(grad_fn, state.params, first)
+        zeros = jax.tree.map(jnp.zeros_like, (grads_shape, sums_shape))
+        (grads, sums), per_pair = jax.lax.scan(
+            accumulate, zeros, micro_batches_of(batch, micro_batches)
+        )
+        per_pair = per_pair.reshape(-1)  # [k, B/k]: the order does not matter to quantiles
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {k: v if k == "tokens" else v / n for k, v in sums.items()}
     metrics["grad_norm"] = optax.global_norm(grads)
+    metrics[PER_PAIR] = per_pair
     return TrainState(state.step + 1, params, opt_state), metrics
 
 

@@ -104,6 +104,7 @@ def build_data(cfg: UnalignConfig, lm, prompts, judge_fn, warm_key: str, log) ->
 
 def reward_tie_scores(path: str, prompts, responses) -> list[tuple[float, float]]:
     """Scores of a local Hugging Face reward model (sequence classifier, logit 0) for each pair."""
+    judge.require_torch("a Hugging Face reward model")
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
