@@ -94,9 +94,9 @@ def time_ceiling(forward, lm, batches):
     for k in range(len(batches)):
         b = batches[k]
         forward(
-            lm.params, jax.device_put(b["input_ids"]), jax.device_put(b["attention_mask"])
+            lm.params, jax.device_put(b.input_ids), jax.device_put(b.attention_mask)
         ).block_until_ready()
-        padded_tokens += b["input_ids"].size
+        padded_tokens += b.input_ids.size
     return time.perf_counter() - start, padded_tokens
 
 
@@ -135,10 +135,10 @@ def interleaved_timings(lm, pairs, batch_size, chunk_batches=4):
     order = by_length(pairs)
     all_batches = ches.length_batches(lm, order, batch_size)
     start = time.perf_counter()
-    for k in {all_batches[k]["input_ids"].shape: k for k in range(len(all_batches))}.values():
+    for k in {all_batches[k].input_ids.shape: k for k in range(len(all_batches))}.values():
         time_ld_jax(lm, order[k * batch_size : (k + 1) * batch_size], batch_size)
         forward(
-            lm.params, all_batches[k]["input_ids"], all_batches[k]["attention_mask"]
+            lm.params, all_batches[k].input_ids, all_batches[k].attention_mask
         ).block_until_ready()
     warmup_s = time.perf_counter() - start
     time_reference(model, order[:1])

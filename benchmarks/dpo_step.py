@@ -104,8 +104,8 @@ def worker_ld_jax(batch_file: Path, steps: int, seq_chunk: int | None, unroll_la
     rules = sharding.rules_for(lm.config.family)
     param_sh = sharding.tree_shardings(lm.params, mesh, rules)
     params = sharding.put(lm.params, param_sh)
-    seqs = {k: batch[k] for k in ("input_ids", "attention_mask", "response_mask")}
-    batch["ref_logps"] = np.asarray(compile_logprobs(lm, mesh, param_sh, seq_chunk)(params, seqs))
+    logprobs = compile_logprobs(lm, mesh, param_sh, seq_chunk)
+    batch = batch.with_ref(np.asarray(logprobs(params, batch.sequences())))
     optimizer = make_optimizer(OptimizerConfig(name="rmsprop", lr=LR))
     state = init_state(params, optimizer)
     state_sh = sharding.tree_shardings(state, mesh, rules)
@@ -123,8 +123,8 @@ def worker_ld_jax(batch_file: Path, steps: int, seq_chunk: int | None, unroll_la
         "step_s": times[WARMUP:],
         "warmup_s": times[:WARMUP],
         "losses": losses,
-        "ref_logps": batch["ref_logps"].tolist(),
-        "tokens_per_step": int(batch["attention_mask"].sum()),
+        "ref_logps": batch.ref_logps.tolist(),
+        "tokens_per_step": int(batch.attention_mask.sum()),
         "peak_rss_mb": peak_rss_mb(),
         "seq_chunk": seq_chunk,
         "unroll_layers": unroll_layers,

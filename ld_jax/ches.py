@@ -136,8 +136,8 @@ def score_batches(
 
     def launch(k):
         batch = batches[k]
-        arrays = (batch[key] for key in ("input_ids", "attention_mask", "response_mask"))
-        return batch["index"][batch["valid"] > 0], ches_kernel(
+        arrays = (batch.input_ids, batch.attention_mask, batch.response_mask)
+        return batch.index[batch.valid > 0], ches_kernel(
             lm.hidden_states, params, *(jax.device_put(a, data) for a in arrays)
         )
 

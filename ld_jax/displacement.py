@@ -36,6 +36,7 @@ from ld_jax.losses import LossConfig, preference_loss
 from ld_jax.train.optim import OptimizerConfig, make_optimizer
 
 RATE_KEYS = ("pos_sq", "cross", "neg_sq", "rate")
+# the PairBatch fields the kernels take, each [B, 2, S] (the two-sequence layout)
 ARRAYS = ("input_ids", "attention_mask", "response_mask")
 
 
@@ -70,9 +71,9 @@ def _batches(lm, pairs, batch_size: int, pad_to_multiple: int):
     if len(position) != len(pairs):
         raise LdJaxError("the pairs' indices must be distinct")
     for batch in ches.length_batches(lm, pairs, batch_size, pad_to_multiple):
-        real = batch["valid"] > 0
-        rows = [position[int(i)] for i in batch["index"][real]]
-        yield rows, tuple(jnp.asarray(batch[k]) for k in ARRAYS)
+        real = batch.valid > 0
+        rows = [position[int(i)] for i in batch.index[real]]
+        yield rows, tuple(jnp.asarray(getattr(batch, k)) for k in ARRAYS)
 
 
 def rate_batches(
@@ -91,11 +92,11 @@ def rate_batches(
     kernel = jax.jit(lambda params, *xs: pair_gram(lm, params, *xs, vectorize=vectorize))
     bar = tqdm(total=len(pairs), unit="pair", desc="rates", disable=not progress)
     for batch in ches.length_batches(lm, pairs, batch_size, pad_to_multiple):
-        real = batch["valid"] > 0
-        arrays = tuple(jnp.asarray(batch[k]) for k in ARRAYS)
+        real = batch.valid > 0
+        arrays = tuple(jnp.asarray(getattr(batch, k)) for k in ARRAYS)
         out = rates_from_gram(np.asarray(kernel(lm.params, *arrays))[real])
-        lengths = batch["response_mask"][real].sum(-1)
-        out.update(index=batch["index"][real], len_chosen=lengths[:, 0], len_rejected=lengths[:, 1])
+        lengths = batch.response_mask[real].sum(-1)
+        out.update(index=batch.index[real], len_chosen=lengths[:, 0], len_rejected=lengths[:, 1])
         bar.update(int(real.sum()))
         yield out
     bar.close()

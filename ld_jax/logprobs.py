@@ -36,10 +36,12 @@ def sequence_logprobs(model, params, input_ids, attention_mask, response_mask, s
 
 
 def pair_logprobs(model, params, batch, seq_chunk: int | None = None):
-    """Chosen and rejected in one forward pass: batch arrays `[B, 2, S]` (see data.pipeline)
-    -> (log-probs `[B, 2]`, response lengths `[B, 2]`), axis 1 = (chosen, rejected)."""
-    b, two, s = batch["input_ids"].shape
-    flat = [batch[k].reshape(b * two, s) for k in ("input_ids", "attention_mask", "response_mask")]
+    """Chosen and rejected in one forward pass: a `data.batch.PairBatch` with sequences
+    `[B, 2, S]` -> (log-probs `[B, 2]`, response lengths `[B, 2]`), axis 1 = (chosen, rejected)."""
+    b, two, s = batch.input_ids.shape
+    flat = [
+        x.reshape(b * two, s) for x in (batch.input_ids, batch.attention_mask, batch.response_mask)
+    ]
     logps, lengths = sequence_logprobs(model, params, *flat, seq_chunk=seq_chunk)
     return logps.reshape(b, two), lengths.reshape(b, two)
 

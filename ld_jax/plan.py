@@ -26,12 +26,12 @@ import math
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, NamedSharding
 
 from ld_jax import models
 from ld_jax.architectures import ARCHITECTURES
+from ld_jax.data.batch import PairBatch
 from ld_jax.errors import LdJaxError
 from ld_jax.models import loading, registry
 from ld_jax.train import sharding
@@ -216,16 +216,7 @@ def step_flops(
     step at 0 and 1 layers (module docstring). Lowering only traces shapes."""
     optimizer = make_optimizer(cfg.optimizer)
     b, s = batch_pairs, seq_len
-    batch = {
-        k: jax.ShapeDtypeStruct((b, 2, s), jnp.int32)
-        for k in ("input_ids", "attention_mask", "response_mask")
-    }
-    batch.update(
-        rewards=jax.ShapeDtypeStruct((b, 2), jnp.float32),
-        valid=jax.ShapeDtypeStruct((b,), jnp.float32),
-        index=jax.ShapeDtypeStruct((b,), jnp.int32),
-        ref_logps=jax.ShapeDtypeStruct((b, 2), jnp.float32),
-    )
+    batch = PairBatch.abstract(b, s)
 
     def cost(n_layers: int) -> float:
         c = config.replace(

@@ -76,12 +76,12 @@ def test_pair_scores_use_spec_positions_on_either_padding_side(side):
     d = 7
     # Distinct random states everywhere, padding included: any off-by-one position or padding
     # leak changes the sums.
-    hidden = rng.normal(size=(*batch["input_ids"].shape, d))
-    got = jax.jit(ches.pair_scores)(jnp.asarray(hidden, jnp.float32), batch["response_mask"])
+    hidden = rng.normal(size=(*batch.input_ids.shape, d))
+    got = jax.jit(ches.pair_scores)(jnp.asarray(hidden, jnp.float32), batch.response_mask)
     for b, p in enumerate(pairs):
         rows = []
         for j in range(2):
-            real = np.flatnonzero(batch["attention_mask"][b, j])
+            real = np.flatnonzero(batch.attention_mask[b, j])
             rows.append(hidden[b, j, real])
         want = reference_scores(*rows, len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids))
         for key, value in want.items():
@@ -96,7 +96,7 @@ def test_bf16_states_are_reduced_in_float32():
     pair = TokenizedPair(0, [1], [2] * (s - 1), [3] * (s - 1))
     batch = pipeline.collate([(pair, None)], 1, pad_to_multiple=s)
     hidden = jnp.asarray(1.0 + 0.01 * rng.normal(size=(1, 2, s, d)), jnp.bfloat16)
-    got = jax.jit(ches.pair_scores)(hidden, batch["response_mask"])
+    got = jax.jit(ches.pair_scores)(hidden, batch.response_mask)
     h = np.asarray(hidden.astype(jnp.float32))[0]
     want = reference_scores(h[0], h[1], 1, s - 1, s - 1)
     assert got["ches"].dtype == jnp.float32
@@ -213,7 +213,7 @@ def test_left_and_right_padded_kernel_agree(tiny):
         batch = pipeline.collate(
             [(p, None) for p in pairs], 4, pad_to_multiple=64, padding_side=side
         )
-        arrays = (batch[k] for k in ("input_ids", "attention_mask", "response_mask"))
+        arrays = (batch.input_ids, batch.attention_mask, batch.response_mask)
         out[side] = ches.ches_kernel(lm.hidden_states, lm.params, *arrays)
     for key in out["left"]:
         assert out["left"][key].shape == (4,)

@@ -6,6 +6,7 @@ import gzip
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from conftest import tiny_tokenizer
@@ -288,12 +289,12 @@ def test_batches_hold_every_pair_once_per_epoch_with_a_new_order_each_epoch():
     pairs = _pairs(10)
     ds = pipeline.make_batches(pairs, 4, seed=1, num_epochs=2, pad_to_multiple=8)
     assert len(ds) == 2 * pipeline.steps_per_epoch(10, 4) == 6
-    epochs = [np.concatenate([ds[k]["index"] for k in range(e * 3, e * 3 + 3)]) for e in range(2)]
+    epochs = [np.concatenate([ds[k].index for k in range(e * 3, e * 3 + 3)]) for e in range(2)]
     for idx in epochs:
         assert sorted(idx[idx >= 0]) == [p.index for p in pairs] and (idx < 0).sum() == 2
     assert not np.array_equal(epochs[0], epochs[1])
     last = ds[2]
-    assert last["valid"].tolist() == [1, 1, 0, 0] and last["index"][2:].tolist() == [-1, -1]
+    assert last.valid.tolist() == [1, 1, 0, 0] and last.index[2:].tolist() == [-1, -1]
 
 
 def test_same_seed_same_batches_other_seed_other_order():
@@ -301,13 +302,10 @@ def test_same_seed_same_batches_other_seed_other_order():
     a, b = (pipeline.make_batches(pairs, 4, seed=7) for _ in range(2))
     c = pipeline.make_batches(pairs, 4, seed=8)
     for k in range(len(a)):
-        for key in a[k]:
-            np.testing.assert_array_equal(a[k][key], b[k][key])
-    assert any(not np.array_equal(a[k]["index"], c[k]["index"]) for k in range(len(a)))
+        jax.tree.map(np.testing.assert_array_equal, a[k], b[k])
+    assert any(not np.array_equal(a[k].index, c[k].index) for k in range(len(a)))
     ordered = pipeline.make_batches(pairs, 4, shuffle=False)
-    assert np.concatenate([ordered[k]["index"] for k in range(3)]).tolist() == [
-        p.index for p in pairs
-    ]
+    assert np.concatenate([ordered[k].index for k in range(3)]).tolist() == [p.index for p in pairs]
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -316,11 +314,11 @@ def test_collated_rows_hold_prompt_then_reply_with_masks(side):
     ref = np.arange(10, dtype=np.float32).reshape(5, 2)
     ds = pipeline.make_batches(pairs, 8, shuffle=False, ref_logps=ref, pad_id=0, padding_side=side)
     batch = ds[0]
-    assert batch["input_ids"].shape == (8, 2, 64) and batch["input_ids"].dtype == np.int32
+    assert batch.input_ids.shape == (8, 2, 64) and batch.input_ids.dtype == np.int32
     for b, p in enumerate(pairs):
         for j, reply in enumerate((p.chosen_ids, p.rejected_ids)):
             ids, att, resp = (
-                batch[k][b, j] for k in ("input_ids", "attention_mask", "response_mask")
+                x[b, j] for x in (batch.input_ids, batch.attention_mask, batch.response_mask)
             )
             assert ids[att == 1].tolist() == p.prompt_ids + reply
             assert ids[resp == 1].tolist() == reply
@@ -329,14 +327,14 @@ def test_collated_rows_hold_prompt_then_reply_with_masks(side):
             assert (ids[att == 0] == 0).all() and np.array_equal(
                 real, np.arange(real[0], real[-1] + 1)
             )
-        np.testing.assert_array_equal(batch["ref_logps"][b], ref[b])
-        assert batch["rewards"][b].tolist() == [p.reward_chosen, p.reward_rejected]
-    assert (batch["ref_logps"][5:] == 0).all() and batch["valid"].tolist() == [1] * 5 + [0] * 3
+        np.testing.assert_array_equal(batch.ref_logps[b], ref[b])
+        assert batch.rewards[b].tolist() == [p.reward_chosen, p.reward_rejected]
+    assert (batch.ref_logps[5:] == 0).all() and batch.valid.tolist() == [1] * 5 + [0] * 3
 
 
 def test_fixed_seq_len_and_bad_arguments():
     pairs = _pairs(3)
-    assert pipeline.make_batches(pairs, 2, seq_len=20)[0]["input_ids"].shape == (2, 2, 20)
+    assert pipeline.make_batches(pairs, 2, seq_len=20)[0].input_ids.shape == (2, 2, 20)
     with pytest.raises(LdJaxError, match="shorter than the longest pair"):
         pipeline.make_batches(pairs, 2, seq_len=3)
     with pytest.raises(LdJaxError, match="ref_logps must have shape"):

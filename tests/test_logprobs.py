@@ -17,13 +17,13 @@ def _torch_pair_logps(path, batch):
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    b, two, s = batch["input_ids"].shape
-    ids = torch.tensor(batch["input_ids"].reshape(-1, s), dtype=torch.long)
-    mask = torch.tensor(batch["attention_mask"].reshape(-1, s))
+    b, two, s = batch.input_ids.shape
+    ids = torch.tensor(batch.input_ids.reshape(-1, s), dtype=torch.long)
+    mask = torch.tensor(batch.attention_mask.reshape(-1, s))
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
     lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
-    resp = torch.tensor(batch["response_mask"].reshape(-1, s))[:, 1:].float()
+    resp = torch.tensor(batch.response_mask.reshape(-1, s))[:, 1:].float()
     return (lp * resp).sum(-1).reshape(b, two).numpy()
 
 
@@ -34,7 +34,7 @@ def test_pair_logprobs_match_transformers(tiny):
     np.testing.assert_allclose(
         np.asarray(ours), _torch_pair_logps(path, batch), atol=1e-4, rtol=1e-5
     )
-    np.testing.assert_array_equal(lengths, batch["response_mask"].sum(-1))
+    np.testing.assert_array_equal(lengths, batch.response_mask.sum(-1))
 
 
 def test_chunked_left_padded_equals_plain(tiny):

@@ -32,7 +32,7 @@ def _batch(n=6, seed=5, batch_size=8):
         random_pairs(n, seed=seed), batch_size, shuffle=False, pad_to_multiple=8
     )[0]
     rng = np.random.default_rng(seed)
-    batch["ref_logps"] = (-rng.uniform(10, 40, (batch_size, 2))).astype(np.float32)
+    batch = batch.with_ref((-rng.uniform(10, 40, (batch_size, 2))).astype(np.float32))
     return batch
 
 
@@ -61,15 +61,15 @@ def _torch_dpo_grads(path, batch):
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
-    b, _, s = batch["input_ids"].shape
-    ids = torch.tensor(batch["input_ids"].reshape(-1, s), dtype=torch.long)
+    b, _, s = batch.input_ids.shape
+    ids = torch.tensor(batch.input_ids.reshape(-1, s), dtype=torch.long)
     logits = model(
-        input_ids=ids, attention_mask=torch.tensor(batch["attention_mask"].reshape(-1, s))
+        input_ids=ids, attention_mask=torch.tensor(batch.attention_mask.reshape(-1, s))
     ).logits
     lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
-    lp = (lp * torch.tensor(batch["response_mask"].reshape(-1, s))[:, 1:]).sum(-1).reshape(b, 2)
-    ref = torch.tensor(batch["ref_logps"])
-    valid = torch.tensor(batch["valid"])
+    lp = (lp * torch.tensor(batch.response_mask.reshape(-1, s))[:, 1:]).sum(-1).reshape(b, 2)
+    ref = torch.tensor(batch.ref_logps)
+    valid = torch.tensor(batch.valid)
     losses = -F.logsigmoid(BETA * ((lp[:, 0] - ref[:, 0]) - (lp[:, 1] - ref[:, 1])))
     loss = (losses * valid).sum() / valid.sum()
     loss.backward()
@@ -361,7 +361,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(ti
     loop.train(dataclasses.replace(cfg, max_steps=0), model=lm, pairs=PAIRS)  # writes the cache
     (cache,) = tmp_path.glob("ref_logps-*.npz")
     ds = pipeline.make_batches(PAIRS, 2, seed=cfg.seed)
-    poisoned = int(ds[3]["index"][0])  # a pair of the 4th batch (step 4) of the only epoch
+    poisoned = int(ds[3].index[0])  # a pair of the 4th batch (step 4) of the only epoch
     ref = np.load(cache)["logps"]
     ref[[p.index for p in PAIRS].index(poisoned), 0] = np.nan
     np.savez(cache, logps=ref)

@@ -65,7 +65,7 @@ def _child(root: Path) -> list[dict]:
     pairs = random_pairs(8, seed=4)
     batch = pipeline.make_batches(pairs, 8, shuffle=False, pad_to_multiple=8)[0]
     rng = np.random.default_rng(0)
-    batch["ref_logps"] = (-rng.uniform(10, 40, (8, 2))).astype(np.float32)  # a non-trivial margin
+    batch = batch.with_ref(-rng.uniform(10, 40, (8, 2)))  # a non-trivial margin
     optimizer = make_optimizer(OptimizerConfig(name="adamw", lr=1e-3, max_grad_norm=1.0))
     loss_cfg = LossConfig("dpo", beta=0.5)
 

@@ -1,16 +1,8 @@
 """Batches of preference pairs through `grain`: deterministic shuffle by seed, padding, batching.
 
-A batch is a dict of NumPy arrays whose leading axis is the pair axis `B`, so one sharding rule
-fits every entry. Axis 1 of the sequence arrays is (chosen, rejected), which lets the model run
-both in one forward pass after a free reshape to `[2B, S]`:
-
-    input_ids      int32   [B, 2, S]   prompt + response, padded with `pad_id`
-    attention_mask int32   [B, 2, S]   1 on real tokens
-    response_mask  int32   [B, 2, S]   1 on response tokens (the ones whose log-prob counts)
-    rewards        float32 [B, 2]      r(x, y±) from the data (0 where the data has none)
-    valid          float32 [B]         0 for the rows that pad the last batch of an epoch
-    index          int32   [B]         the record index, −1 on padding rows
-    ref_logps      float32 [B, 2]      ln π_ref(y±|x), when reference log-probs are given
+A batch is a `data.batch.PairBatch` of NumPy arrays (its docstring has the fields and shapes).
+In the paired layout axis 1 of the sequence arrays is (chosen, rejected), which lets the model
+run both in one forward pass after a free reshape to `[2B, S]`.
 
 The dataset is a `grain.MapDataset`, so `ds[k]` is batch k: resuming at step k reads the same
 batches as an uninterrupted run. Each epoch is shuffled anew from the seed; the last batch of an
@@ -25,6 +17,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
+from ld_jax.data.batch import CHOSEN, PROMPT, REJECTED, PairBatch
 from ld_jax.data.formatting import TokenizedPair
 from ld_jax.errors import LdJaxError
 
@@ -88,8 +81,8 @@ def make_batches(
             [p for p, _ in batch], pad_to_multiple
         )  # of the whole batch
         out = collate(batch[rows], n_rows, pad_id, pad_to_multiple, length, padding_side)
-        if ref_logps is not None and "ref_logps" not in out:  # these rows are all padding
-            out["ref_logps"] = np.zeros((n_rows, 2), np.float32)
+        if ref_logps is not None and out.ref_logps is None:  # these rows are all padding
+            out = out.with_ref(np.zeros((n_rows, 2), np.float32))
         return out
 
     return ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=batch_fn).repeat(num_epochs)
@@ -111,35 +104,29 @@ def collate(
     pad_to_multiple: int = 64,
     seq_len: int | None = None,
     padding_side: str = "right",
-) -> dict[str, np.ndarray]:
-    """Pad up to `batch_size` (pair, ref log-probs) examples into one batch (module docstring)."""
+) -> PairBatch:
+    """Pad up to `batch_size` (pair, ref log-probs) examples into one PairBatch."""
     if seq_len is None:
         seq_len = _padded_length([p for p, _ in examples], pad_to_multiple)
     ids = np.full((batch_size, 2, seq_len), pad_id, np.int32)
-    attention = np.zeros((batch_size, 2, seq_len), np.int32)
-    response = np.zeros((batch_size, 2, seq_len), np.int32)
+    segments = np.zeros((batch_size, 2, seq_len), np.int32)
+    positions = np.zeros((batch_size, 2, seq_len), np.int32)
     rewards = np.zeros((batch_size, 2), np.float32)
     valid = np.zeros(batch_size, np.float32)
     index = np.full(batch_size, -1, np.int32)
     for b, (p, _) in enumerate(examples):
-        for j, reply in enumerate((p.chosen_ids, p.rejected_ids)):
-            n = len(p.prompt_ids) + len(reply)
+        for j, (reply, segment) in enumerate(((p.chosen_ids, CHOSEN), (p.rejected_ids, REJECTED))):
+            n_prompt, n = len(p.prompt_ids), len(p.prompt_ids) + len(reply)
             start = 0 if padding_side == "right" else seq_len - n
             ids[b, j, start : start + n] = p.prompt_ids + reply
-            attention[b, j, start : start + n] = 1
-            response[b, j, start + len(p.prompt_ids) : start + n] = 1
+            segments[b, j, start : start + n_prompt] = PROMPT
+            segments[b, j, start + n_prompt : start + n] = segment
+            positions[b, j, start : start + n] = np.arange(n)
         rewards[b] = (p.reward_chosen or 0.0, p.reward_rejected or 0.0)
         valid[b], index[b] = 1.0, p.index
-    batch = dict(
-        input_ids=ids,
-        attention_mask=attention,
-        response_mask=response,
-        rewards=rewards,
-        valid=valid,
-        index=index,
-    )
+    batch = PairBatch(ids, segments, positions, rewards, valid, index)
     if examples and examples[0][1] is not None:
         ref = np.zeros((batch_size, 2), np.float32)
         ref[: len(examples)] = np.stack([r for _, r in examples])
-        batch["ref_logps"] = ref
+        batch = batch.with_ref(ref)
     return batch

@@ -4,7 +4,7 @@ devices hold, and `to_global` joins the processes' rows into one global jax.Arra
 
     rows = local_rows(mesh, batch_size)                        # e.g. slice(4, 8) on process 1 of 2
     ds = pipeline.make_batches(pairs, batch_size, rows=rows)   # ds[k]: rows `rows` of global batch k
-    batch = to_global(ds[k], mesh, batch_size)                 # dict of [B, ...] global arrays
+    batch = to_global(ds[k], mesh, batch_size)                 # PairBatch of [B, ...] global arrays
 
 `batch_layout` says how many pairs and rows a batch has. The global batch k is exactly
 `make_batches(pairs, batch_size)[k]`: the same grain shuffle,
@@ -106,13 +106,14 @@ def local_rows(mesh: Mesh, batch_size: int) -> slice:
     return slice(lo, hi)
 
 
-def to_global(local: dict, mesh: Mesh, batch_size: int) -> dict:
-    """This process's rows (dict of `[n_local, ...]` arrays) -> dict of global `[batch_size, ...]`
-    jax.Arrays split over ("data", "fsdp"); every process calls it with its own rows."""
+def to_global(local, mesh: Mesh, batch_size: int):
+    """This process's rows (a PairBatch, or any pytree, of `[n_local, ...]` arrays) -> the same
+    pytree of global `[batch_size, ...]` jax.Arrays split over ("data", "fsdp"); every process
+    calls it with its own rows."""
     sharding = NamedSharding(mesh, BATCH)
-    return {
-        k: jax.make_array_from_process_local_data(
+    return jax.tree.map(
+        lambda v: jax.make_array_from_process_local_data(
             sharding, np.asarray(v), (batch_size, *np.shape(v)[1:])
-        )
-        for k, v in local.items()
-    }
+        ),
+        local,
+    )

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from ld_jax import distributed, files, models
 from ld_jax.config import to_dict
 from ld_jax.data import formatting, pipeline, preference
+from ld_jax.data.batch import PairBatch
 from ld_jax.digest import fingerprint, pairs_digest, params_digest
 from ld_jax.errors import LdJaxError
 from ld_jax.losses import LossConfig
@@ -40,7 +41,7 @@ from ld_jax.train import feed, reference, sharding, writers
 from ld_jax.train.checkpoint import Checkpoints
 from ld_jax.train.optim import OptimizerConfig, make_optimizer
 from ld_jax.train.state import init_state
-from ld_jax.train.step import PER_PAIR, SEQUENCE_KEYS, batch_losses, compile_step
+from ld_jax.train.step import PER_PAIR, batch_losses, compile_step
 
 Callback = Callable[[int, Any, dict], dict | None]
 
@@ -250,7 +251,7 @@ def _train(cfg: TrainConfig, model, pairs, callback, ref_logps, filter_summary) 
     state = init_state(params, optimizer)
     state_shardings = sharding.tree_shardings(state, mesh, rules)
     state = jax.device_put(state, state_shardings)
-    example = _with_ref(ds[0], np.zeros((rows.stop - rows.start, 2), np.float32))
+    example = ds[0].with_ref(np.zeros((rows.stop - rows.start, 2), np.float32))
     bare = dataclasses.replace(model, params=None, tokenizer=None)
     step_fn = reference.reuse(
         ("step", model.config, mesh, cfg.seq_chunk, cfg.loss, cfg.optimizer),
@@ -289,8 +290,8 @@ def _train(cfg: TrainConfig, model, pairs, callback, ref_logps, filter_summary) 
         for k in bar:
             batch = ds[k]
             if ref_fn is not None:  # replicated [B, 2]: keep this process's rows
-                seqs = feed.to_global({key: batch[key] for key in SEQUENCE_KEYS}, mesh, layout.rows)
-                batch = _with_ref(batch, np.asarray(ref_fn(ref_params, seqs))[rows])
+                seqs = feed.to_global(batch.sequences(), mesh, layout.rows)
+                batch = batch.with_ref(np.asarray(ref_fn(ref_params, seqs))[rows])
             t0 = time.perf_counter()
             state, metrics = step_fn(state, feed.to_global(batch, mesh, layout.rows))
             metrics = jax.device_get(metrics)
@@ -461,10 +462,6 @@ def _non_finite(metrics: dict, step: int, ckpt: Checkpoints) -> LdJaxError:
     )
 
 
-def _with_ref(batch: dict, ref_logps: np.ndarray) -> dict:
-    return {**batch, "ref_logps": np.asarray(ref_logps, np.float32)}
-
-
 def _metrics_log(path: Path, start: int, main: bool) -> list[dict]:
     """Records of steps 1..start of an interrupted run, one per step (the last line of each);
     the file is rewritten to hold exactly those. A line torn by a kill is dropped."""
@@ -515,7 +512,7 @@ def _summary(cfg, layout, records, init_logps, final_logps, pairs, filter_summar
     )
 
     def dataset_loss(logps):
-        data = {"ref_logps": init_logps, "rewards": rewards}
+        data = PairBatch(None, None, None, rewards=rewards, ref_logps=init_logps)
         return float(np.mean(batch_losses(cfg.loss, logps, lengths, data)[0]))
 
     change = final_logps - init_logps

@@ -25,7 +25,7 @@ from ld_jax.data import pipeline
 from ld_jax.digest import fingerprint, pairs_digest, params_digest
 from ld_jax.models.core import result_fields
 from ld_jax.train import feed, sharding
-from ld_jax.train.step import SEQUENCE_KEYS, compile_logprobs
+from ld_jax.train.step import compile_logprobs
 
 _JITTED: dict = {}  # compiled functions of earlier calls in this process (e.g. E2's many subsets)
 
@@ -50,7 +50,7 @@ class Padding:
 
 
 def logprobs_function(model, mesh, param_shardings, seq_chunk: int | None = None):
-    """The jitted (params, {SEQUENCE_KEYS: [B, 2, S]}) -> ln π(y±|x) [B, 2] for `model`'s config."""
+    """The jitted (params, PairBatch.sequences()) -> ln π(y±|x) [B, 2] for `model`'s config."""
     bare = dataclasses.replace(model, params=None, tokenizer=None)
     return reuse(
         ("logprobs", model.config, mesh, seq_chunk),
@@ -79,7 +79,7 @@ def dataset_logps(
     ds = pipeline.make_batches(pairs, rows, shuffle=False, rows=mine, **dataclasses.asdict(padding))
     out = []
     for k in tqdm(range(len(ds)), desc=desc, disable=not progress, leave=False):
-        seqs = feed.to_global({key: ds[k][key] for key in SEQUENCE_KEYS}, mesh, rows)
+        seqs = feed.to_global(ds[k].sequences(), mesh, rows)
         out.append(np.asarray(fn(params, seqs)))  # replicated
     return np.concatenate(out)[: len(pairs)]  # the padding rows are the last of the last batch
 

@@ -21,6 +21,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ld_jax.data.batch import PairBatch
 from ld_jax.logprobs import pair_logprobs
 from ld_jax.losses import LossConfig, preference_loss
 from ld_jax.train.sharding import batch_shardings
@@ -32,8 +33,9 @@ PER_PAIR = "pair_chosen_logp_change"
 
 
 def batch_losses(loss_cfg: LossConfig, logps, lengths, batch):
-    """Per-pair losses and loss metrics `[B]` from log-probs and lengths `[B, 2]`."""
-    ref, rewards = batch["ref_logps"], batch["rewards"]
+    """Per-pair losses and loss metrics `[B]` from log-probs and lengths `[B, 2]`; batch: a
+    PairBatch (or anything with `ref_logps` and `rewards` `[B, 2]`)."""
+    ref, rewards = batch.ref_logps, batch.rewards
     lengths = jnp.maximum(lengths, 1.0)  # padding rows have none; keeps 1/|y| finite there
     return preference_loss(
         loss_cfg,
@@ -56,16 +58,16 @@ def micro_batches_of(batch, k: int):
 def train_step(
     state: TrainState, batch, *, model, loss_cfg, optimizer, seq_chunk=None, micro_batches=1
 ):
-    """batch: the arrays of `data.pipeline` with `ref_logps` `[B, 2]`, B a multiple of
-    `micro_batches`. Returns the new state and scalar metrics (means over valid pairs; `tokens`
-    counts their non-padding tokens), plus `PER_PAIR` `[B]`."""
-    n = jnp.maximum(batch["valid"].sum(), 1.0)
+    """batch: a `PairBatch` with `ref_logps` `[B, 2]`, B a multiple of `micro_batches`. Returns
+    the new state and scalar metrics (means over valid pairs; `tokens` counts their tokens as
+    two sequences, `PairBatch.pair_tokens`), plus `PER_PAIR` `[B]`."""
+    n = jnp.maximum(batch.valid.sum(), 1.0)
 
     def weighted_sums(params, mb):
         """(Σ valid·loss / n, Σ valid·statistic) over one micro-batch; grad of the first."""
         logps, lengths = pair_logprobs(model, params, mb, seq_chunk)
         losses, lm = batch_losses(loss_cfg, logps, lengths, mb)
-        change = logps - mb["ref_logps"]  # the reference is the initial model
+        change = logps - mb.ref_logps  # the reference is the initial model
         stats = {
             "loss": losses,
             "chosen_logp": logps[:, 0],
@@ -75,11 +77,11 @@ def train_step(
             "fraction_chosen_fell": (change[:, 0] < 0).astype(jnp.float32),
             "reward_accuracy": lm["accuracy"],
             "margin": lm["margin"],
-            "tokens": mb["attention_mask"].sum((1, 2)).astype(jnp.float32),
+            "tokens": mb.pair_tokens(),
         }
-        sums = {k: jnp.sum(v * mb["valid"]) for k, v in stats.items()}
+        sums = {k: jnp.sum(v * mb.valid) for k, v in stats.items()}
         # per pair, NaN on padding rows: the host takes quantiles of it (`PER_PAIR`)
-        per_pair = jnp.where(mb["valid"] > 0, change[:, 0], jnp.nan)
+        per_pair = jnp.where(mb.valid > 0, change[:, 0], jnp.nan)
         return sums["loss"] / n, (sums, per_pair)
 
     grad_fn = jax.grad(weighted_sums, has_aux=True)
@@ -134,13 +136,10 @@ def compile_step(
     )
 
 
-SEQUENCE_KEYS = ("input_ids", "attention_mask", "response_mask")
-
-
 def compile_logprobs(model, mesh, param_shardings, seq_chunk=None):
-    """jit of (params, {SEQUENCE_KEYS: [B, 2, S]}) -> log-probs `[B, 2]`, replicated: for the
+    """jit of (params, PairBatch.sequences()) -> log-probs `[B, 2]`, replicated: for the
     reference log-probs and the final evaluation."""
-    example = dict.fromkeys(SEQUENCE_KEYS)
+    example = PairBatch(0, 0, 0)  # the sequence fields; the others are None
     return jax.jit(
         lambda params, seqs: pair_logprobs(model, params, seqs, seq_chunk)[0],
         in_shardings=(param_shardings, batch_shardings(example, mesh)),
