@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding
 
 from ld_jax import ches, models
 from ld_jax.errors import LdJaxError
+from ld_jax.models.constraints import batch_sharded
 from ld_jax.plan import abstract_params, make_plan, model_config
 from ld_jax.train import feed, sharding
 from ld_jax.train.loop import TrainConfig
@@ -206,17 +207,20 @@ def compile_plan(
 
 
 def _compile_ches(cfg, lm, mesh, params, param_shardings, seq_len, hbm) -> dict:
-    """CHES's kernel (`ches.ches_kernel`) on the same mesh: the training config's eval_rows
-    pairs per batch, parameters in the compute dtype laid out by the partition rules."""
-    rows = feed.batch_layout(8, 8, mesh).rows  # ScoringConfig's default batch, rounded
+    """CHES's kernel as `ches.score_batches(lm, pairs, mesh=mesh)` runs it: ScoringConfig's
+    default 8 pairs per batch (rounded to the mesh), weights in the compute dtype laid out by
+    the partition rules, activations split over the batch."""
+    rows = feed.batch_layout(8, 8, mesh).rows
     dtype = jnp.dtype(cfg.compute_dtype)
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), params)
     data = NamedSharding(mesh, sharding.BATCH)
     seqs = [jax.ShapeDtypeStruct((rows, 2, seq_len), jnp.int32, sharding=data)] * 3
     t0 = time.perf_counter()
-    compiled = ches.ches_kernel.lower(
-        lm.hidden_states, _abstract(params, param_shardings), *seqs
-    ).compile()
+    with batch_sharded(data, param_shardings):
+        lowered = ches.ches_kernel.lower(
+            lm.hidden_states, _abstract(params, param_shardings), *seqs
+        )
+    compiled = lowered.compile()
     out = {**memory(compiled), "compile_s": round(time.perf_counter() - t0, 1), "rows": rows}
     out["fits"] = out["peak_bytes"] <= hbm
     return out

@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ld_jax.models.constraints import constrain_batch
+from ld_jax.models.constraints import constrain_batch, constrain_params
 
 
 def token_logprobs(model, params, input_ids, attention_mask, seq_chunk: int | None = None):
@@ -64,6 +64,7 @@ def _chunked_target_logprobs(model, params, hidden, targets, chunk: int):
     # [n_chunks, b, chunk, ...]: lax.map runs the LM head one chunk at a time
     hs = hidden.reshape(b, n_chunks, chunk, d).swapaxes(0, 1)
     ts = targets.reshape(b, n_chunks, chunk).swapaxes(0, 1)
-    step = jax.checkpoint(lambda xs: _target_logprobs(model, params, *xs))
+    # the weight gradient of each chunk is reduce-scattered as it is made (models/constraints)
+    step = jax.checkpoint(lambda xs: _target_logprobs(model, constrain_params(params), *xs))
     lp = jax.lax.map(step, (hs, ts))  # [n_chunks, b, chunk]
     return lp.swapaxes(0, 1).reshape(b, n + pad)[:, :n]

@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
-import numpy as np
 import pytest
 from conftest import save_tiny_llama
 from jax.sharding import NamedSharding
@@ -27,9 +25,14 @@ from ld_jax.train.state import abstract_state
 def test_unknown_topology_is_one_line_listing_the_known(capsys):
     from ld_jax.compile_plan import topology_devices
 
-    with pytest.raises(LdJaxError, match=r"unknown topology 'v9z:2x2'; known: v5e:1x1, .*v5p:2x2x4"):
+    with pytest.raises(
+        LdJaxError, match=r"unknown topology 'v9z:2x2'; known: v5e:1x1, .*v5p:2x2x4"
+    ):
         topology_devices("v9z:2x2")
-    assert cli.main(["plan", "--config", "configs/paper/dpo_gemma2b_v5e8.yaml", "--topology", "x"]) == 2
+    assert (
+        cli.main(["plan", "--config", "configs/paper/dpo_gemma2b_v5e8.yaml", "--topology", "x"])
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "known: v5e:1x1" in err
 
@@ -76,20 +79,12 @@ def test_compiled_arguments_match_partition_rules_and_temps_grow_with_batch(tiny
     assert small["devices"] == 4 and small["hbm_bytes"] == 16 * 2**30
     assert small["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
     c = small["compiled"]
+    # the compiler agrees with our own layout of every argument
     assert c["argument_bytes"] == expected_argument_bytes(tiny_cfg)
-    # the state is donated: its buffers are the outputs' (the metrics are a few scalars)
-    state_bytes = c["argument_bytes"] - expected_argument_bytes(
-        dataclasses.replace(tiny_cfg, batch_size=0)
-    ) if False else None
-    assert c["alias_bytes"] > 0.9 * (c["argument_bytes"] - 8 * 5 * 64 * 4 // 4)
     assert c["peak_bytes"] == (
         c["argument_bytes"] + c["output_bytes"] - c["alias_bytes"] + c["temp_bytes"]
     )
-    big = compile_plan(dataclasses.replace(tiny_cfg, batch_size=32), "v5e:2x2", passes=("train",))
-    assert big["compiled"]["temp_bytes"] > small["compiled"]["temp_bytes"]
-    assert np.isclose(
-        big["compiled"]["argument_bytes"] - c["argument_bytes"],
-        expected_argument_bytes(dataclasses.replace(tiny_cfg, batch_size=32))
-        - expected_argument_bytes(tiny_cfg),
-    )
-    del state_bytes, jax
+    big_cfg = dataclasses.replace(tiny_cfg, batch_size=32)
+    big = compile_plan(big_cfg, "v5e:2x2", passes=("train",))
+    assert big["compiled"]["argument_bytes"] == expected_argument_bytes(big_cfg)
+    assert big["compiled"]["temp_bytes"] > c["temp_bytes"]

@@ -407,9 +407,15 @@ def attention_masks(attention_mask: jax.Array, sliding_window: int | None):
     return full, full & (q_idx - k_idx < sliding_window)[None]
 
 
-def cast_params(params: Params, dtype) -> Params:
+def cast_params(params: Params, dtype, layers: bool = True) -> Params:
     """All parameters in the compute dtype (a no-op under jit when they already are); mixed
-    precision training keeps float32 master weights and differentiates through this cast."""
+    precision training keeps float32 master weights and differentiates through this cast.
+    layers=False leaves the stacked "layers" alone: `run_layers` casts each layer's weights
+    inside the scan, so a compute-dtype copy of every layer at once (2 GB for Llama-3-8B's
+    shards on 8 chips, per the TPU compiler) is never live."""
+    if not layers and isinstance(params, dict) and "layers" in params:
+        cast = cast_params({k: v for k, v in params.items() if k != "layers"}, dtype)
+        return {**cast, "layers": params["layers"]}
     return jax.tree.map(lambda p: p.astype(dtype), params)
 
 
@@ -466,6 +472,7 @@ def run_layers(
 
     def body(h, xs):
         layer_params, layer_inv_freq, layer_is_sliding, kv = xs
+        layer_params = cast_params(layer_params, config.dtype)  # one layer at a time
         cos, sin = rope_tables(positions, layer_inv_freq)
         mask = (
             full_mask

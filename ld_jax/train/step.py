@@ -103,7 +103,8 @@ def compile_step(
     """
 
     def step(state, batch):
-        with batch_sharded(NamedSharding(mesh, BATCH)):  # activations too (models/constraints)
+        # activations and the LM head's weight gradients laid out too (models/constraints)
+        with batch_sharded(NamedSharding(mesh, BATCH), state_shardings.params):
             return train_step(
                 state,
                 batch,
@@ -132,7 +133,7 @@ def compile_logprobs(model, mesh, param_shardings, seq_chunk=None):
     example = dict.fromkeys(SEQUENCE_KEYS)
 
     def logprobs(params, seqs):
-        with batch_sharded(NamedSharding(mesh, BATCH)):
+        with batch_sharded(NamedSharding(mesh, BATCH), param_shardings):
             return pair_logprobs(model, params, seqs, seq_chunk)[0]
 
     return jax.jit(
