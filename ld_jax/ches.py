@@ -141,7 +141,7 @@ def score_batches(
     def launch(k):
         batch = batches[k]
         arrays = (batch[key] for key in ("input_ids", "attention_mask", "response_mask"))
-        with batch_sharded(data, shardings):  # activations split over the batch when traced
+        with batch_sharded(data):  # activations split over the batch when traced
             scores = ches_kernel(
                 lm.hidden_states, params, *(jax.device_put(a, data) for a in arrays)
             )

@@ -216,7 +216,7 @@ def _compile_ches(cfg, lm, mesh, params, param_shardings, seq_len, hbm) -> dict:
     data = NamedSharding(mesh, sharding.BATCH)
     seqs = [jax.ShapeDtypeStruct((rows, 2, seq_len), jnp.int32, sharding=data)] * 3
     t0 = time.perf_counter()
-    with batch_sharded(data, param_shardings):
+    with batch_sharded(data):
         lowered = ches.ches_kernel.lower(
             lm.hidden_states, _abstract(params, param_shardings), *seqs
         )

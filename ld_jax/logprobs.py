@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ld_jax.models.constraints import constrain_batch, constrain_params
+from ld_jax.models.constraints import constrain_batch
 
 
 def token_logprobs(model, params, input_ids, attention_mask, seq_chunk: int | None = None):
@@ -49,8 +49,8 @@ def pair_logprobs(model, params, batch, seq_chunk: int | None = None):
 
 def _target_logprobs(model, params, hidden, targets):
     """hidden `[b, n, d]`, targets `[b, n]` -> ln softmax(logits)[target] `[b, n]` float32."""
+    # [b, n, V]; the compiler may split it over V (a vocab-split LM head, core.MATRIX_RULES)
     logits = model.logits_from_hidden(params, constrain_batch(hidden)).astype(jnp.float32)
-    logits = constrain_batch(logits)  # [b, n, V], b split over the batch axes under jit
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
@@ -64,7 +64,6 @@ def _chunked_target_logprobs(model, params, hidden, targets, chunk: int):
     # [n_chunks, b, chunk, ...]: lax.map runs the LM head one chunk at a time
     hs = hidden.reshape(b, n_chunks, chunk, d).swapaxes(0, 1)
     ts = targets.reshape(b, n_chunks, chunk).swapaxes(0, 1)
-    # the weight gradient of each chunk is reduce-scattered as it is made (models/constraints)
-    step = jax.checkpoint(lambda xs: _target_logprobs(model, constrain_params(params), *xs))
+    step = jax.checkpoint(lambda xs: _target_logprobs(model, params, *xs))
     lp = jax.lax.map(step, (hs, ts))  # [n_chunks, b, chunk]
     return lp.swapaxes(0, 1).reshape(b, n + pad)[:, :n]

@@ -44,7 +44,7 @@ __all__ = [
 def hidden_states(config: ModelConfig, params: Params, input_ids, attention_mask) -> jax.Array:
     """input_ids, attention_mask [batch, seq] int32 -> [batch, seq, d_model] in the compute
     dtype: the final hidden states after the final norm (the LM-head input, SPEC's h)."""
-    params = core.cast_params(params, config.dtype, layers=False)  # layers: in the scan
+    params = core.cast_params(params, config.dtype)
     return registry.family(config.family).hidden_states(config, params, input_ids, attention_mask)[
         0
     ]

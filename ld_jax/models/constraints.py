@@ -11,15 +11,8 @@ activations (the embedding lookup's output comes out split on d_model, and the M
 stream of every layer and on the LM head's input pins the batch layout, so the weights are the
 ones that move (all-gathered per layer), which is what FSDP means.
 
-The LM head runs `seq_chunk` positions at a time under `lax.map`, whose backward pass sums the
-weight's gradient over the chunks in a loop carry. Left alone, that carry is the whole
-`[vocab, d_model]` float32 gradient on every device (2 GiB for Llama-3-8B) and is reduce-scattered
-once after the loop. `constrain_params` pins the parameters, and through the transpose of the
-constraint their per-chunk gradients, to the partition rules' layout, so each chunk's gradient is
-reduce-scattered as it is made and the carry is one device's shard.
-
-Outside `batch_sharded` (eager calls, the CHES kernel, tests) both are the identity, so the
-models stay pure functions with no mesh of their own.
+Outside `batch_sharded` (eager calls, the CHES kernel, tests) `constrain_batch` is the identity,
+so the models stay pure functions with no mesh of their own.
 """
 
 from __future__ import annotations
@@ -31,28 +24,16 @@ import math
 import jax
 
 _BATCH = contextvars.ContextVar("batch_sharding", default=None)
-_PARAMS = contextvars.ContextVar("param_shardings", default=None)
 
 
 @contextlib.contextmanager
-def batch_sharded(sharding, param_shardings=None):
-    """Constrain activations to `sharding` (a NamedSharding of the batch axis) inside, and
-    parameters to `param_shardings` (a pytree of NamedShardings like the parameters)."""
-    tokens = _BATCH.set(sharding), _PARAMS.set(param_shardings)
+def batch_sharded(sharding):
+    """Constrain activations to `sharding` (a NamedSharding of the batch axis) inside."""
+    token = _BATCH.set(sharding)
     try:
         yield
     finally:
-        _BATCH.reset(tokens[0])
-        _PARAMS.reset(tokens[1])
-
-
-def constrain_params(params):
-    """`params` (and so their gradients) laid out by the active parameter shardings; the
-    identity without them or for another tree."""
-    shardings = _PARAMS.get()
-    if shardings is None or jax.tree.structure(params) != jax.tree.structure(shardings):
-        return params
-    return jax.tree.map(jax.lax.with_sharding_constraint, params, shardings)
+        _BATCH.reset(token)
 
 
 def constrain_batch(x: jax.Array) -> jax.Array:

@@ -103,8 +103,7 @@ def compile_step(
     """
 
     def step(state, batch):
-        # activations and the LM head's weight gradients laid out too (models/constraints)
-        with batch_sharded(NamedSharding(mesh, BATCH), state_shardings.params):
+        with batch_sharded(NamedSharding(mesh, BATCH)):  # activations too (models/constraints)
             return train_step(
                 state,
                 batch,
@@ -133,7 +132,7 @@ def compile_logprobs(model, mesh, param_shardings, seq_chunk=None):
     example = dict.fromkeys(SEQUENCE_KEYS)
 
     def logprobs(params, seqs):
-        with batch_sharded(NamedSharding(mesh, BATCH), param_shardings):
+        with batch_sharded(NamedSharding(mesh, BATCH)):
             return pair_logprobs(model, params, seqs, seq_chunk)[0]
 
     return jax.jit(
