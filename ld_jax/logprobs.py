@@ -49,8 +49,8 @@ def pair_logprobs(model, params, batch, seq_chunk: int | None = None):
 
 def _target_logprobs(model, params, hidden, targets):
     """hidden `[b, n, d]`, targets `[b, n]` -> ln softmax(logits)[target] `[b, n]` float32."""
-    # [b, n, V]; the compiler may split it over V (a vocab-split LM head, core.MATRIX_RULES)
     logits = model.logits_from_hidden(params, constrain_batch(hidden)).astype(jnp.float32)
+    logits = constrain_batch(logits)  # [b, n, V], b split over the batch axes under jit
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return picked - jax.nn.logsumexp(logits, axis=-1)
 

@@ -194,11 +194,7 @@ class Family:
 MATRIX_RULES = (
     (r"(^|/)layers/(wq|wk|wv|w_gate|w_up)$", P(None, "fsdp", "tensor")),  # [L, d_model, out]
     (r"(^|/)layers/(wo|w_down)$", P(None, "tensor", "fsdp")),  # [L, in, d_model]
-    (r"(^|/)embed$", P("tensor", "fsdp")),  # [vocab, d_model]
-    # [vocab, d_model] split over the vocabulary: each device makes its slice of the logits and
-    # of the weight's gradient (a d_model split makes every device all-gather the whole head and
-    # sum its whole float32 gradient: 3 GiB of Llama-3-8B's peak on v5e, per the TPU compiler)
-    (r"(^|/)lm_head$", P(("fsdp", "tensor"), None)),
+    (r"(^|/)(embed|lm_head)$", P("tensor", "fsdp")),  # [vocab, d_model]
     (r".*", P()),  # norms, scalars: small, replicated
 )
 
