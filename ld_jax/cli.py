@@ -186,6 +186,11 @@ def _add_plan(sub) -> None:
         "compiler (needs libtpu: pip install 'ld-jax[tpu]') and report its memory",
     )
     p.add_argument("--json", metavar="OUT", help="with --topology: write the report as JSON here")
+    p.add_argument(
+        "--passes",
+        default="train,reference,ches",
+        help="with --topology: the programs to compile (each takes minutes on a small CPU)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. mesh.data=4 mesh.fsdp=8")
     p.set_defaults(func=_plan)
 
@@ -204,7 +209,9 @@ def _plan(args) -> int:
         return 0
     from ld_jax import compile_plan, files
 
-    report = compile_plan.with_estimate(compile_plan.compile_plan(cfg, args.topology), cfg)
+    report = compile_plan.with_estimate(
+        compile_plan.compile_plan(cfg, args.topology, tuple(args.passes.split(","))), cfg
+    )
     print(compile_plan.render(report))
     if args.json:
         files.write_json(args.json, report, indent=2)
