@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 from rapidfuzz.distance import Levenshtein
 from tqdm.auto import tqdm
 
@@ -29,6 +29,7 @@ from ld_jax import models
 from ld_jax.data.formatting import TokenizedPair
 from ld_jax.data.pipeline import make_batches
 from ld_jax.errors import LdJaxError
+from ld_jax.models.constraints import batch_sharded
 from ld_jax.train import feed, sharding
 
 SCORE_KEYS = ("ches", "ln_ches", "last_hidden_ip", "edit_distance")
@@ -132,14 +133,19 @@ def score_batches(
     batches = length_batches(lm, pairs, batch_size, pad_to_multiple)
     by_index = {p.index: p for p in pairs}
     data = NamedSharding(mesh, sharding.BATCH)
-    params = jax.device_put(lm.params, NamedSharding(mesh, PartitionSpec()))
+    # the family's partition rules: replicated on the default all-"data" mesh, split on a mesh
+    # with "fsdp" (the layout `ld-jax plan --topology` compiles this kernel for)
+    shardings = sharding.tree_shardings(lm.params, mesh, sharding.rules_for(lm.config.family))
+    params = jax.device_put(lm.params, shardings)
 
     def launch(k):
         batch = batches[k]
         arrays = (batch.input_ids, batch.attention_mask, batch.response_mask)
-        return batch.index[batch.valid > 0], ches_kernel(
-            lm.hidden_states, params, *(jax.device_put(a, data) for a in arrays)
-        )
+        with batch_sharded(data):  # activations split over the batch when traced
+            scores = ches_kernel(
+                lm.hidden_states, params, *(jax.device_put(a, data) for a in arrays)
+            )
+        return batch.index[batch.valid > 0], scores
 
     bar = tqdm(total=len(pairs), unit="pair", desc="ches", disable=not progress)
     pending = launch(0)

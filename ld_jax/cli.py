@@ -209,6 +209,17 @@ def _add_plan(sub) -> None:
         "--step-time", type=float, metavar="SECONDS", help="a measured step time: prints its MFU"
     )
     p.add_argument("--devices", type=int, help="device count, when the config's mesh has a -1 size")
+    p.add_argument(
+        "--topology",
+        help="a TPU slice, e.g. v5e:2x4 or v5p:2x2x4: compile the real step for it with the TPU "
+        "compiler (needs libtpu: pip install 'ld-jax[tpu]') and report its memory",
+    )
+    p.add_argument("--json", metavar="OUT", help="with --topology: write the report as JSON here")
+    p.add_argument(
+        "--passes",
+        default="train,reference,ches",
+        help="with --topology: the programs to compile (each takes minutes on a small CPU)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. mesh.data=4 mesh.fsdp=8")
     p.set_defaults(func=_plan)
 
@@ -219,7 +230,21 @@ def _plan(args) -> int:
     from ld_jax.train.loop import TrainConfig
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
-    print(make_plan(cfg, chip=args.chip, step_time=args.step_time, devices=args.devices).render())
+    if args.topology is None:
+        if args.json:
+            raise LdJaxError("--json needs --topology")
+        plan = make_plan(cfg, chip=args.chip, step_time=args.step_time, devices=args.devices)
+        print(plan.render())
+        return 0
+    from ld_jax import compile_plan, files
+
+    report = compile_plan.with_estimate(
+        compile_plan.compile_plan(cfg, args.topology, tuple(args.passes.split(","))), cfg
+    )
+    print(compile_plan.render(report))
+    if args.json:
+        files.write_json(args.json, report, indent=2)
+        print(args.json)
     return 0
 
 

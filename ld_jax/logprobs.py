@@ -14,11 +14,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ld_jax.models.constraints import constrain_batch
+
 
 def token_logprobs(model, params, input_ids, attention_mask, seq_chunk: int | None = None):
     """input_ids, attention_mask `[batch, seq]` -> `[batch, seq]` float32 where entry t is
     ln π(ids[t] | ids[<t]) (the logits at t − 1 predict token t); entry 0 is 0."""
     hidden = model.hidden_states(params, input_ids, attention_mask)[:, :-1]  # [b, s-1, d]
+    hidden = constrain_batch(hidden)  # split over the batch axes under jit (models/constraints)
     targets = input_ids[:, 1:]  # [b, s-1]
     if seq_chunk is None or seq_chunk >= targets.shape[1]:
         lp = _target_logprobs(model, params, hidden, targets)
@@ -48,7 +51,8 @@ def pair_logprobs(model, params, batch, seq_chunk: int | None = None):
 
 def _target_logprobs(model, params, hidden, targets):
     """hidden `[b, n, d]`, targets `[b, n]` -> ln softmax(logits)[target] `[b, n]` float32."""
-    logits = model.logits_from_hidden(params, hidden).astype(jnp.float32)  # [b, n, V]
+    logits = model.logits_from_hidden(params, constrain_batch(hidden)).astype(jnp.float32)
+    logits = constrain_batch(logits)  # [b, n, V], b split over the batch axes under jit
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return picked - jax.nn.logsumexp(logits, axis=-1)
 

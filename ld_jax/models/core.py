@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from ld_jax.errors import LdJaxError
+from ld_jax.models.constraints import constrain_batch
 
 Params = dict[str, Any]
 
@@ -492,7 +493,11 @@ def run_layers(
             else jnp.where(layer_is_sliding, sliding_mask, full_mask)
         )
         index = None if cache is None else cache.index
-        h, new_kv = block(config, layer_params, h, LayerContext(cos, sin, mask, kv, index))
+        # the residual stream stays split over the batch axes under jit (models/constraints.py)
+        h, new_kv = block(
+            config, layer_params, constrain_batch(h), LayerContext(cos, sin, mask, kv, index)
+        )
+        h = constrain_batch(h)
         # Without a cache the per-layer k/v are not scan outputs, so XLA drops them.
         return h, (None if cache is None else new_kv)
 

@@ -24,7 +24,8 @@ from jax.sharding import PartitionSpec as P
 from ld_jax.data.batch import PairBatch
 from ld_jax.logprobs import pair_logprobs
 from ld_jax.losses import LossConfig, preference_loss
-from ld_jax.train.sharding import batch_shardings
+from ld_jax.models.constraints import batch_sharded
+from ld_jax.train.sharding import BATCH, batch_shardings
 from ld_jax.train.state import TrainState
 
 # The step's one per-pair output, [B] (NaN on padding rows): ln π(y+|x) − ln π_ref(y+|x), of
@@ -117,15 +118,16 @@ def compile_step(
     """
 
     def step(state, batch):
-        return train_step(
-            state,
-            batch,
-            model=model,
-            loss_cfg=loss_cfg,
-            optimizer=optimizer,
-            seq_chunk=seq_chunk,
-            micro_batches=micro_batches,
-        )
+        with batch_sharded(NamedSharding(mesh, BATCH)):  # activations too (models/constraints)
+            return train_step(
+                state,
+                batch,
+                model=model,
+                loss_cfg=loss_cfg,
+                optimizer=optimizer,
+                seq_chunk=seq_chunk,
+                micro_batches=micro_batches,
+            )
 
     replicated = NamedSharding(mesh, P())
     return jax.jit(
@@ -140,8 +142,13 @@ def compile_logprobs(model, mesh, param_shardings, seq_chunk=None):
     """jit of (params, PairBatch.sequences()) -> log-probs `[B, 2]`, replicated: for the
     reference log-probs and the final evaluation."""
     example = PairBatch(0, 0, 0)  # the sequence fields; the others are None
+
+    def logprobs(params, seqs):
+        with batch_sharded(NamedSharding(mesh, BATCH)):
+            return pair_logprobs(model, params, seqs, seq_chunk)[0]
+
     return jax.jit(
-        lambda params, seqs: pair_logprobs(model, params, seqs, seq_chunk)[0],
+        logprobs,
         in_shardings=(param_shardings, batch_shardings(example, mesh)),
         out_shardings=NamedSharding(mesh, P()),
     )
