@@ -86,9 +86,9 @@ def test_compiled_arguments_match_partition_rules_and_temps_grow_with_batch(tiny
     assert c["peak_bytes"] == (
         c["argument_bytes"] + c["output_bytes"] - c["alias_bytes"] + c["temp_bytes"]
     )
-    big_cfg = dataclasses.replace(tiny_cfg, batch_size=32)
+    big_cfg = dataclasses.replace(tiny_cfg, batch_size=256)
     big = compile_plan(big_cfg, "v5e:2x2", passes=("train",))
-    # 4x the batch: the batch arrays' growth, [rows, 2, 64] int32 shards are whole tiles
+    # 32x the batch: at least the batch arrays grow
     grown = expected_argument_bytes(big_cfg) - expected_argument_bytes(tiny_cfg)
     assert big["compiled"]["argument_bytes"] - c["argument_bytes"] >= grown
     assert big["compiled"]["temp_bytes"] > c["temp_bytes"]
