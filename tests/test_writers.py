@@ -83,7 +83,7 @@ def test_displacement_metrics_equal_a_direct_computation(tiny, micro_batches):
         lm, batch, OptimizerConfig(name="sgd", lr=1.0), micro_batches=micro_batches
     )
     logps = np.asarray(jax.jit(lambda p, b: logprobs.pair_logprobs(lm, p, b)[0])(lm.params, batch))
-    change = (logps - batch["ref_logps"])[:5, 0].astype(np.float64)
+    change = (logps - batch.ref_logps)[:5, 0].astype(np.float64)
     assert metrics["fraction_chosen_fell"] == pytest.approx((change < 0).mean(), abs=1e-6)
     quantiles = writers.displacement(metrics["pair_chosen_logp_change"])
     for q in writers.QUANTILES:
