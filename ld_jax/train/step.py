@@ -126,7 +126,7 @@ def compile_step(
 def compile_logprobs(model, mesh, param_shardings, seq_chunk=None):
     """jit of (params, PairBatch.sequences()) -> log-probs `[B, 2]`, replicated: for the
     reference log-probs and the final evaluation."""
-    example = PairBatch(0, 0, 0)  # the sequence fields; the others are None
+    example = PairBatch(0, 0, 0, 0, 0, 0)  # the sequence fields; the others are None
     return jax.jit(
         lambda params, seqs: pair_logprobs(model, params, seqs, seq_chunk)[0],
         in_shardings=(param_shardings, batch_shardings(example, mesh)),

@@ -319,7 +319,9 @@ def initial_logps(cfg: UnalignConfig, lm, pairs) -> np.ndarray:
     mesh = sharding.make_mesh(tc.mesh)
     layout = feed.batch_layout(tc.batch_size, len(pairs), mesh, tc.optimizer.grad_accum_steps)
     model = lm.with_options(dtype=tc.compute_dtype)
-    padding = reference.Padding(models.pad_id(model), tc.data.pad_to_multiple, tc.data.padding_side)
+    padding = reference.Padding(
+        models.pad_id(model), tc.data.pad_to_multiple, tc.data.padding_side, tc.data.layout
+    )
     return reference.reference_logps(
         model,
         pairs,
