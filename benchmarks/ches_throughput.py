@@ -10,6 +10,10 @@ template, prompt+response <= --max-length tokens with responses truncated as `ld
       prompt+y−, then the sums (its scores are compared with ours as a sanity check);
   (c) ceiling: a bare jitted `lm.hidden_states` over the same padded batches as (a).
 
+(a) and (c) run the shared-prefix layout by default (one packed row [prompt, y+, y−] per pair,
+the prompt computed once; `--layout paired` for two rows); `positions_computed` in the JSON
+gives the positions each path runs the model over, beside the times.
+
 The three are timed interleaved, chunk by chunk, so that a shared machine's load falls on all
 three alike; per-chunk raw timings and load averages are in the JSON. Peak RSS of `ld-jax ches`
 (a fresh process each) is measured for --pairs and --rss-pairs pairs.
@@ -36,8 +40,9 @@ from common import machine, write_result
 from tqdm.auto import tqdm
 
 from ld_jax import ches, models, scoring
-from ld_jax.data import formatting, preference
+from ld_jax.data import formatting, pipeline, preference
 from ld_jax.models import loading
+from ld_jax.models.core import TokenLayout
 
 DATA = str(
     Path(__file__).resolve().parents[2] / "shared" / "data" / "ultrafeedback" / "train.jsonl"
@@ -61,30 +66,35 @@ def load_pairs(lm, n: int, max_length: int):
     return pairs[:n]
 
 
+LAYOUT = "shared_prefix"  # set by --layout: the layout of (a) and (c)
+
+
 def by_length(pairs):
     """The order in which `ches.length_batches` batches pairs (longest first)."""
-    return sorted(
-        pairs, key=lambda p: -(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)))
-    )
+    return sorted(pairs, key=lambda p: -pipeline.row_length(p, LAYOUT))
 
 
 def time_ld_jax(lm, pairs, batch_size):
     """(a) -> (seconds, scores by index) of one pass of the scoring generator."""
     start = time.perf_counter()
     scores = {}
-    for out in ches.score_batches(lm, pairs, batch_size, progress=False):
+    for out in ches.score_batches(lm, pairs, batch_size, progress=False, layout=LAYOUT):
         for k, i in enumerate(out["index"]):
             scores[int(i)] = {key: float(out[key][k]) for key in ches.SCORE_KEYS}
     return time.perf_counter() - start, scores
 
 
 def bare_forward(lm):
-    """(c) the model's forward as the kernel runs it: [batch, 2, seq] -> [2 * batch, seq, d]."""
-    return jax.jit(
-        lambda params, ids, mask: lm.hidden_states(
-            params, ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, ids.shape[-1])
-        )
-    )
+    """(c) the model's forward as the kernel runs it: PairBatch [B, R, S] -> [B·R, S, d]."""
+
+    def forward(params, batch):
+        def flat(x):
+            return x.reshape(-1, x.shape[-1])
+
+        layout = TokenLayout(flat(batch.positions), flat(batch.segments))
+        return lm.hidden_states(params, flat(batch.input_ids), layout=layout)
+
+    return jax.jit(forward)
 
 
 def time_ceiling(forward, lm, batches):
@@ -93,9 +103,7 @@ def time_ceiling(forward, lm, batches):
     padded_tokens = 0
     for k in range(len(batches)):
         b = batches[k]
-        forward(
-            lm.params, jax.device_put(b.input_ids), jax.device_put(b.attention_mask)
-        ).block_until_ready()
+        forward(lm.params, jax.device_put(b.sequences())).block_until_ready()
         padded_tokens += b.input_ids.size
     return time.perf_counter() - start, padded_tokens
 
@@ -133,13 +141,11 @@ def interleaved_timings(lm, pairs, batch_size, chunk_batches=4):
     ).eval()
     forward = bare_forward(lm)
     order = by_length(pairs)
-    all_batches = ches.length_batches(lm, order, batch_size)
+    all_batches = ches.length_batches(lm, order, batch_size, layout=LAYOUT)
     start = time.perf_counter()
     for k in {all_batches[k].input_ids.shape: k for k in range(len(all_batches))}.values():
         time_ld_jax(lm, order[k * batch_size : (k + 1) * batch_size], batch_size)
-        forward(
-            lm.params, all_batches[k].input_ids, all_batches[k].attention_mask
-        ).block_until_ready()
+        forward(lm.params, all_batches[k].sequences()).block_until_ready()
     warmup_s = time.perf_counter() - start
     time_reference(model, order[:1])
 
@@ -148,7 +154,9 @@ def interleaved_timings(lm, pairs, batch_size, chunk_batches=4):
     for c in tqdm(range(0, len(order), size), desc="a/c/b by chunk", unit="chunk"):
         chunk = order[c : c + size]
         a_s, scores = time_ld_jax(lm, chunk, batch_size)
-        c_s, padded = time_ceiling(forward, lm, ches.length_batches(lm, chunk, batch_size))
+        c_s, padded = time_ceiling(
+            forward, lm, ches.length_batches(lm, chunk, batch_size, layout=LAYOUT)
+        )
         b_s, ref_scores = time_reference(model, chunk)
         ours.update(scores)
         ref.update(ref_scores)
@@ -218,7 +226,10 @@ def main() -> None:
     ap.add_argument(
         "--scores-dir", default=tempfile.gettempdir(), help="where the RSS runs write scores"
     )
+    ap.add_argument("--layout", choices=["shared_prefix", "paired"], default="shared_prefix")
     args = ap.parse_args()
+    global LAYOUT
+    LAYOUT = args.layout
     load_before = os.getloadavg()
 
     lm = models.from_pretrained(MODEL, dtype="float32")
@@ -254,6 +265,10 @@ def main() -> None:
         real_tokens=real_tokens,
         padded_tokens=padded_tokens,
         padding_overhead=padded_tokens / real_tokens - 1,
+        layout=args.layout,
+        # what each path runs the model over: (b) every pair as two unpadded sequences (the
+        # prompt twice); (a) and (c) padded rows of the layout (the prompt once when packed)
+        positions_computed=dict(reference=real_tokens, ld_jax=padded_tokens, ceiling=padded_tokens),
         max_rel_diff_vs_reference={
             k: max_rel_diff(ours, ref, k) for k in ("ches", "ln_ches", "last_hidden_ip")
         },

@@ -10,6 +10,12 @@ its own fresh process (so its peak RSS is its own), one after the other, in this
   (b) TRL: `DPOTrainer.training_step` (forward, DPO loss, backward) plus the trainer's own
       optimizer step, on a batch made by the trainer's collator, after 2 warm-up steps.
 
+ld_jax runs the shared-prefix layout by default (one packed row [prompt, y+, y−] per pair, the
+LM head only where a response token is predicted; `--layout paired` for two rows). Both sides
+report the tokens they process: `tokens_per_step` counts each pair as two sequences (the same
+on both sides, the basis of tokens/s), `positions_computed_per_step` the rows x length the model
+runs, `lm_head_positions_per_step` the positions whose logits are computed.
+
 Both report step-1 loss (ln 2 = policy equals reference) and their reference log-probs, which
 must agree: that checks they train on the same tokens. tokens/s = 2048 / median step time.
 Writes benchmarks/results/dpo_step.json; `ratio` is a/b (higher is better).
@@ -85,7 +91,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker_ld_jax(batch_file: Path, steps: int, seq_chunk: int | None, unroll_layers: bool) -> dict:
+def worker_ld_jax(
+    batch_file: Path, steps: int, seq_chunk: int | None, unroll_layers: bool, layout: str
+) -> dict:
     import jax
 
     from ld_jax import models
@@ -99,7 +107,12 @@ def worker_ld_jax(batch_file: Path, steps: int, seq_chunk: int | None, unroll_la
 
     lm = models.from_pretrained(MODEL, unroll_layers=unroll_layers)
     pairs = [TokenizedPair(**p) for p in json.loads(batch_file.read_text())]
-    batch = pipeline.make_batches(pairs, PAIRS, shuffle=False, seq_len=SEQ)[0]
+    if layout == "paired":  # every row exactly SEQ tokens: no padding
+        batch = pipeline.make_batches(pairs, PAIRS, shuffle=False, seq_len=SEQ)[0]
+    else:  # packed rows of 2 * SEQ - prompt tokens, padded to the longest (multiple of 8)
+        batch = pipeline.make_batches(
+            pairs, PAIRS, shuffle=False, pad_to_multiple=8, layout="shared_prefix"
+        )[0]
     mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
     rules = sharding.rules_for(lm.config.family)
     param_sh = sharding.tree_shardings(lm.params, mesh, rules)
@@ -124,7 +137,10 @@ def worker_ld_jax(batch_file: Path, steps: int, seq_chunk: int | None, unroll_la
         "warmup_s": times[:WARMUP],
         "losses": losses,
         "ref_logps": batch.ref_logps.tolist(),
-        "tokens_per_step": int(batch.attention_mask.sum()),
+        "tokens_per_step": int(batch.pair_tokens().sum()),  # as two sequences, as TRL's
+        "layout": layout,
+        "positions_computed_per_step": int(batch.input_ids.size),  # rows x S, padding included
+        "lm_head_positions_per_step": int(batch.target_ids.size),
         "peak_rss_mb": peak_rss_mb(),
         "seq_chunk": seq_chunk,
         "unroll_layers": unroll_layers,
@@ -185,6 +201,8 @@ def worker_trl(batch_file: Path, steps: int) -> dict:
         "losses": losses,
         "ref_logps": ref.tolist(),
         "tokens_per_step": int(inputs["attention_mask"].sum()),
+        "positions_computed_per_step": int(inputs["input_ids"].numel()),
+        "lm_head_positions_per_step": int(inputs["input_ids"].numel()),  # logits everywhere
         "peak_rss_mb": peak_rss_mb(),
         "torch_threads": torch.get_num_threads(),
     }
@@ -204,6 +222,7 @@ def run_worker(name: str, batch_file: Path, args) -> dict:
     if args.seq_chunk:
         cmd += ["--seq-chunk", str(args.seq_chunk)]
     cmd.append("--unroll-layers" if args.unroll_layers else "--no-unroll-layers")
+    cmd += ["--layout", args.layout]
     load_before = os.getloadavg()[0]
     env = {
         **os.environ,
@@ -243,13 +262,21 @@ def main() -> None:
         action="store_true",
         help="run both sides with glibc.malloc.hugetlb=1 (see HUGEPAGES)",
     )
+    ap.add_argument(
+        "--layout",
+        choices=["shared_prefix", "paired"],
+        default="shared_prefix",
+        help="ld_jax's batch layout (ld_jax.data.batch; default shared_prefix)",
+    )
     ap.add_argument("--worker", choices=["ld_jax", "trl"])
     ap.add_argument("--batch-file", type=Path)
     args = ap.parse_args()
     if args.worker == "ld_jax":
         print(
             json.dumps(
-                worker_ld_jax(args.batch_file, args.steps, args.seq_chunk, args.unroll_layers)
+                worker_ld_jax(
+                    args.batch_file, args.steps, args.seq_chunk, args.unroll_layers, args.layout
+                )
             )
         )
         return

@@ -9,8 +9,9 @@ device, and returns only those scalars: the `[batch, seq, d_model]` states never
 
 Positions (SPEC §4): with prompt length P and response length R (the ids include EOS when the
 caller wants it), CHES sums the states at positions P−1 .. P+R−2, the ones that predict
-response tokens 1..R. In a padded row these are exactly the positions whose *next* position
-holds a response token, which is how `score_positions` finds them on either padding side.
+response tokens 1..R: exactly the PairBatch's `predict_from` states of that response, on
+either padding side and in either layout (in the packed row the prompt's last state predicts
+the first token of both responses).
 """
 
 from __future__ import annotations
@@ -26,41 +27,49 @@ from rapidfuzz.distance import Levenshtein
 from tqdm.auto import tqdm
 
 from ld_jax import models
+from ld_jax.data.batch import CHOSEN, DEFAULT_LAYOUT, REJECTED
 from ld_jax.data.formatting import TokenizedPair
-from ld_jax.data.pipeline import make_batches
+from ld_jax.data.pipeline import make_batches, row_length
 from ld_jax.errors import LdJaxError
+from ld_jax.logprobs import segment_weights
 from ld_jax.models.constraints import batch_sharded
+from ld_jax.models.core import TokenLayout
 from ld_jax.train import feed, sharding
 
 SCORE_KEYS = ("ches", "ln_ches", "last_hidden_ip", "edit_distance")
 
 
-def score_positions(response_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """response_mask [batch, seq] 0/1 (1 on response tokens) -> (summed, last), both
-    [batch, seq] bool: the states CHES sums, and the state after the final response token."""
-    following = jnp.pad(response_mask[:, 1:], ((0, 0), (0, 1))).astype(bool)
-    return following, response_mask.astype(bool) & ~following
+def last_positions(segments: jax.Array) -> jax.Array:
+    """segments [n, S] -> float32 [n, S, 2]: 1 at the last token of y+ and of y− (the state
+    after the final response token), in either layout."""
+    following = jnp.pad(segments[:, 1:], ((0, 0), (0, 1)))
+    return jnp.stack([(segments == g) & (following != g) for g in (CHOSEN, REJECTED)], -1).astype(
+        jnp.float32
+    )
 
 
-def pair_scores(hidden: jax.Array, response_mask: jax.Array) -> dict[str, jax.Array]:
-    """Per-pair scores from final hidden states.
+def pair_scores(hidden, batch) -> dict[str, jax.Array]:
+    """Per-pair scores from final hidden states, in either layout of `data.batch`.
 
-    hidden [batch, 2, seq, d_model] (any float dtype; axis 1 is chosen, rejected),
-    response_mask [batch, 2, seq] -> dict of [batch] float32: ches, ln_ches, last_hidden_ip,
-    len_chosen, len_rejected. Every reduction accumulates in float32, also for bf16 states.
-    """
-    b, _, s, d = hidden.shape
-    summed, last = score_positions(response_mask.reshape(2 * b, s))
-    flat = hidden.reshape(2 * b, s, d)
+    hidden [B, R, S, d_model] (any float dtype), the states of the PairBatch `batch`'s rows
+    -> dict of [B] float32: ches, ln_ches, last_hidden_ip, len_chosen, len_rejected. The sums
+    run over the states at `batch.predict_from` (those that predict a response token). Every
+    reduction accumulates in float32, also for bf16 states."""
+    b, r, s, d = hidden.shape
+    hidden = hidden.reshape(b * r, s, d)
+    t = batch.predict_from.shape[-1]
+    predicting = jnp.take_along_axis(hidden, batch.predict_from.reshape(b * r, t, 1), axis=1)
+    weights = segment_weights(batch.target_segments.reshape(b * r, t))  # [n, T, 2]
+    last = last_positions(batch.segments.reshape(b * r, s))  # [n, S, 2]
 
-    def pick(mask):  # [2b, s] -> [batch, 2, d] float32
+    def pick(states, mask):  # [n, L, d] x [n, L, 2] -> [B, 2, d] float32, summed over rows
         picked = jnp.einsum(
-            "nsd,ns->nd", flat, mask.astype(flat.dtype), preferred_element_type=jnp.float32
+            "nld,nlj->njd", states, mask.astype(states.dtype), preferred_element_type=jnp.float32
         )
-        return picked.reshape(b, 2, d)
+        return picked.reshape(b, -1, 2, picked.shape[-1]).sum(1)
 
-    sums, last_states = pick(summed), pick(last)
-    lengths = summed.sum(-1).reshape(b, 2).astype(jnp.float32)
+    sums, last_states = pick(predicting, weights), pick(hidden, last)
+    lengths = weights.sum(1).reshape(b, -1, 2).sum(1)
     means = sums / lengths[..., None]
     # ⟨H+, H−⟩ − ‖H+‖² written as ⟨H+, H− − H+⟩: the difference is formed per coordinate
     # first, so near-identical responses do not cancel two large norms against each other.
@@ -77,15 +86,19 @@ def pair_scores(hidden: jax.Array, response_mask: jax.Array) -> dict[str, jax.Ar
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def ches_kernel(hidden_fn: Callable, params, input_ids, attention_mask, response_mask):
-    """One batch in the layout of `ld_jax.data.pipeline` -> per-pair scores.
+def ches_kernel(hidden_fn: Callable, params, batch):
+    """One PairBatch (`batch.sequences()`, either layout) -> per-pair scores (pair_scores).
 
-    hidden_fn: `lm.hidden_states` (params, ids [n, seq], mask [n, seq]) -> [n, seq, d_model].
-    input_ids, attention_mask, response_mask [batch, 2, seq] -> dict of [batch] (pair_scores).
-    """
-    b, _, s = input_ids.shape
-    hidden = hidden_fn(params, input_ids.reshape(2 * b, s), attention_mask.reshape(2 * b, s))
-    return pair_scores(hidden.reshape(b, 2, s, -1), response_mask)
+    hidden_fn: `lm.hidden_states` (params, ids [n, S], layout=TokenLayout) -> [n, S, d_model].
+    In the shared_prefix layout the states of y+ and y− come from one forward of the packed
+    row, the prompt computed once."""
+
+    def flat(x):
+        return x.reshape(-1, x.shape[-1])
+
+    layout = TokenLayout(flat(batch.positions), flat(batch.segments))
+    hidden = hidden_fn(params, flat(batch.input_ids), layout=layout)
+    return pair_scores(hidden.reshape(*batch.input_ids.shape, -1), batch)
 
 
 def edit_distance(
@@ -100,13 +113,24 @@ def edit_distance(
     )
 
 
-def length_batches(lm, pairs: Sequence[TokenizedPair], batch_size: int, pad_to_multiple: int = 64):
-    """Pairs longest first, in padded batches of `ld_jax.data.pipeline`'s layout: neighbours in
-    length share a batch, whose length is its longest pair rounded up to `pad_to_multiple`
-    (which also bounds the number of shapes the kernel compiles for). -> grain.MapDataset."""
-    order = sorted(pairs, key=lambda p: -p.length)
+def length_batches(
+    lm,
+    pairs: Sequence[TokenizedPair],
+    batch_size: int,
+    pad_to_multiple: int = 64,
+    layout: str = DEFAULT_LAYOUT,
+):
+    """Pairs longest first, in padded PairBatches of `layout`: neighbours in length share a
+    batch, whose length is its longest row rounded up to `pad_to_multiple` (which also bounds
+    the number of shapes the kernel compiles for). -> grain.MapDataset."""
+    order = sorted(pairs, key=lambda p: -row_length(p, layout))
     return make_batches(
-        order, batch_size, shuffle=False, pad_id=models.pad_id(lm), pad_to_multiple=pad_to_multiple
+        order,
+        batch_size,
+        shuffle=False,
+        pad_id=models.pad_id(lm),
+        pad_to_multiple=pad_to_multiple,
+        layout=layout,
     )
 
 
@@ -117,6 +141,7 @@ def score_batches(
     mesh: Mesh | None = None,
     pad_to_multiple: int = 64,
     progress: bool = True,
+    layout: str = DEFAULT_LAYOUT,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Score `pairs` batch by batch; yields dicts of [k] NumPy arrays: `index` plus SCORE_KEYS,
     len_chosen and len_rejected, for the k real pairs of each batch.
@@ -130,7 +155,7 @@ def score_batches(
         return
     mesh = mesh or sharding.make_mesh(devices=jax.local_devices())
     batch_size = feed.batch_layout(batch_size, batch_size, mesh).rows
-    batches = length_batches(lm, pairs, batch_size, pad_to_multiple)
+    batches = length_batches(lm, pairs, batch_size, pad_to_multiple, layout)
     by_index = {p.index: p for p in pairs}
     data = NamedSharding(mesh, sharding.BATCH)
     # the family's partition rules: replicated on the default all-"data" mesh, split on a mesh
@@ -140,11 +165,8 @@ def score_batches(
 
     def launch(k):
         batch = batches[k]
-        arrays = (batch.input_ids, batch.attention_mask, batch.response_mask)
         with batch_sharded(data):  # activations split over the batch when traced
-            scores = ches_kernel(
-                lm.hidden_states, params, *(jax.device_put(a, data) for a in arrays)
-            )
+            scores = ches_kernel(lm.hidden_states, params, jax.device_put(batch.sequences(), data))
         return batch.index[batch.valid > 0], scores
 
     bar = tqdm(total=len(pairs), unit="pair", desc="ches", disable=not progress)
@@ -169,11 +191,13 @@ def score_pairs(
     batch_size: int = 8,
     mesh: Mesh | None = None,
     progress: bool = False,
+    layout: str = DEFAULT_LAYOUT,
 ) -> dict[str, np.ndarray]:
     """Every score of `pairs`, in memory: dict of `[len(pairs)]` arrays in `pairs` order, the
     SCORE_KEYS plus len_chosen and len_rejected (the number of states each sum covers)."""
     keys = (*SCORE_KEYS, "len_chosen", "len_rejected")
-    return collect(score_batches(lm, pairs, batch_size, mesh, progress=progress), pairs, keys)
+    batches = score_batches(lm, pairs, batch_size, mesh, progress=progress, layout=layout)
+    return collect(batches, pairs, keys)
 
 
 def collect(batches, pairs: Sequence[TokenizedPair], keys) -> dict[str, np.ndarray]:

@@ -30,31 +30,31 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ld_jax import ches, logprobs
+from ld_jax.data.batch import CHOSEN, REJECTED
 from ld_jax.data.formatting import TokenizedPair
 from ld_jax.errors import LdJaxError
 from ld_jax.losses import LossConfig, preference_loss
 from ld_jax.train.optim import OptimizerConfig, make_optimizer
 
 RATE_KEYS = ("pos_sq", "cross", "neg_sq", "rate")
-# the PairBatch fields the kernels take, each [B, 2, S] (the two-sequence layout)
-ARRAYS = ("input_ids", "attention_mask", "response_mask")
 
 
-def pair_gram(model, params, input_ids, attention_mask, response_mask, vectorize: int = 1):
-    """`[B, 2, S]` pairs -> `[B, 2, 2]` float32 Gram matrices ⟨g_a, g_b⟩ of g± = ∇θ ln π(y±|x),
-    a, b ∈ (chosen, rejected). `vectorize` pairs are differentiated together (more memory:
-    2·vectorize parameter-sized gradients live; B must be a multiple of it)."""
+def pair_gram(model, params, batch, vectorize: int = 1):
+    """A PairBatch's sequences (`batch.sequences()`, either layout) -> `[B, 2, 2]` float32 Gram
+    matrices ⟨g_a, g_b⟩ of g± = ∇θ ln π(y±|x), a, b ∈ (chosen, rejected). `vectorize` pairs
+    are differentiated together (more memory: 2·vectorize parameter-sized gradients live; B
+    must be a multiple of it)."""
 
-    def logps(p, ids, mask, resp):  # one pair, [2, S] -> [2]
-        return logprobs.sequence_logprobs(model, p, ids, mask, resp)[0]
+    def logps(p, one):  # one pair's fields [R, ...] -> [2]
+        single = jax.tree.map(lambda x: x[None], one)
+        return logprobs.pair_logprobs(model, p, single)[0][0]
 
-    def gram(xs):
-        jac = jax.jacrev(logps)(params, *xs)  # leaves [2, *leaf]
+    def gram(one):
+        jac = jax.jacrev(logps)(params, one)  # leaves [2, *leaf]
         leaves = [g.astype(jnp.float32).reshape(2, -1) for g in jax.tree.leaves(jac)]
         return sum(g @ g.T for g in leaves)
 
-    xs = (input_ids, attention_mask, response_mask)
-    return jax.lax.map(gram, xs, batch_size=vectorize if vectorize > 1 else None)
+    return jax.lax.map(gram, batch, batch_size=vectorize if vectorize > 1 else None)
 
 
 def rates_from_gram(gram: np.ndarray) -> dict[str, np.ndarray]:
@@ -73,7 +73,7 @@ def _batches(lm, pairs, batch_size: int, pad_to_multiple: int):
     for batch in ches.length_batches(lm, pairs, batch_size, pad_to_multiple):
         real = batch.valid > 0
         rows = [position[int(i)] for i in batch.index[real]]
-        yield rows, tuple(jnp.asarray(getattr(batch, k)) for k in ARRAYS)
+        yield rows, jax.tree.map(jnp.asarray, batch.sequences())
 
 
 def rate_batches(
@@ -89,14 +89,14 @@ def rate_batches(
     `scoring.score_file` streams). One device; the params stay where they are."""
     if batch_size % vectorize:
         raise LdJaxError(f"batch_size {batch_size} is not a multiple of vectorize {vectorize}")
-    kernel = jax.jit(lambda params, *xs: pair_gram(lm, params, *xs, vectorize=vectorize))
+    kernel = jax.jit(lambda params, batch: pair_gram(lm, params, batch, vectorize=vectorize))
     bar = tqdm(total=len(pairs), unit="pair", desc="rates", disable=not progress)
     for batch in ches.length_batches(lm, pairs, batch_size, pad_to_multiple):
         real = batch.valid > 0
-        arrays = tuple(jnp.asarray(getattr(batch, k)) for k in ARRAYS)
-        out = rates_from_gram(np.asarray(kernel(lm.params, *arrays))[real])
-        lengths = batch.response_mask[real].sum(-1)
-        out.update(index=batch.index[real], len_chosen=lengths[:, 0], len_rejected=lengths[:, 1])
+        seqs = jax.tree.map(jnp.asarray, batch.sequences())
+        out = rates_from_gram(np.asarray(kernel(lm.params, seqs))[real])
+        lengths = [(batch.target_segments[real] == s).sum((1, 2)) for s in (CHOSEN, REJECTED)]
+        out.update(index=batch.index[real], len_chosen=lengths[0], len_rejected=lengths[1])
         bar.update(int(real.sum()))
         yield out
     bar.close()
@@ -122,11 +122,8 @@ def dataset_gradient(lm, pairs, loss: LossConfig, batch_size: int = 8, pad_to_mu
     if loss.needs_rewards:
         raise LdJaxError(f"loss {loss.name!r} needs rewards; the dataset mode has none")
 
-    def total(params, ids, mask, resp):
-        b, _, s = ids.shape
-        flat = [x.reshape(2 * b, s) for x in (ids, mask, resp)]
-        lp, length = logprobs.sequence_logprobs(lm, params, *flat)
-        lp, length = lp.reshape(b, 2), length.reshape(b, 2)
+    def total(params, batch):
+        lp, length = logprobs.pair_logprobs(lm, params, batch)  # [B, 2] each
         ref = jax.lax.stop_gradient(lp)
         per_pair, _ = preference_loss(
             loss, lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1], length[:, 0], length[:, 1]
@@ -135,8 +132,8 @@ def dataset_gradient(lm, pairs, loss: LossConfig, batch_size: int = 8, pad_to_mu
 
     grad = jax.jit(jax.grad(total))
     acc = jax.tree.map(jnp.zeros_like, lm.params)
-    for _, arrays in _batches(lm, pairs, batch_size, pad_to_multiple):
-        acc = jax.tree.map(jnp.add, acc, grad(lm.params, *arrays))
+    for _, batch in _batches(lm, pairs, batch_size, pad_to_multiple):
+        acc = jax.tree.map(jnp.add, acc, grad(lm.params, batch))
     return jax.tree.map(lambda g: g / len(pairs), acc)
 
 
@@ -145,15 +142,13 @@ def directional_change(
 ) -> np.ndarray:
     """d/dt ln π(y±|x) at θ + t·direction, t = 0, by one JVP per batch -> `[len(pairs), 2]`."""
 
-    def logps(params, ids, mask, resp):
-        b, _, s = ids.shape
-        flat = [x.reshape(2 * b, s) for x in (ids, mask, resp)]
-        return logprobs.sequence_logprobs(lm, params, *flat)[0].reshape(b, 2)
+    def logps(p, batch):  # -> [B, 2]
+        return logprobs.pair_logprobs(lm, p, batch)[0]
 
-    jvp = jax.jit(lambda p, d, *xs: jax.jvp(lambda q: logps(q, *xs), (p,), (d,))[1])
+    jvp = jax.jit(lambda p, d, batch: jax.jvp(lambda q: logps(q, batch), (p,), (d,))[1])
     out = np.zeros((len(pairs), 2))
-    for rows, arrays in _batches(lm, pairs, batch_size, pad_to_multiple):
-        out[rows] = np.asarray(jvp(lm.params, direction, *arrays))[: len(rows)]
+    for rows, batch in _batches(lm, pairs, batch_size, pad_to_multiple):
+        out[rows] = np.asarray(jvp(lm.params, direction, batch))[: len(rows)]
     return out
 
 
@@ -172,15 +167,13 @@ def pair_logps(lm, pairs, params=None, batch_size: int = 8, pad_to_multiple: int
     """ln π(y±|x) `[len(pairs), 2]` under `params` (default the model's own)."""
     params = lm.params if params is None else params
 
-    def logps(p, ids, mask, resp):
-        b, _, s = ids.shape
-        flat = [x.reshape(2 * b, s) for x in (ids, mask, resp)]
-        return logprobs.sequence_logprobs(lm, p, *flat)[0].reshape(b, 2)
+    def logps(p, batch):  # -> [B, 2]
+        return logprobs.pair_logprobs(lm, p, batch)[0]
 
     run = jax.jit(logps)
     out = np.zeros((len(pairs), 2))
-    for rows, arrays in _batches(lm, pairs, batch_size, pad_to_multiple):
-        out[rows] = np.asarray(run(params, *arrays))[: len(rows)]
+    for rows, batch in _batches(lm, pairs, batch_size, pad_to_multiple):
+        out[rows] = np.asarray(run(params, batch))[: len(rows)]
     return out
 
 

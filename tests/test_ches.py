@@ -77,7 +77,7 @@ def test_pair_scores_use_spec_positions_on_either_padding_side(side):
     # Distinct random states everywhere, padding included: any off-by-one position or padding
     # leak changes the sums.
     hidden = rng.normal(size=(*batch.input_ids.shape, d))
-    got = jax.jit(ches.pair_scores)(jnp.asarray(hidden, jnp.float32), batch.response_mask)
+    got = jax.jit(ches.pair_scores)(jnp.asarray(hidden, jnp.float32), batch)
     for b, p in enumerate(pairs):
         rows = []
         for j in range(2):
@@ -96,7 +96,7 @@ def test_bf16_states_are_reduced_in_float32():
     pair = TokenizedPair(0, [1], [2] * (s - 1), [3] * (s - 1))
     batch = pipeline.collate([(pair, None)], 1, pad_to_multiple=s)
     hidden = jnp.asarray(1.0 + 0.01 * rng.normal(size=(1, 2, s, d)), jnp.bfloat16)
-    got = jax.jit(ches.pair_scores)(hidden, batch.response_mask)
+    got = jax.jit(ches.pair_scores)(hidden, batch)
     h = np.asarray(hidden.astype(jnp.float32))[0]
     want = reference_scores(h[0], h[1], 1, s - 1, s - 1)
     assert got["ches"].dtype == jnp.float32
@@ -213,8 +213,7 @@ def test_left_and_right_padded_kernel_agree(tiny):
         batch = pipeline.collate(
             [(p, None) for p in pairs], 4, pad_to_multiple=64, padding_side=side
         )
-        arrays = (batch.input_ids, batch.attention_mask, batch.response_mask)
-        out[side] = ches.ches_kernel(lm.hidden_states, lm.params, *arrays)
+        out[side] = ches.ches_kernel(lm.hidden_states, lm.params, batch.sequences())
     for key in out["left"]:
         assert out["left"][key].shape == (4,)
         assert_scores_close(out["left"][key], out["right"][key], rel=1e-5, near_zero_abs=1e-5)

@@ -12,6 +12,10 @@ sees the earlier keys of the prompt and of its own segment, never a pad, and y�
 In the paired layout this is the ordinary causal mask over each row's real tokens. Position
 ids are data (`positions`): in the packed row y− restarts where y+ started, right after the
 prompt, so every token has the position it has in the paired layout.
+
+The T axis lists the response tokens of a row with the state that predicts each (the prompt's
+last state for the first token of y+ and of y−), so that the LM head and the log-softmax run
+on `[B·R, T]` positions only, T the batch's most response tokens in a row (rounded up).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 
 PAD, PROMPT, CHOSEN, REJECTED = 0, 1, 2, 3
 LAYOUTS = ("paired", "shared_prefix")
+DEFAULT_LAYOUT = "shared_prefix"  # equal to paired (tests/test_layout.py), fewer FLOPs
 
 
 class PairBatch(NamedTuple):
@@ -33,6 +38,10 @@ class PairBatch(NamedTuple):
         input_ids  int32   [B, R, S]  token ids, `pad_id` on padding
         segments   int32   [B, R, S]  PAD 0, PROMPT 1, CHOSEN 2, REJECTED 3
         positions  int32   [B, R, S]  position ids of the model's RoPE (0 on padding)
+        predict_from    int32 [B, R, T]  per response token of the row, the index (into S)
+                                         of the state that predicts it (0 on padding)
+        target_ids      int32 [B, R, T]  those response tokens
+        target_segments int32 [B, R, T]  CHOSEN or REJECTED; PAD on padding
         rewards    float32 [B, 2]     r(x, y±) from the data (0 where the data has none)
         valid      float32 [B]        0 for the rows that pad a batch
         index      int32   [B]        the record index, −1 on padding rows
@@ -42,6 +51,9 @@ class PairBatch(NamedTuple):
     input_ids: Any
     segments: Any
     positions: Any
+    predict_from: Any = None
+    target_ids: Any = None
+    target_segments: Any = None
     rewards: Any = None
     valid: Any = None
     index: Any = None
@@ -62,17 +74,23 @@ class PairBatch(NamedTuple):
         return (self.segments >= CHOSEN).astype(np.int32)
 
     @staticmethod
-    def abstract(pairs: int, seq_len: int, rows: int = 2) -> PairBatch:
+    def abstract(
+        pairs: int, seq_len: int, rows: int = 2, target_len: int | None = None
+    ) -> PairBatch:
         """ShapeDtypeStructs of a full batch (with ref_logps): for lowering without data."""
 
         def struct(shape, dtype):
             return jax.ShapeDtypeStruct(shape, dtype)
 
         seq = struct((pairs, rows, seq_len), jnp.int32)
+        targets = struct((pairs, rows, target_len or seq_len), jnp.int32)
         return PairBatch(
             seq,
             seq,
             seq,
+            targets,
+            targets,
+            targets,
             rewards=struct((pairs, 2), jnp.float32),
             valid=struct((pairs,), jnp.float32),
             index=struct((pairs,), jnp.int32),
@@ -81,7 +99,7 @@ class PairBatch(NamedTuple):
 
     def sequences(self) -> PairBatch:
         """Only the sequence fields (the others None): what a log-prob or CHES pass reads."""
-        return PairBatch(self.input_ids, self.segments, self.positions)
+        return PairBatch(*self[:6])
 
     def with_ref(self, ref_logps) -> PairBatch:
         return self._replace(ref_logps=np.asarray(ref_logps, np.float32))

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from ld_jax.data.batch import CHOSEN, PROMPT, REJECTED, PairBatch
+from ld_jax.data.batch import CHOSEN, LAYOUTS, PROMPT, REJECTED, PairBatch
 from ld_jax.data.formatting import TokenizedPair
 from ld_jax.errors import LdJaxError
 
@@ -34,6 +34,7 @@ def make_batches(
     pad_to_multiple: int = 64,
     seq_len: int | None = None,
     padding_side: str = "right",
+    layout: str = "paired",
     rows: slice | None = None,
     padded_rows: int | None = None,
     drop_remainder: bool = False,
@@ -42,8 +43,10 @@ def make_batches(
     `drop_remainder`, which drops each epoch's last incomplete batch).
 
     ref_logps: `[len(pairs), 2]` reference log-probs of (chosen, rejected), in `pairs` order.
-    seq_len: pad every batch to this length; otherwise to the batch's longest pair rounded up to
-        `pad_to_multiple`, which bounds the number of distinct shapes the step compiles for.
+    seq_len: pad every batch to this length; otherwise to the batch's longest row rounded up to
+        `pad_to_multiple`, which bounds the number of distinct shapes the step compiles for
+        (the response-token axis T is rounded the same way).
+    layout: "paired" (two rows per pair) or "shared_prefix" (one packed row, `data.batch`).
     padded_rows: rows of every batch array (default batch_size): the batch_size pairs come
         first, then rows with valid = 0 (`train.loop` rounds a batch up to the devices this way
         without changing which pairs form a batch).
@@ -61,9 +64,13 @@ def make_batches(
         raise LdJaxError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     if ref_logps is not None and np.shape(ref_logps) != (len(pairs), 2):
         raise LdJaxError(f"ref_logps must have shape ({len(pairs)}, 2), got {np.shape(ref_logps)}")
-    longest = max(p.length for p in pairs)
+    if layout not in LAYOUTS:
+        raise LdJaxError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    longest = max(row_length(p, layout) for p in pairs)
     if seq_len is not None and longest > seq_len:
-        raise LdJaxError(f"seq_len={seq_len} is shorter than the longest pair ({longest} tokens)")
+        raise LdJaxError(
+            f"seq_len={seq_len} is shorter than the longest {layout} row ({longest} tokens)"
+        )
 
     examples = [
         (p, None if ref_logps is None else np.asarray(ref_logps[i], np.float32))
@@ -77,10 +84,18 @@ def make_batches(
     n_rows = rows.stop - rows.start
 
     def batch_fn(batch):
-        length = seq_len or _padded_length(
-            [p for p, _ in batch], pad_to_multiple
-        )  # of the whole batch
-        out = collate(batch[rows], n_rows, pad_id, pad_to_multiple, length, padding_side)
+        length, targets = padded_lengths([p for p, _ in batch], pad_to_multiple, layout)
+        length = seq_len or length  # of the whole batch: every process builds one shape
+        out = collate(
+            batch[rows],
+            n_rows,
+            pad_id,
+            pad_to_multiple,
+            length,
+            padding_side,
+            layout,
+            min(targets, length),
+        )
         if ref_logps is not None and out.ref_logps is None:  # these rows are all padding
             out = out.with_ref(np.zeros((n_rows, 2), np.float32))
         return out
@@ -92,9 +107,41 @@ def steps_per_epoch(num_pairs: int, batch_size: int) -> int:
     return math.ceil(num_pairs / batch_size)
 
 
-def _padded_length(pairs: Sequence[TokenizedPair], pad_to_multiple: int) -> int:
-    """The longest pair's length rounded up to `pad_to_multiple`."""
-    return pad_to_multiple * math.ceil(max(p.length for p in pairs) / pad_to_multiple)
+def row_length(p: TokenizedPair, layout: str = "paired") -> int:
+    """Tokens the longest row of pair `p` holds in `layout`."""
+    if layout == "paired":
+        return p.length
+    return len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
+
+
+def _targets_per_row(p: TokenizedPair, layout: str) -> int:
+    """Response tokens (log-probs to compute) in the longest row of `p`."""
+    if layout == "paired":
+        return max(len(p.chosen_ids), len(p.rejected_ids))
+    return len(p.chosen_ids) + len(p.rejected_ids)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return multiple * math.ceil(n / multiple)
+
+
+def padded_lengths(
+    pairs: Sequence[TokenizedPair], pad_to_multiple: int, layout: str = "paired"
+) -> tuple[int, int]:
+    """(S, T) of a batch of `pairs`: its longest row and its most response tokens in a row,
+    each rounded up to `pad_to_multiple` (T at most S)."""
+    seq = _round_up(max(row_length(p, layout) for p in pairs), pad_to_multiple)
+    targets = _round_up(max(_targets_per_row(p, layout) for p in pairs), pad_to_multiple)
+    return seq, min(targets, seq)
+
+
+def _rows(p: TokenizedPair, layout: str):
+    """The rows of pair `p`: lists of (token ids, segment) pieces, a prompt first."""
+    prompt = (p.prompt_ids, PROMPT)
+    chosen, rejected = (p.chosen_ids, CHOSEN), (p.rejected_ids, REJECTED)
+    if layout == "paired":
+        return [[prompt, chosen], [prompt, rejected]]
+    return [[prompt, chosen, rejected]]
 
 
 def collate(
@@ -104,27 +151,66 @@ def collate(
     pad_to_multiple: int = 64,
     seq_len: int | None = None,
     padding_side: str = "right",
+    layout: str = "paired",
+    target_len: int | None = None,
 ) -> PairBatch:
-    """Pad up to `batch_size` (pair, ref log-probs) examples into one PairBatch."""
-    if seq_len is None:
-        seq_len = _padded_length([p for p, _ in examples], pad_to_multiple)
-    ids = np.full((batch_size, 2, seq_len), pad_id, np.int32)
-    segments = np.zeros((batch_size, 2, seq_len), np.int32)
-    positions = np.zeros((batch_size, 2, seq_len), np.int32)
+    """Pad up to `batch_size` (pair, ref log-probs) examples into one PairBatch in `layout`
+    (`data.batch`). seq_len, target_len: S and T (default `padded_lengths` of the examples).
+
+    Every response starts after the prompt: its tokens have positions P, P+1, ... and the
+    first is predicted by the prompt's last state (in a packed row y− too, not by y+'s last)."""
+    if layout not in LAYOUTS:
+        raise LdJaxError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    seq_default, target_default = padded_lengths([p for p, _ in examples], pad_to_multiple, layout)
+    seq_len = seq_len or seq_default
+    target_len = target_len or min(target_default, seq_len)
+    n_rows = 2 if layout == "paired" else 1
+    shape, target_shape = (batch_size, n_rows, seq_len), (batch_size, n_rows, target_len)
+    ids = np.full(shape, pad_id, np.int32)
+    segments, positions = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+    predict_from = np.zeros(target_shape, np.int32)
+    target_ids = np.full(target_shape, pad_id, np.int32)
+    target_segments = np.zeros(target_shape, np.int32)
     rewards = np.zeros((batch_size, 2), np.float32)
     valid = np.zeros(batch_size, np.float32)
     index = np.full(batch_size, -1, np.int32)
     for b, (p, _) in enumerate(examples):
-        for j, (reply, segment) in enumerate(((p.chosen_ids, CHOSEN), (p.rejected_ids, REJECTED))):
-            n_prompt, n = len(p.prompt_ids), len(p.prompt_ids) + len(reply)
-            start = 0 if padding_side == "right" else seq_len - n
-            ids[b, j, start : start + n] = p.prompt_ids + reply
-            segments[b, j, start : start + n_prompt] = PROMPT
-            segments[b, j, start + n_prompt : start + n] = segment
-            positions[b, j, start : start + n] = np.arange(n)
+        if not p.prompt_ids:
+            raise LdJaxError(
+                f"pair {p.index} has an empty prompt: nothing predicts its first token"
+            )
+        n_prompt = len(p.prompt_ids)
+        for r, pieces in enumerate(_rows(p, layout)):
+            n = sum(len(tokens) for tokens, _ in pieces)
+            at = 0 if padding_side == "right" else seq_len - n
+            t = 0  # next target slot of this row
+            for tokens, segment in pieces:
+                k = len(tokens)
+                ids[b, r, at : at + k] = tokens
+                segments[b, r, at : at + k] = segment
+                if segment == PROMPT:
+                    positions[b, r, at : at + k] = np.arange(k)
+                    prompt_end = at + k - 1  # the state that predicts every first response token
+                else:
+                    positions[b, r, at : at + k] = n_prompt + np.arange(k)
+                    predict_from[b, r, t : t + k] = [prompt_end, *range(at, at + k - 1)]
+                    target_ids[b, r, t : t + k] = tokens
+                    target_segments[b, r, t : t + k] = segment
+                    t += k
+                at += k
         rewards[b] = (p.reward_chosen or 0.0, p.reward_rejected or 0.0)
         valid[b], index[b] = 1.0, p.index
-    batch = PairBatch(ids, segments, positions, rewards, valid, index)
+    batch = PairBatch(
+        ids,
+        segments,
+        positions,
+        predict_from,
+        target_ids,
+        target_segments,
+        rewards,
+        valid,
+        index,
+    )
     if examples and examples[0][1] is not None:
         ref = np.zeros((batch_size, 2), np.float32)
         ref[: len(examples)] = np.stack([r for _, r in examples])

@@ -42,13 +42,17 @@ __all__ = [
 ]
 
 
-def hidden_states(config: ModelConfig, params: Params, input_ids, attention_mask) -> jax.Array:
-    """input_ids, attention_mask [batch, seq] int32 -> [batch, seq, d_model] in the compute
-    dtype: the final hidden states after the final norm (the LM-head input, SPEC's h)."""
+def hidden_states(
+    config: ModelConfig, params: Params, input_ids, attention_mask=None, *, layout=None
+) -> jax.Array:
+    """input_ids [batch, seq] int32 and either attention_mask [batch, seq] 0/1 (one padded
+    sequence per row) or layout, a `core.TokenLayout` (explicit position ids and the segments
+    of a packed row) -> [batch, seq, d_model] in the compute dtype: the final hidden states
+    after the final norm (the LM-head input, SPEC's h)."""
     params = core.cast_params(params, config.dtype)
-    return registry.family(config.family).hidden_states(config, params, input_ids, attention_mask)[
-        0
-    ]
+    if layout is None:
+        layout = core.padding_layout(attention_mask)
+    return registry.family(config.family).hidden_states(config, params, input_ids, layout)[0]
 
 
 def hidden_states_cached(
@@ -59,18 +63,17 @@ def hidden_states_cached(
     hidden states [batch, seq, d_model], updated KVCache). Prefill is a call with
     `init_cache(config, batch, max_len)`; each decode step passes one token per row."""
     params = core.cast_params(params, config.dtype)
-    return registry.family(config.family).hidden_states(
-        config, params, input_ids, attention_mask, cache
-    )
+    layout = core.TokenLayout(None, attention_mask.astype(jax.numpy.int32))  # cache positions
+    return registry.family(config.family).hidden_states(config, params, input_ids, layout, cache)
 
 
 init_cache = core.init_cache
 
 
-def forward(config: ModelConfig, params: Params, input_ids, attention_mask) -> Output:
-    """input_ids, attention_mask [batch, seq] -> Output(logits [batch, seq, vocab] float32,
-    hidden [batch, seq, d_model])."""
-    hidden = hidden_states(config, params, input_ids, attention_mask)
+def forward(config: ModelConfig, params: Params, input_ids, attention_mask=None, *, layout=None):
+    """input_ids, attention_mask [batch, seq] (or layout, as `hidden_states`) -> Output(logits
+    [batch, seq, vocab] float32, hidden [batch, seq, d_model])."""
+    hidden = hidden_states(config, params, input_ids, attention_mask, layout=layout)
     return Output(logits=logits_from_hidden(config, params, hidden), hidden=hidden)
 
 

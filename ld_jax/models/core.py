@@ -89,6 +89,7 @@ class ModelConfig:
     remat: bool = False
     unroll_layers: bool = False
     dtype: str = "float32"
+    attention: str = "auto"  # auto | plain | xla | cudnn (see core.attention)
 
     @property
     def q_dim(self) -> int:
@@ -143,7 +144,8 @@ class Family:
     weight_table: our parameter path -> (HF tensor name, HF shape as ModelConfig fields). "{i}"
         is the layer index; paths under "layers/" are stacked on a leading [n_layers] axis, and
         their 2-D tensors are torch Linear weights [out, in], stored transposed as [in, out].
-    hidden_states(config, params, ids, mask, cache=None) -> (final hidden states, cache).
+    hidden_states(config, params, ids, layout: TokenLayout, cache=None) -> (final hidden
+        states, cache).
     partition_rules: (regex on a leaf's path, PartitionSpec) pairs, first match wins
         (`train/sharding.py` applies them).
     renames: prefixes of stored tensor names to rewrite before the table is read.
@@ -332,13 +334,30 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
 
 
-def attention(q, k, v, mask, scale: float, softcap: float | None = None) -> jax.Array:
+def attention(q, k, v, mask, scale: float, softcap: float | None = None, impl="plain"):
     """Grouped-query attention.
 
     q [batch, seq, n_heads, head_dim]; k, v [batch, seq_k, n_kv_heads, head_dim];
     mask [batch, seq, seq_k] bool -> [batch, seq, n_heads, head_dim].
     Query head h reads key/value head h // (n_heads // n_kv_heads), as transformers' repeat_kv.
+    impl: "plain" (this einsum softmax; always with a softcap), "xla" or "cudnn" (the kernels of
+    `jax.nn.dot_product_attention`), or "auto": `dot_product_attention` on a GPU or TPU where
+    it applies, the plain form elsewhere and as the fallback.
     """
+    if impl == "auto":
+        impl = "plain" if jax.default_backend() == "cpu" else "fused"
+    if impl != "plain" and softcap is None:
+        try:
+            return jax.nn.dot_product_attention(
+                q,
+                k,
+                v,
+                mask=mask[:, None],  # [batch, 1, seq, seq_k]: the same for every head
+                scale=scale,
+                implementation=None if impl == "fused" else impl,
+            )
+        except (NotImplementedError, ValueError, TypeError):
+            pass  # the kernel does not take these shapes or dtypes: the plain form below
     b, s, n_heads, hd = q.shape
     n_kv = k.shape[2]
     q = q.reshape(b, s, n_kv, n_heads // n_kv, hd)
@@ -400,7 +419,7 @@ def attend(q, k, v, p: Params, ctx: LayerContext, config: ModelConfig, head_norm
             jax.lax.dynamic_update_slice_in_dim(cached, new.astype(cached.dtype), ctx.index, axis=1)
             for cached, new in zip(ctx.kv, (k, v))
         )
-    out = attention(q, k, v, ctx.mask, config.attn_scale, config.attn_softcap)
+    out = attention(q, k, v, ctx.mask, config.attn_scale, config.attn_softcap, config.attention)
     return out.reshape(*out.shape[:2], -1) @ p["wo"], (k, v)
 
 
@@ -413,18 +432,36 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def attention_masks(attention_mask: jax.Array, sliding_window: int | None):
-    """[batch, seq] 0/1 -> (full, sliding) [batch, seq, seq] bool masks; sliding is None when
-    the model has no sliding layers. Causal and window are in token indices, as transformers;
-    real tokens are contiguous in a padded row, so this equals distances in positions."""
-    s = attention_mask.shape[-1]
-    q_idx = jnp.arange(s)[:, None]
-    k_idx = jnp.arange(s)[None, :]
-    key_ok = attention_mask.astype(bool)[:, None, :]
-    full = (k_idx <= q_idx)[None] & key_ok
+class TokenLayout(NamedTuple):
+    """Where each token of a row sits: what the model needs besides the ids.
+
+    segments: 0 on padding, 1 on tokens that every later token may see (a prompt, or a whole
+    unpacked sequence), k >= 2 on the tokens of segment k, which see the 1-tokens and their
+    own segment only (`ld_jax.data.batch`: y+ = 2 and y− = 3 packed after one prompt).
+    positions: the RoPE position ids (in a packed row y− restarts after the prompt)."""
+
+    positions: jax.Array  # [batch, seq] int32
+    segments: jax.Array  # [batch, seq] int32
+
+
+def padding_layout(attention_mask: jax.Array) -> TokenLayout:
+    """One sequence per row with padding (either side): attention_mask [batch, seq] 0/1."""
+    return TokenLayout(positions_from_mask(attention_mask), attention_mask.astype(jnp.int32))
+
+
+def attention_masks(layout: TokenLayout, sliding_window: int | None):
+    """TokenLayout [batch, seq] -> (full, sliding) [batch, seq, seq] bool masks; sliding is None
+    when the model has no sliding layers. A query sees the earlier keys (token order) of
+    segment 1 and of its own segment, never padding; the sliding window is in position ids,
+    which within what a query sees equals the distance in an unpacked row (as transformers)."""
+    s = layout.segments.shape[-1]
+    seg_q, seg_k = layout.segments[:, :, None], layout.segments[:, None, :]
+    causal = (jnp.arange(s)[None, :] <= jnp.arange(s)[:, None])[None]
+    full = causal & (seg_k != 0) & ((seg_k == 1) | (seg_k == seg_q))
     if sliding_window is None:
         return full, None
-    return full, full & (q_idx - k_idx < sliding_window)[None]
+    distance = layout.positions[:, :, None] - layout.positions[:, None, :]
+    return full, full & (distance < sliding_window)
 
 
 def cast_params(params: Params, dtype) -> Params:
@@ -461,20 +498,23 @@ Block = Callable[[ModelConfig, Params, jax.Array, LayerContext], tuple[jax.Array
 
 
 def run_layers(
-    config: ModelConfig, params: Params, x: jax.Array, attention_mask, block: Block, cache=None
+    config: ModelConfig, params: Params, x: jax.Array, layout: TokenLayout, block: Block, cache=None
 ):
     """Scan `block` over the stacked layers.
 
-    x [batch, seq, d_model] embeddings -> (x [batch, seq, d_model] residual stream before the
-    final norm, updated KVCache or None). Per-layer RoPE frequencies and the sliding/full flag
-    are scanned arrays, so Gemma 2/3's alternating layers need no Python branching.
-    With `cache`, the seq new tokens are written at slots `cache.index ...` and attend to
-    every earlier slot (prefill: an empty cache at index 0; decode: one token per row).
+    x [batch, seq, d_model] embeddings, layout: the TokenLayout [batch, seq] (positions and
+    the segments the mask is built from) -> (x [batch, seq, d_model] residual stream before
+    the final norm, updated KVCache or None). Per-layer RoPE frequencies and the sliding/full
+    flag are scanned arrays, so Gemma 2/3's alternating layers need no Python branching.
+    With `cache`, the seq new tokens (segments 0/1: padding or real) are written at slots
+    `cache.index ...` and attend to every earlier real slot (prefill: an empty cache at index
+    0; decode: one token per row); positions then continue the cache's count.
     """
     if cache is None:
-        positions = positions_from_mask(attention_mask)
-        full_mask, sliding_mask = attention_masks(attention_mask, config.sliding_window)
+        positions = layout.positions
+        full_mask, sliding_mask = attention_masks(layout, config.sliding_window)
     else:
+        attention_mask = (layout.segments != 0).astype(jnp.int32)
         positions, full_mask, sliding_mask, key_mask = cache_masks(
             attention_mask, cache, config.sliding_window
         )

@@ -106,11 +106,12 @@ def block(config: ModelConfig, p: Params, x: jax.Array, ctx: LayerContext):
     return x + norm(mlp, p["post_mlp_norm"]), kv
 
 
-def hidden_states(config: ModelConfig, params: Params, input_ids, attention_mask, cache=None):
-    """input_ids, attention_mask [batch, seq] -> (final hidden states [batch, seq, d_model],
-    updated KVCache or None; see core.run_layers)."""
+def hidden_states(config: ModelConfig, params: Params, input_ids, layout, cache=None):
+    """input_ids [batch, seq], layout: core.TokenLayout [batch, seq] (position ids and the
+    segments of the mask) -> (final hidden states [batch, seq, d_model], updated KVCache or
+    None; see core.run_layers)."""
     x = core.embed(config, params, input_ids, scale=True)
-    x, cache = core.run_layers(config, params, x, attention_mask, block, cache)
+    x, cache = core.run_layers(config, params, x, layout, block, cache)
     return core.rms_norm(x, params["final_norm"], config.norm_eps, plus_one=True), cache
 
 

@@ -76,14 +76,15 @@ def _olmo2_block(config: ModelConfig, p: Params, x: jax.Array, ctx: LayerContext
     return x + core.rms_norm(core.gated_mlp(x, p, config.activation), p["post_mlp_norm"], eps), kv
 
 
-def hidden_states(config: ModelConfig, params: Params, input_ids, attention_mask, cache=None):
-    """input_ids, attention_mask [batch, seq] -> (final hidden states [batch, seq, d_model],
-    updated KVCache or None; see core.run_layers)."""
+def hidden_states(config: ModelConfig, params: Params, input_ids, layout, cache=None):
+    """input_ids [batch, seq], layout: core.TokenLayout [batch, seq] (position ids and the
+    segments of the mask) -> (final hidden states [batch, seq, d_model], updated KVCache or
+    None; see core.run_layers)."""
     x = core.embed(config, params, input_ids, scale=False)
     if config.family == "olmo":
-        x, cache = core.run_layers(config, params, x, attention_mask, _olmo_block, cache)
+        x, cache = core.run_layers(config, params, x, layout, _olmo_block, cache)
         return core.layer_norm(x, config.norm_eps), cache
-    x, cache = core.run_layers(config, params, x, attention_mask, _olmo2_block, cache)
+    x, cache = core.run_layers(config, params, x, layout, _olmo2_block, cache)
     return core.rms_norm(x, params["final_norm"], config.norm_eps), cache
 
 

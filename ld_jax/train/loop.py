@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ld_jax import distributed, files, models
 from ld_jax.config import to_dict
 from ld_jax.data import formatting, pipeline, preference
-from ld_jax.data.batch import PairBatch
+from ld_jax.data.batch import DEFAULT_LAYOUT, PairBatch
 from ld_jax.digest import fingerprint, pairs_digest, params_digest
 from ld_jax.errors import LdJaxError
 from ld_jax.losses import LossConfig
@@ -57,6 +57,7 @@ class DataConfig:
     max_length: int | None = None
     pad_to_multiple: int = 64
     padding_side: str = "right"
+    layout: str = DEFAULT_LAYOUT  # paired | shared_prefix (ld_jax.data.batch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +195,7 @@ def _train(cfg: TrainConfig, model, pairs, callback, ref_logps, filter_summary) 
     if cfg.param_dtype != "float32":  # cast on the devices, already sharded
         params = jax.tree.map(lambda x: x.astype(cfg.param_dtype), params)
     padding = reference.Padding(
-        models.pad_id(model), cfg.data.pad_to_multiple, cfg.data.padding_side
+        models.pad_id(model), cfg.data.pad_to_multiple, cfg.data.padding_side, cfg.data.layout
     )
 
     def all_logps(p, desc):

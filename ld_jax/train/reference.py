@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ld_jax import distributed, files, models
 from ld_jax.data import pipeline
+from ld_jax.data.batch import DEFAULT_LAYOUT
 from ld_jax.digest import fingerprint, pairs_digest, params_digest
 from ld_jax.models.core import result_fields
 from ld_jax.train import feed, sharding
@@ -42,11 +43,12 @@ def reuse(key, build):
 
 @dataclasses.dataclass(frozen=True)
 class Padding:
-    """How sequences are padded: part of every log-prob cache key."""
+    """How sequences are padded and laid out: part of every log-prob cache key."""
 
     pad_id: int = 0
     pad_to_multiple: int = 64
     padding_side: str = "right"
+    layout: str = DEFAULT_LAYOUT  # paired | shared_prefix (ld_jax.data.batch)
 
 
 def logprobs_function(model, mesh, param_shardings, seq_chunk: int | None = None):
@@ -153,7 +155,9 @@ def like_training(cfg, model, pairs, cache_dir, progress: bool = True) -> np.nda
     mesh = sharding.make_mesh(cfg.mesh)
     layout = feed.batch_layout(cfg.batch_size, len(pairs), mesh, cfg.optimizer.grad_accum_steps)
     model = model.with_options(dtype=cfg.compute_dtype, remat=cfg.remat)
-    padding = Padding(models.pad_id(model), cfg.data.pad_to_multiple, cfg.data.padding_side)
+    padding = Padding(
+        models.pad_id(model), cfg.data.pad_to_multiple, cfg.data.padding_side, cfg.data.layout
+    )
     return reference_logps(
         model,
         pairs,

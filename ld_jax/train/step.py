@@ -141,7 +141,7 @@ def compile_step(
 def compile_logprobs(model, mesh, param_shardings, seq_chunk=None):
     """jit of (params, PairBatch.sequences()) -> log-probs `[B, 2]`, replicated: for the
     reference log-probs and the final evaluation."""
-    example = PairBatch(0, 0, 0)  # the sequence fields; the others are None
+    example = PairBatch(0, 0, 0, 0, 0, 0)  # the sequence fields; the others are None
 
     def logprobs(params, seqs):
         with batch_sharded(NamedSharding(mesh, BATCH)):
