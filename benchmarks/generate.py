@@ -1,7 +1,15 @@
 """Sampling throughput of SmolLM2-135M-Instruct: ld_jax's jitted KV-cache sampler against
 transformers' `generate` (PyTorch, KV cache), same process, same left-padded chat prompts.
 
-    python benchmarks/generate.py [--new 64] [--repeats 3] [--torch-threads N] [--out FILE]
+    python benchmarks/generate.py [--new 64] [--repeats 3] [--batch 8] [--torch-threads N]
+                                  [--out FILE]
+
+Decoding reads every weight once per step, so it is bound by memory bandwidth. The benchmark
+also measures this machine's bandwidth (`memory_bandwidth`: NumPy summing a 1 GiB float32
+array, which streams it from DRAM once) and reports the bound it implies, bandwidth / weight
+bytes steps/s, i.e. that times the batch in tokens/s, with each side as a fraction of it.
+`--batch` repeats the 8 prompts to any batch size (the bound grows with the batch; the compute
+per step too, until the matmuls, not the weight reads, set the pace).
 
 Both decode greedily with no stop token, so every row yields exactly `--new` tokens on both
 sides; the greedy tokens are compared as a sanity check. Runs alternate between the two so
@@ -14,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import jax
 import numpy as np
 import torch
-from common import interleaved_times, machine, write_rates
+from common import interleaved_times, machine, write_rates, write_result
 from transformers import AutoModelForCausalLM
 
 from ld_jax import generate, models
@@ -50,6 +59,7 @@ def main() -> None:
     parser.add_argument(
         "--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
     )
+    parser.add_argument("--batch", type=int, default=len(PROMPTS))
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.torch_threads:
@@ -60,7 +70,8 @@ def main() -> None:
         str(loading.resolve(MODEL)), dtype=torch.float32
     ).eval()
     tok = lm.tokenizer
-    encoded = tok(generate.format_prompts(tok, PROMPTS), add_special_tokens=False)["input_ids"]
+    prompts = [PROMPTS[k % len(PROMPTS)] for k in range(args.batch)]
+    encoded = tok(generate.format_prompts(tok, prompts), add_special_tokens=False)["input_ids"]
     pad = models.pad_id(lm)
     ids, mask = generate.left_pad(encoded, pad_id=pad)
     sampling = SamplingConfig(max_new_tokens=args.new, temperature=0.0, stop_token_ids=())
@@ -89,12 +100,12 @@ def main() -> None:
     sides = {"ld_jax": run_jax, "torch": run_torch}
     compile_s, times = interleaved_times(sides, args.warmup, args.repeats, "generate benchmark")
 
-    tokens = len(PROMPTS) * args.new
+    tokens = args.batch * args.new
     same = outputs["ld_jax"] == outputs["torch"]
     result = {
         "benchmark": "generate",
         "model": MODEL,
-        "batch": len(PROMPTS),
+        "batch": args.batch,
         "prompt_tokens": [len(e) for e in encoded],
         "new_tokens": args.new,
         "dtype": "float32",
@@ -106,7 +117,41 @@ def main() -> None:
         "rows_fully_equal": int(same.all(axis=1).sum()),
         "machine": machine(),
     }
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(lm.params))
+    bandwidth = memory_bandwidth()
+    bound = bandwidth / weight_bytes * args.batch  # tokens/s if each step only read the weights
+    result["bandwidth_bound"] = {
+        "memory_bandwidth_gb_s": bandwidth / 1e9,
+        "weight_bytes": weight_bytes,
+        "decode_bound_tokens_per_s": bound,
+    }
     write_rates(result, times, tokens, args.out)
+    for side in ("ld_jax", "torch"):
+        result[side]["fraction_of_bound"] = result[side]["tokens_per_s"] / bound
+    write_result(result, args.out)
+    print(
+        f"bandwidth {bandwidth / 1e9:.1f} GB/s, {weight_bytes / 1e6:.0f} MB of weights: decode "
+        f"bound {bound:.1f} tokens/s at batch {args.batch}; ld_jax at "
+        f"{result['ld_jax']['fraction_of_bound']:.2f} of it, torch at "
+        f"{result['torch']['fraction_of_bound']:.2f}"
+    )
+
+
+def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes/s of streaming a `gib` GiB float32 array from memory: the best of `repeats` reads,
+    each both by NumPy's sum and by an XLA matrix-vector product (the decode step's own kind of
+    weight read, on XLA's threads); the array is far larger than any cache."""
+    a = np.ones((int(gib * 2**30) // 4 // 1024, 1024), np.float32)
+    x, v = jax.device_put(a), jax.numpy.ones(1024, np.float32)
+    matvec = jax.jit(lambda m, v: m @ v)
+    matvec(x, v).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        for read in (a.sum, lambda: matvec(x, v).block_until_ready()):
+            start = time.perf_counter()
+            read()
+            best = min(best, time.perf_counter() - start)
+    return a.nbytes / best
 
 
 if __name__ == "__main__":

@@ -220,6 +220,13 @@ def _add_plan(sub) -> None:
         default="train,reference,ches",
         help="with --topology: the programs to compile (each takes minutes on a small CPU)",
     )
+    p.add_argument(
+        "--prompt-len",
+        type=int,
+        default=1,
+        help="with --topology: size batches for prompts of this many tokens (default 1: the "
+        "longest batch the shared_prefix layout can make)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. mesh.data=4 mesh.fsdp=8")
     p.set_defaults(func=_plan)
 
@@ -239,7 +246,10 @@ def _plan(args) -> int:
     from ld_jax import compile_plan, files
 
     report = compile_plan.with_estimate(
-        compile_plan.compile_plan(cfg, args.topology, tuple(args.passes.split(","))), cfg
+        compile_plan.compile_plan(
+            cfg, args.topology, tuple(args.passes.split(",")), prompt_len=args.prompt_len
+        ),
+        cfg,
     )
     print(compile_plan.render(report))
     if args.json:

@@ -18,7 +18,6 @@ compiled for the same mesh and reported the same way.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 
@@ -28,6 +27,8 @@ from jax.sharding import NamedSharding
 
 from ld_jax import ches, models
 from ld_jax.data.batch import PairBatch
+from ld_jax.data.formatting import TokenizedPair
+from ld_jax.data.pipeline import padded_lengths
 from ld_jax.errors import LdJaxError
 from ld_jax.models.constraints import batch_sharded
 from ld_jax.plan import abstract_params, make_plan, model_config
@@ -98,10 +99,16 @@ def _abstract(tree, shardings):
     )
 
 
-def seq_len_of(cfg: TrainConfig) -> int:
-    """The longest padded length a batch of `cfg` can have (what `plan` sizes for)."""
+def batch_shape(cfg: TrainConfig, prompt_len: int = 1) -> tuple[int, int, int]:
+    """(R, S, T) of the longest batch `cfg`'s data can make in its layout: every pair with a
+    `prompt_len`-token prompt and two replies filling `max_length` (`data.pipeline`'s own
+    padding rules). The default prompt of 1 token is the worst case of the packed layout,
+    whose row holds both replies; a longer prompt gives a typical rather than a bound shape."""
     n = cfg.data.max_length or 512
-    return cfg.data.pad_to_multiple * math.ceil(n / cfg.data.pad_to_multiple)
+    reply = [0] * (n - prompt_len)
+    pair = TokenizedPair(0, [0] * prompt_len, reply, reply)
+    seq, targets = padded_lengths([pair], cfg.data.pad_to_multiple, cfg.data.layout)
+    return (2 if cfg.data.layout == "paired" else 1), seq, targets
 
 
 def _timed_compile(fn, *args) -> tuple[object, float]:
@@ -111,9 +118,13 @@ def _timed_compile(fn, *args) -> tuple[object, float]:
 
 
 def compile_plan(
-    cfg: TrainConfig, topology: str, passes: tuple[str, ...] = ("train", "reference", "ches")
+    cfg: TrainConfig,
+    topology: str,
+    passes: tuple[str, ...] = ("train", "reference", "ches"),
+    prompt_len: int = 1,
 ) -> dict:
-    """Compile `cfg`'s training step (and the reference and CHES passes) for `topology`.
+    """Compile `cfg`'s training step (and the reference and CHES passes) for `topology`, on
+    batches of `batch_shape(cfg, prompt_len)` (the default: the worst case).
 
     Returns the JSON record of `ld-jax plan --topology` (keys in the module docstring)."""
     devices = topology_devices(topology)
@@ -130,7 +141,7 @@ def compile_plan(
     layout = feed.batch_layout(
         cfg.batch_size, cfg.batch_size, mesh, cfg.optimizer.grad_accum_steps, cfg.strict_batch
     )
-    seq_len = seq_len_of(cfg)
+    rows_per_pair, seq_len, target_len = batch_shape(cfg, prompt_len)
     optimizer = make_optimizer(cfg.optimizer)
     params = abstract_params(config, cfg.param_dtype)
     state = abstract_state(params, optimizer)
@@ -148,8 +159,13 @@ def compile_plan(
             "pairs": layout.pairs,
             "rows": layout.rows,
             "micro_batches": layout.micro_batches,
+            "layout": cfg.data.layout,
+            "prompt_len": prompt_len,
+            "rows_per_pair": rows_per_pair,
             "seq_len": seq_len,
-            "tokens_per_step": 2 * layout.rows * seq_len,
+            "target_len": target_len,
+            "positions_per_step": rows_per_pair * layout.rows * seq_len,
+            "lm_head_positions_per_step": rows_per_pair * layout.rows * target_len,
             "pairs_per_device_per_micro_batch": layout.eval_rows // layout.devices,
         },
         "options": {
@@ -160,7 +176,7 @@ def compile_plan(
         },
     }
     if "train" in passes:
-        batch = PairBatch.abstract(layout.rows, seq_len)
+        batch = PairBatch.abstract(layout.rows, seq_len, rows_per_pair, target_len)
         step = compile_step(
             lm,
             cfg.loss,
@@ -182,17 +198,19 @@ def compile_plan(
         report["headroom_ok"] = report["compiled"]["peak_bytes"] <= 0.9 * hbm
     if "reference" in passes:  # the loop's reference / final-eval pass: eval_rows per batch
         fn = compile_logprobs(lm, mesh, param_shardings, cfg.seq_chunk)
-        seqs = PairBatch.abstract(layout.eval_rows, seq_len).sequences()
+        seqs = PairBatch.abstract(layout.eval_rows, seq_len, rows_per_pair, target_len)
+        seqs = seqs.sequences()
         seqs = _abstract(seqs, sharding.batch_shardings(seqs, mesh))
         compiled, seconds = _timed_compile(fn, _abstract(params, param_shardings), seqs)
         report["reference"] = {**memory(compiled), "compile_s": round(seconds, 1)}
         report["reference"]["fits"] = report["reference"]["peak_bytes"] <= hbm
     if "ches" in passes:
-        report["ches"] = _compile_ches(cfg, lm, mesh, params, param_shardings, seq_len, hbm)
+        shape = (rows_per_pair, seq_len, target_len)
+        report["ches"] = _compile_ches(cfg, lm, mesh, params, param_shardings, shape, hbm)
     return report
 
 
-def _compile_ches(cfg, lm, mesh, params, param_shardings, seq_len, hbm) -> dict:
+def _compile_ches(cfg, lm, mesh, params, param_shardings, shape, hbm) -> dict:
     """CHES's kernel as `ches.score_batches(lm, pairs, mesh=mesh)` runs it: ScoringConfig's
     default 8 pairs per batch (rounded to the mesh), weights in the compute dtype laid out by
     the partition rules, activations split over the batch."""
@@ -200,12 +218,11 @@ def _compile_ches(cfg, lm, mesh, params, param_shardings, seq_len, hbm) -> dict:
     dtype = jnp.dtype(cfg.compute_dtype)
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), params)
     data = NamedSharding(mesh, sharding.BATCH)
-    seqs = [jax.ShapeDtypeStruct((rows, 2, seq_len), jnp.int32, sharding=data)] * 3
+    seqs = PairBatch.abstract(rows, *shape).sequences()
+    seqs = _abstract(seqs, sharding.batch_shardings(seqs, mesh))
     t0 = time.perf_counter()
     with batch_sharded(data):
-        lowered = ches.ches_kernel.lower(
-            lm.hidden_states, _abstract(params, param_shardings), *seqs
-        )
+        lowered = ches.ches_kernel.lower(lm.hidden_states, _abstract(params, param_shardings), seqs)
     compiled = lowered.compile()
     out = {**memory(compiled), "compile_s": round(time.perf_counter() - t0, 1), "rows": rows}
     out["fits"] = out["peak_bytes"] <= hbm
@@ -238,8 +255,9 @@ def render(report: dict) -> str:
         ("model", f"{report['model']} on {report['topology']} ({report['devices']} chips, {mesh})"),
         (
             "batch",
-            f"{b['pairs']} pairs ({b['rows']} rows) x 2 x {b['seq_len']} = "
-            f"{b['tokens_per_step']} tokens/step in {b['micro_batches']} micro-batch(es)",
+            f"{b['pairs']} pairs ({b['rows']} rows) x {b['rows_per_pair']} x {b['seq_len']} = "
+            f"{b['positions_per_step']} positions/step ({b['layout']}, LM head on "
+            f"{b['lm_head_positions_per_step']}) in {b['micro_batches']} micro-batch(es)",
         ),
     ]
     hbm = report["hbm_bytes"]
