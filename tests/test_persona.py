@@ -411,13 +411,32 @@ def test_cli_runs_sft_then_dpo_prints_the_table_and_resumes(tiny, tmp_path, caps
                 "report_steps": [3, 6],
                 "optimizer": {"lr": 1e-3},
                 "out_dir": str(tmp_path / "out"),
-                "sft": {"enabled": True, "lr": 1e-3, "batch_size": 5},
+                "sft": {"enabled": True, "rule": "fixed", "lr": 1e-3, "batch_size": 5},
             }
         )
     )
     assert main(["persona", "--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert "| model | y+ | y− | runs kept |" in out and "No | Never" in out
+    assert "Verdict (" in out and "- (No, Never): π(No) fell overall (Definition 1) in " in out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [tuple(r["pair"]) for r in summary] == [("No", "Never"), ("Yes", "No")]
+    assert set(summary[0]) == {
+        "model",
+        "loss",
+        "lr",
+        "sft",
+        "steps",
+        "pair",
+        "runs",
+        "runs_kept",
+        "pi_pos_start_mean",
+        "set_mass_start_mean",
+        "definition1_runs",
+        "drop_ge_0.2_runs",
+        "mean_largest_drop",
+        "theorem5_spearman",
+    }
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["sft"]["steps"] == 5  # 24 prompts in batches of 5
     assert results["sft"]["mean_label_prob_after"] > results["sft"]["mean_label_prob_before"]

@@ -30,6 +30,7 @@ import numpy as np
 from ld_jax import files, models
 from ld_jax.data.formatting import TokenizedPair
 from ld_jax.digest import fingerprint, params_digest
+from ld_jax.errors import LdJaxError
 from ld_jax.experiments.persona import step as persona_step
 from ld_jax.losses import LossConfig
 from ld_jax.models.loading import load_param_tree, save_param_tree
@@ -120,6 +121,8 @@ def phase(cfg, lm, prompts, records, tokens, cache_root: Path, log) -> tuple[dic
     ]
     if s.rule == "fixed":
         train_idx, held = np.arange(len(records)), np.arange(0)
+    elif s.heldout >= len(records):
+        raise LdJaxError(f"sft.heldout={s.heldout} leaves no training prompt of {len(records)}")
     else:
         train_idx, held = split(len(records), s.heldout, s.seed)
     pairs = [TokenizedPair(int(i), list(prompts[i]), [labels[i]], [labels[i]]) for i in train_idx]
