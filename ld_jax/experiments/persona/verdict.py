@@ -180,3 +180,28 @@ def verdict(results: dict) -> str:
             f"{cat['k']} of {cat['n']} runs{' (' + ', '.join(cat['tokens']) + ')' if cat['tokens'] else ''}."
         )
     return "\n".join(lines)
+
+
+def collect(root: str, out: str) -> list[dict]:
+    """Every setting's summary.json under `root` (one directory per setting) in one file, `out`
+    (docs/results/persona/summary.json):
+    python -m ld_jax.experiments.persona.verdict docs/results/persona/e1 docs/results/persona/summary.json
+    """
+    import json
+    from pathlib import Path
+
+    from ld_jax import files
+
+    records = [
+        rec
+        for path in sorted(Path(root).glob("*/summary.json"))
+        for rec in json.loads(path.read_text())
+    ]
+    files.write_json(out, records, indent=1)
+    return records
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(f"{len(collect(*sys.argv[1:3]))} records")
