@@ -182,6 +182,56 @@ def verdict(results: dict) -> str:
     return "\n".join(lines)
 
 
+def summary_table(records: list[dict]) -> str:
+    """summary.json's records as one Markdown table (docs/results/persona.md)."""
+    from ld_jax import report
+
+    def count(c):
+        return (
+            "–"
+            if c is None
+            else f"{c['k']}/{c['n']} [{c['wilson95'][0]:.2f}, {c['wilson95'][1]:.2f}]"
+        )
+
+    def num(x):
+        return "–" if x is None else report.format_number(x)
+
+    rows = [
+        [
+            r["model"],
+            r["loss"].upper(),
+            f"{r['lr']:g}",
+            "yes" if r["sft"] else "no",
+            str(r["steps"]),
+            f"({r['pair'][0]}, {r['pair'][1]})",
+            f"{r['runs_kept']}/{r['runs']}",
+            num(r["set_mass_start_mean"]),
+            num(r["pi_pos_start_mean"]),
+            count(r["definition1_runs"]),
+            count(r["drop_ge_0.2_runs"]),
+            num(r["mean_largest_drop"]),
+            "–" if r["theorem5_spearman"] is None else f"{r['theorem5_spearman']['mean']:.2f}",
+        ]
+        for r in records
+    ]
+    header = [
+        "model",
+        "loss",
+        "lr",
+        "SFT",
+        "steps",
+        "pair",
+        "kept",
+        "set mass at start",
+        "π(y+) at start",
+        "Definition 1 [Wilson 95%]",
+        "drop ≥ 0.2 [Wilson 95%]",
+        "mean largest drop",
+        "Theorem 5 Spearman",
+    ]
+    return report.markdown_table(header, rows, "lllllllrrrrrr")
+
+
 def collect(root: str, out: str) -> list[dict]:
     """Every setting's summary.json under `root` (one directory per setting) in one file, `out`
     (docs/results/persona/summary.json):
