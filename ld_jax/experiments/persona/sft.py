@@ -195,27 +195,44 @@ def phase(cfg, lm, prompts, records, tokens, cache_root: Path, log) -> tuple[dic
             info["trials"], params, chosen = [], None, None
             for lr in grid:
                 out = path.with_suffix("") / f"lr{lr:g}"
-                evals, metrics = [], []
+                # evaluations so far, kept beside the trial's checkpoints: a restarted phase
+                # resumes the trial past them (the loop cannot go back to an earlier step)
+                done = out / "evals.json"
+                evals = json.loads(done.read_text()) if done.is_file() else []
                 points = sorted({*range(s.eval_every, total, s.eval_every), total})
                 for k in points:
-                    result = loop.train(trial_config(lr, out, k), model=lm, pairs=pairs)
-                    metrics = result.metrics
-                    mass = stats(params=result.params)["set_mass"]
-                    evals.append({"step": k, "heldout_set_mass": mass, "loss": metrics[-1]["loss"]})
-                    log(
-                        f"SFT lr {lr:g} step {k}/{total}: held-out set mass {mass:.3f}, batch loss {metrics[-1]['loss']:.3f}"
-                    )
-                    if mass >= s.target_mass:
-                        chosen, params = {"lr": lr, "steps": k}, jax.device_get(result.params)
+                    stored = next((e for e in evals if e["step"] == k), None)
+                    if stored is None:
+                        result = loop.train(trial_config(lr, out, k), model=lm, pairs=pairs)
+                        stored = {
+                            "step": k,
+                            "heldout_set_mass": stats(params=result.params)["set_mass"],
+                            "loss": result.metrics[-1]["loss"],
+                        }
+                        evals.append(stored)
+                        files.write_json(done, evals)
+                        log(
+                            f"SFT lr {lr:g} step {k}/{total}: held-out set mass "
+                            f"{stored['heldout_set_mass']:.3f}, batch loss {stored['loss']:.3f}"
+                        )
+                    if stored["heldout_set_mass"] >= s.target_mass:
+                        chosen = {"lr": lr, "steps": k}
                         break
                 info["trials"].append({"lr": lr, "evals": evals, "reached": chosen is not None})
                 if chosen is not None:
                     break
             if chosen is None:  # no lr reached the target: the last trial's end, reported as such
                 log(
-                    f"SFT: no lr of {grid} reached held-out set mass {s.target_mass}; using lr {grid[-1]:g} after {total} steps"
+                    f"SFT: no lr of {grid} reached held-out set mass {s.target_mass}; "
+                    f"using lr {grid[-1]:g} after {total} steps"
                 )
-                chosen, params = {"lr": grid[-1], "steps": total}, jax.device_get(result.params)
+                chosen = {"lr": grid[-1], "steps": total}
+            # the chosen trial's checkpoint is at the chosen step: the loop restores it
+            out = path.with_suffix("") / f"lr{chosen['lr']:g}"
+            result = loop.train(
+                trial_config(chosen["lr"], out, chosen["steps"]), model=lm, pairs=pairs
+            )
+            params = jax.device_get(result.params)
             info |= chosen | {
                 "epochs": chosen["steps"] / steps_per_epoch,
                 "reached": info["trials"][-1]["reached"],
