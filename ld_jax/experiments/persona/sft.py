@@ -25,13 +25,13 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ld_jax import files, models
 from ld_jax.data.formatting import TokenizedPair
 from ld_jax.digest import fingerprint, params_digest
 from ld_jax.errors import LdJaxError
-from ld_jax.experiments.persona import step as persona_step
 from ld_jax.losses import LossConfig
 from ld_jax.models.loading import load_param_tree, save_param_tree
 from ld_jax.train import loop, reference
@@ -48,25 +48,40 @@ _NEXT_TOKEN: dict = {}
 
 
 def _next_token_fn(lm):
-    """The jitted next-token pass, one per architecture (params are an argument)."""
+    """Jitted: params, ids `[B, s]` right-padded, mask `[B, s]`, last `[B]` -> log-probs `[B, V]`
+    of the token after each row's last real position (one per architecture)."""
     if lm.config not in _NEXT_TOKEN:
-        _NEXT_TOKEN[lm.config] = jax.jit(functools.partial(persona_step.last_position_logprobs, lm))
+
+        def fn(params, ids, mask, last):
+            hidden = lm.hidden_states(params, ids, mask)  # [B, s, d]
+            h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [B, 1, d]
+            logits = lm.logits_from_hidden(params, h)[:, 0]
+            return jax.nn.log_softmax(logits.astype(jnp.float32))
+
+        _NEXT_TOKEN[lm.config] = jax.jit(fn)
     return _NEXT_TOKEN[lm.config]
 
 
-def next_token_probs(lm, params, prompts: list[list[int]], token_ids) -> np.ndarray:
-    """π(t | prompt) `[len(prompts), len(token_ids)]` for the next token after each prompt
-    (one right-padded forward per prompt, the persona runs' own reference pass)."""
+def next_token_probs(lm, params, prompts: list[list[int]], token_ids, rows: int = 16) -> np.ndarray:
+    """π(t | prompt) `[len(prompts), len(token_ids)]` for the next token after each prompt, in
+    batches of `rows` right-padded to a multiple of 8 (causal attention: a real position never
+    sees the padding after it)."""
     fn, ids = _next_token_fn(lm), np.asarray(token_ids, np.int32)
-    pad = models.pad_id(lm)
-    out = []
-    for p in prompts:
-        x = np.full(-(-len(p) // 8) * 8, pad, np.int32)
-        x[: len(p)] = p
-        mask = (np.arange(len(x)) < len(p)).astype(np.int32)
-        logp, _ = fn(params, x, mask, np.int32(len(p) - 1))
-        out.append(np.exp(np.asarray(logp, np.float64)[ids]))
-    return np.stack(out) if out else np.zeros((0, len(ids)))
+    pad, out = models.pad_id(lm), np.zeros((len(prompts), len(ids)))
+    order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths together
+    for start in range(0, len(order), rows):
+        chunk = order[start : start + rows]
+        width = -(-max(len(prompts[i]) for i in chunk) // 8) * 8
+        x = np.full((rows, width), pad, np.int32)  # a fixed row count: one shape per width
+        mask = np.zeros((rows, width), np.int32)
+        last = np.zeros(rows, np.int32)
+        for r, i in enumerate(chunk):
+            x[r, : len(prompts[i])], mask[r, : len(prompts[i])] = prompts[i], 1
+            last[r] = len(prompts[i]) - 1
+        mask[len(chunk) :, 0] = 1  # filler rows: one real token, so no row is fully masked
+        logp = np.asarray(fn(params, x, mask, last), np.float64)
+        out[chunk] = np.exp(logp[: len(chunk)][:, ids])
+    return out
 
 
 def describe(probs: np.ndarray, words: list[str]) -> dict:
