@@ -716,3 +716,47 @@ def test_sft_rule_stops_at_the_first_heldout_set_mass_over_the_target(tiny, lm, 
     # A second call reads the cache.
     again, info2, _ = sft.phase(cfg, lm, prompts, records, tokens, tmp_path / "c", logs.append)
     assert info2 == info and "SFT phase: cached" in logs[-1]
+
+
+def test_a_stopped_sft_rule_resumes_to_the_uninterrupted_result(tiny, lm, tmp_path, monkeypatch):
+    """The phase stopped after two of its evaluations (a killed piece) and run again gives the
+    evaluations and weights of one uninterrupted phase: it resumes past the kept evaluations."""
+    from ld_jax.experiments.persona import sft
+    from ld_jax.train import loop
+
+    records = persona_runs.load_records(tiny["data"])
+    tok = lm.tokenizer
+    prompts, _ = persona_runs.encode_prompts(tok, [r["question"] for r in records], "auto")
+    cfg = _config(
+        tiny,
+        tmp_path,
+        sft=persona.SFTConfig(
+            enabled=True,
+            lr_grid=(3e-3,),
+            target_mass=2.0,
+            heldout=6,
+            eval_every=1,
+            batch_size=6,
+            epochs=1,
+        ),
+    )
+    tokens = persona_runs.resolve_tokens(tok, cfg.no_set + cfg.yes_set + ("Never",), {})
+    whole, info, _ = sft.phase(cfg, lm, prompts, records, tokens, tmp_path / "a", print)
+
+    real, calls = loop.train, []
+
+    def killed_after_two(*args, **kw):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(loop, "train", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        sft.phase(cfg, lm, prompts, records, tokens, tmp_path / "b", print)
+    monkeypatch.setattr(loop, "train", real)
+    again, info2, _ = sft.phase(cfg, lm, prompts, records, tokens, tmp_path / "b", print)
+    assert not info["reached"] and info["steps"] == 3  # 18 prompts in batches of 6
+    assert info2["trials"] == info["trials"] and info2["after"] == info["after"]
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(again)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-8)
