@@ -168,8 +168,13 @@ class Runner:
             lm, cfg.loss, cfg.optimizer, cfg.track_k
         )
         self.t5 = persona_step.theorem5_fns(lm, cfg.loss)
-        W = np.asarray(lm.unembedding(params), np.float64)
-        self.t5_score = [W @ (W[a] - W[b]) for a, b in pair_ids]  # ⟨W_z, W_{y+} − W_{y−}⟩ `[V]`
+        W = lm.unembedding(
+            params
+        )  # [V, d] in the model's dtype (a float64 copy of Gemma's is 1.3 GB)
+        self.t5_score = [  # ⟨W_z, W_{y+} − W_{y−}⟩ `[V]`
+            np.asarray(W.astype(jnp.float32) @ (W[a] - W[b]).astype(jnp.float32), np.float64)
+            for a, b in pair_ids
+        ]
 
     def theorem5(self, run, batch) -> dict:
         """Spearman over z ∉ {y+, y−} between ⟨W_z, W_{y+} − W_{y−}⟩ and the change of ln π(z|x):
