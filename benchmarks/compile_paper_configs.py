@@ -36,7 +36,7 @@ def program_key(config: Path) -> str:
     fields = to_dict(cfg)
     for key in ("model", "output_dir"):
         fields.pop(key)
-    fields["data"] = {k: fields["data"][k] for k in ("max_length", "pad_to_multiple")}
+    fields["data"] = {k: fields["data"][k] for k in ("max_length", "pad_to_multiple", "layout")}
     arch = {k: v for k, v in arch.__dict__.items() if k != "eos_token_ids"}
     return json.dumps([repr(sorted(arch.items())), fields], sort_keys=True, default=str)
 

@@ -275,7 +275,10 @@ def _persona(args) -> int:
 
     cfg = load_config(persona.PersonaConfig, args.config, args.overrides)
     return _print_experiment(
-        persona.run_persona(cfg), ("table1_md",), "tables, plots and results.json", cfg.out_dir
+        persona.run_persona(cfg),
+        ("table1_md", "verdict_md"),
+        "tables, plots, verdict.md, summary.json and results.json",
+        cfg.out_dir,
     )
 
 

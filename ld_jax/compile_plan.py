@@ -31,7 +31,7 @@ from ld_jax.data.formatting import TokenizedPair
 from ld_jax.data.pipeline import padded_lengths
 from ld_jax.errors import LdJaxError
 from ld_jax.models.constraints import batch_sharded
-from ld_jax.plan import abstract_params, make_plan, model_config
+from ld_jax.plan import abstract_params, make_plan, model_config, step_flops
 from ld_jax.train import feed, sharding
 from ld_jax.train.loop import TrainConfig
 from ld_jax.train.optim import make_optimizer
@@ -194,6 +194,10 @@ def compile_plan(
         flops = compiled.cost_analysis().get("flops")
         # a while-loop body is costed once (plan.step_flops), so this undercounts the layers
         report["compiled_flops_per_device_loop_bodies_once"] = flops
+        # the whole step's FLOPs on this batch shape and layout (layers unrolled, XLA's count)
+        report["step_flops"] = step_flops(
+            cfg, config, layout.rows, seq_len, cfg.remat, rows_per_pair, target_len
+        )
         report["fits"] = report["compiled"]["peak_bytes"] <= hbm
         report["headroom_ok"] = report["compiled"]["peak_bytes"] <= 0.9 * hbm
     if "reference" in passes:  # the loop's reference / final-eval pass: eval_rows per batch

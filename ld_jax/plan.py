@@ -210,13 +210,20 @@ def bytes_per_device(tree, mesh: AbstractMesh, rules) -> int:
 
 
 def step_flops(
-    cfg: TrainConfig, config: models.ModelConfig, batch_pairs: int, seq_len: int, remat: bool
+    cfg: TrainConfig,
+    config: models.ModelConfig,
+    batch_pairs: int,
+    seq_len: int,
+    remat: bool,
+    rows_per_pair: int = 2,
+    target_len: int | None = None,
 ) -> float:
-    """FLOPs of one training step on the global batch, from XLA's cost analysis of the lowered
-    step at 0 and 1 layers (module docstring). Lowering only traces shapes."""
+    """FLOPs of one training step on the global batch of `batch_pairs` pairs, each
+    `rows_per_pair` rows of `seq_len` with `target_len` response positions (the paired layout by
+    default), from XLA's cost analysis of the lowered step at 0 and 1 layers (module
+    docstring). Lowering only traces shapes."""
     optimizer = make_optimizer(cfg.optimizer)
-    b, s = batch_pairs, seq_len
-    batch = PairBatch.abstract(b, s)
+    batch = PairBatch.abstract(batch_pairs, seq_len, rows_per_pair, target_len)
 
     def cost(n_layers: int) -> float:
         c = config.replace(

@@ -411,13 +411,32 @@ def test_cli_runs_sft_then_dpo_prints_the_table_and_resumes(tiny, tmp_path, caps
                 "report_steps": [3, 6],
                 "optimizer": {"lr": 1e-3},
                 "out_dir": str(tmp_path / "out"),
-                "sft": {"enabled": True, "lr": 1e-3, "batch_size": 5},
+                "sft": {"enabled": True, "rule": "fixed", "lr": 1e-3, "batch_size": 5},
             }
         )
     )
     assert main(["persona", "--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert "| model | y+ | y− | runs kept |" in out and "No | Never" in out
+    assert "Verdict (" in out and "- (No, Never): π(No) fell overall (Definition 1) in " in out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [tuple(r["pair"]) for r in summary] == [("No", "Never"), ("Yes", "No")]
+    assert set(summary[0]) == {
+        "model",
+        "loss",
+        "lr",
+        "sft",
+        "steps",
+        "pair",
+        "runs",
+        "runs_kept",
+        "pi_pos_start_mean",
+        "set_mass_start_mean",
+        "definition1_runs",
+        "drop_ge_0.2_runs",
+        "mean_largest_drop",
+        "theorem5_spearman",
+    }
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["sft"]["steps"] == 5  # 24 prompts in batches of 5
     assert results["sft"]["mean_label_prob_after"] > results["sft"]["mean_label_prob_before"]
@@ -485,3 +504,259 @@ def test_smollm2_tokens_and_initial_probabilities_match_transformers(tmp_path):
         np.testing.assert_allclose(
             [run["logp_pos"][0], run["logp_neg"][0]], logp[[y_pos, y_neg]], atol=1e-4
         )
+
+
+# ------------------------------------------------------------------ the Theorem 5 check (issue 19)
+
+
+def _t5_batch(logp, y_pos, y_neg):
+    # a reference away from the model, so that ℓ′ is not −β/2
+    return {
+        "y_pos": y_pos,
+        "y_neg": y_neg,
+        "ref_pos": logp[y_pos] + 0.3,
+        "ref_neg": logp[y_neg] - 0.2,
+    }
+
+
+def test_theorem5_check_is_exact_in_the_unconstrained_features_model_float64():
+    """With free h_x and W (SPEC §5), the measured rate of every ln π(z|x), z ∉ {y+, y−}, is
+    Theorem 5's closed form −ℓ′(⟨W_z, W_{y+} − W_{y−}⟩ + c) (written out here from SPEC), so the
+    check's Spearman is 1, for the rate and for a small measured gradient step."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(3)
+        V, d, y_pos, y_neg = 60, 8, 4, 9
+        params = {"h": jnp.asarray(rng.normal(size=d)), "W": jnp.asarray(rng.normal(size=(V, d)))}
+        logp_of = lambda p, b: jax.nn.log_softmax(p["W"] @ p["h"])  # noqa: E731
+        logp = logp_of(params, None)
+        batch = _t5_batch(logp, y_pos, y_neg)
+        cfg = LossConfig()
+        fns = persona_step.theorem5_measures(logp_of, cfg)
+        rate = np.asarray(fns.rate(params, batch))
+        W, h, pi = np.asarray(params["W"]), np.asarray(params["h"]), np.exp(np.asarray(logp))
+        u = (logp[y_pos] - batch["ref_pos"]) - (logp[y_neg] - batch["ref_neg"])
+        ell_prime = -cfg.beta * float(jax.nn.sigmoid(-cfg.beta * u))
+        diff = W[y_pos] - W[y_neg]
+        c = (pi[y_neg] - pi[y_pos]) * h @ h - pi @ (W @ diff)
+        want = -ell_prime * (W @ diff + c)
+        others = np.setdiff1d(np.arange(V), [y_pos, y_neg])
+        np.testing.assert_allclose(rate[others], want[others], rtol=1e-10)
+        eta = 1e-5 / np.abs(rate).max()
+        change = np.asarray(fns.change(params, batch, eta))
+        score = W @ diff
+        assert persona_step.spearman_excluding(score, rate, (y_pos, y_neg)) == pytest.approx(
+            1, abs=1e-12
+        )
+        assert persona_step.spearman_excluding(score, change, (y_pos, y_neg)) > 0.999
+
+
+def test_theorem5_check_measures_a_networks_change_by_autodiff_float64():
+    """On a tiny two-layer network (float64): the JVP rate equals ⟨∇ ln π(z|x), −∇L⟩ from two
+    plain gradients; a gradient step of size η changes ln π by η · rate to first order; the
+    rank correlation is scipy's Spearman over z ∉ {y+, y−} (ties: average ranks)."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(4)
+        V, d, y_pos, y_neg = 50, 6, 1, 2
+        params = {
+            k: jnp.asarray(rng.normal(size=s) / 2)
+            for k, s in (("E", (V, d)), ("A", (d, d)), ("W", (V, d)))
+        }
+        ids = np.array([3, 7, 11, 20])
+
+        def logp_of(p, b):
+            h = jnp.tanh(p["A"] @ p["E"][ids].mean(0))
+            return jax.nn.log_softmax(p["W"] @ h)
+
+        batch = _t5_batch(logp_of(params, None), y_pos, y_neg)
+        cfg = LossConfig()
+        fns = persona_step.theorem5_measures(logp_of, cfg)
+        rate = np.asarray(fns.rate(params, batch))
+
+        def loss(p):
+            lp = logp_of(p, None)
+            return -jax.nn.log_sigmoid(
+                cfg.beta * ((lp[y_pos] - batch["ref_pos"]) - (lp[y_neg] - batch["ref_neg"]))
+            )
+
+        g_loss = jax.grad(loss)(params)
+        for z in (y_pos, y_neg, 0, 17, 49):
+            g_z = jax.grad(lambda p, z=z: logp_of(p, None)[z])(params)
+            want = -sum(float(jnp.vdot(g_z[k], g_loss[k])) for k in params)
+            np.testing.assert_allclose(rate[z], want, rtol=1e-10)
+        eta = 1e-6 / np.abs(rate).max()
+        change = np.asarray(fns.change(params, batch, eta))
+        np.testing.assert_allclose(change / eta, rate, rtol=1e-4, atol=1e-5 * np.abs(rate).max())
+
+    W = np.asarray(params["W"])
+    score = W @ (W[y_pos] - W[y_neg])
+    keep = np.ones(V, bool)
+    keep[[y_pos, y_neg]] = False
+    got = persona_step.spearman_excluding(score, rate, (y_pos, y_neg))
+    assert got == pytest.approx(scipy.stats.spearmanr(score[keep], rate[keep]).statistic, abs=1e-12)
+    ties = np.round(score, 0)
+    assert persona_step.spearman_excluding(ties, rate, (y_pos,)) == pytest.approx(
+        scipy.stats.spearmanr(np.delete(ties, y_pos), np.delete(rate, y_pos)).statistic, abs=1e-12
+    )
+
+
+def test_runs_record_theorem5_spearman_and_the_starting_set_mass(tiny, lm, tmp_path):
+    cfg = _config(tiny, tmp_path, optimizer=OptimizerConfig(lr=1e-4), steps=3, report_steps=(3,))
+    tok = lm.tokenizer
+    pair_ids = [(tok.convert_tokens_to_ids("No"), tok.convert_tokens_to_ids("Never"))]
+    set_ids = [[tok.convert_tokens_to_ids(w) for w in cfg.no_set]]
+    prompts, _ = persona_runs.encode_prompts(
+        tok, [r["question"] for r in persona_runs.load_records(tiny["data"])], "auto"
+    )
+    runner = persona_runs.Runner(
+        lm, lm.params, cfg, prompts, pair_ids, [[5]], [7], tmp_path / "runs", set_ids
+    )
+    run = persona.Run(pair=0, seed=0, prompt=2, lr=1e-4)
+    rec = runner.train(run, "test")
+    p0 = np.asarray(runner._batch(run)["p0"])
+    np.testing.assert_allclose(rec["set_mass0"], p0[set_ids[0]].sum(), rtol=1e-5)
+    for k in ("theorem5_spearman", "theorem5_spearman_rate", "theorem5_spearman_update"):
+        assert -1 <= float(rec[k]) <= 1, k
+    # The measured step and its rate rank the tokens alike (the step is small).
+    assert abs(float(rec["theorem5_spearman"]) - float(rec["theorem5_spearman_rate"])) < 0.05
+
+
+# ------------------------------------------------------------------ the SFT phase's rule (issue 19)
+
+
+def test_next_token_probs_equal_the_training_paths_sequence_logprobs(tiny, lm):
+    from ld_jax.data.formatting import TokenizedPair
+    from ld_jax.experiments.persona import sft
+    from ld_jax.train import reference
+
+    tok = lm.tokenizer
+    prompts, _ = persona_runs.encode_prompts(
+        tok, [r["question"] for r in persona_runs.load_records(tiny["data"])], "auto"
+    )
+    ids = [tok.convert_tokens_to_ids(w) for w in ("Yes", "No", "Maybe")]
+    got = sft.next_token_probs(lm, lm.params, prompts[:5], ids)
+    pairs = [TokenizedPair(i, p, [t], [t]) for i, p in enumerate(prompts[:5]) for t in ids]
+    want = np.exp(reference.reference_logps(lm, pairs, rows=5)[:, 0]).reshape(5, 3)
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_sft_rule_stops_at_the_first_heldout_set_mass_over_the_target(tiny, lm, tmp_path):
+    """The rule trains the lrs in ascending order, never on held-out prompts, and stops at the
+    first evaluation whose held-out set mass reaches the target; the phase's weights equal one
+    uninterrupted loop run of that lr and length (the segments resume the same run)."""
+    from ld_jax.experiments.persona import sft
+    from ld_jax.train import loop
+
+    records = persona_runs.load_records(tiny["data"])
+    tok = lm.tokenizer
+    prompts, _ = persona_runs.encode_prompts(tok, [r["question"] for r in records], "auto")
+    base = _config(tiny, tmp_path)
+    tokens = persona_runs.resolve_tokens(tok, base.no_set + base.yes_set + ("Never",), {})
+    before = sft.evaluate(
+        lm,
+        lm.params,
+        prompts,
+        records,
+        sft.split(24, 6, 0)[1],
+        tokens,
+        base.no_set,
+        base.yes_set,
+        base.pairs,
+    )["set_mass"]
+    target = before + 0.05
+    cfg = _config(
+        tiny,
+        tmp_path,
+        sft=persona.SFTConfig(
+            enabled=True,
+            lr_grid=(1e-9, 3e-3),
+            target_mass=target,
+            heldout=6,
+            eval_every=1,
+            batch_size=6,
+            epochs=3,
+        ),
+    )
+    logs = []
+    params, info, _ = sft.phase(cfg, lm, prompts, records, tokens, tmp_path / "c", logs.append)
+    first, second = info["trials"]
+    assert first["lr"] == 1e-9 and not first["reached"] and len(first["evals"]) == 9
+    masses = [e["heldout_set_mass"] for e in second["evals"]]
+    assert second["reached"] and masses[-1] >= target and all(m < target for m in masses[:-1])
+    assert info["lr"] == 3e-3 and info["steps"] == second["evals"][-1]["step"]
+    assert info["after"]["set_mass"] == pytest.approx(masses[-1])
+    assert info["before"]["set_mass"] == pytest.approx(before)
+    train_idx, held = sft.split(24, 6, 0)
+    assert info["train_prompts"] == 18 and not set(train_idx) & set(held)
+    # The same phase from one uninterrupted run of the loop.
+    rng = np.random.default_rng(0)
+    labels = [
+        tokens[rng.choice(cfg.no_set if r["accords"] else cfg.yes_set)]["id"] for r in records
+    ]
+    from ld_jax.data.formatting import TokenizedPair
+
+    pairs = [TokenizedPair(int(i), prompts[i], [labels[i]], [labels[i]]) for i in train_idx]
+    straight = loop.train(
+        loop.TrainConfig(
+            model=cfg.model,
+            output_dir=str(tmp_path / "straight"),
+            batch_size=6,
+            num_epochs=3,
+            max_steps=info["steps"],
+            final_eval=False,
+            progress=False,
+            loss=LossConfig("sft"),
+            optimizer=OptimizerConfig(name="rmsprop", lr=3e-3),
+            data=loop.DataConfig(pad_to_multiple=8),
+        ),
+        model=lm,
+        pairs=pairs,
+    )
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(straight.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    # A second call reads the cache.
+    again, info2, _ = sft.phase(cfg, lm, prompts, records, tokens, tmp_path / "c", logs.append)
+    assert info2 == info and "SFT phase: cached" in logs[-1]
+
+
+def test_a_stopped_sft_rule_resumes_to_the_uninterrupted_result(tiny, lm, tmp_path, monkeypatch):
+    """The phase stopped after two of its evaluations (a killed piece) and run again gives the
+    evaluations and weights of one uninterrupted phase: it resumes past the kept evaluations."""
+    from ld_jax.experiments.persona import sft
+    from ld_jax.train import loop
+
+    records = persona_runs.load_records(tiny["data"])
+    tok = lm.tokenizer
+    prompts, _ = persona_runs.encode_prompts(tok, [r["question"] for r in records], "auto")
+    cfg = _config(
+        tiny,
+        tmp_path,
+        sft=persona.SFTConfig(
+            enabled=True,
+            lr_grid=(3e-3,),
+            target_mass=2.0,
+            heldout=6,
+            eval_every=1,
+            batch_size=6,
+            epochs=1,
+        ),
+    )
+    tokens = persona_runs.resolve_tokens(tok, cfg.no_set + cfg.yes_set + ("Never",), {})
+    whole, info, _ = sft.phase(cfg, lm, prompts, records, tokens, tmp_path / "a", print)
+
+    real, calls = loop.train, []
+
+    def killed_after_two(*args, **kw):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(loop, "train", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        sft.phase(cfg, lm, prompts, records, tokens, tmp_path / "b", print)
+    monkeypatch.setattr(loop, "train", real)
+    again, info2, _ = sft.phase(cfg, lm, prompts, records, tokens, tmp_path / "b", print)
+    assert not info["reached"] and info["steps"] == 3  # 18 prompts in batches of 6
+    assert info2["trials"] == info["trials"] and info2["after"] == info["after"]
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(again)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-8)

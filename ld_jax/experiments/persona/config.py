@@ -46,13 +46,36 @@ DEFAULT_MEANINGS = {
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
-    """The optional SFT phase: `epochs` over all prompts, CE on a random label from the prompt's set."""
+    """The optional SFT phase: CE on a random label from the prompt's set (`persona.sft`).
+
+    rule "set_mass" (this project's, fixed before any DPO run was looked at): hold out `heldout`
+    prompts; for each lr of `lr_grid` in ascending order train for up to `epochs` epochs,
+    measuring the held-out prompts' mean set mass every `eval_every` steps; the first (lr, step)
+    reaching `target_mass` is the phase. rule "fixed": `epochs` epochs over all prompts at `lr`
+    (the paper's J.1 recipe, lr 1e-7, one epoch; the earlier protocol).
+    """
 
     enabled: bool = False
+    rule: str = "set_mass"  # set_mass | fixed
     lr: float = 1e-7
+    lr_grid: tuple[float, ...] = (1e-6, 3e-6, 1e-5)
+    target_mass: float = 0.9
+    heldout: int = 100
+    eval_every: int = 4
     batch_size: int = 32
     epochs: int = 1
     seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "lr_grid", tuple(float(x) for x in self.lr_grid))
+        if self.rule not in ("set_mass", "fixed"):
+            raise ValueError(f"sft.rule must be set_mass or fixed, not {self.rule!r}")
+        if self.rule == "set_mass" and (
+            not self.lr_grid or list(self.lr_grid) != sorted(self.lr_grid)
+        ):
+            raise ValueError(f"sft.lr_grid must be non-empty and ascending, got {self.lr_grid}")
+        if self.eval_every < 1 or self.epochs < 1 or self.heldout < 0:
+            raise ValueError("sft.eval_every and sft.epochs must be >= 1, sft.heldout >= 0")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -301,8 +301,18 @@ def plot_pair(path: Path, cfg, p: int, summary: dict, recs: list[dict], tokenize
     )
 
 
+RUN_SCALARS = (
+    "set_mass0",
+    "theorem5_spearman",
+    "theorem5_spearman_rate",
+    "theorem5_spearman_update",
+    "theorem5_eta",
+)
+
+
 def _run_json(rec: dict, cfg) -> dict:
     return {
+        **{k: float(rec[k]) for k in RUN_SCALARS if k in rec},
         **dataclasses.asdict(rec["run"]),
         "excluded": loss_rose(rec["loss"]),
         **{
@@ -320,10 +330,16 @@ def write_outputs(cfg, meta: dict, recs: list[dict], tokenizer) -> dict:
     """Write everything into cfg.out_dir; returns the results dict (with `table1_md`)."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    from ld_jax.experiments.persona import verdict  # it imports this module's helpers
+
     pairs = [summarize_pair(cfg, p, recs, tokenizer) for p in range(len(cfg.pairs))]
+    runs = [_run_json(r, cfg) for r in recs]
+    for p, s in enumerate(pairs):
+        s["statistics"] = verdict.pair_statistics(
+            [r for r in runs if r["pair"] == p], tokenizer, cfg.meanings
+        )
     title = f"{meta['title']} ({cfg.loss.name.upper()}, {'SFT' if cfg.sft.enabled else 'no SFT'}, lr {meta['lr']:g})"
     t1 = table1(title, pairs)
-    runs = [_run_json(r, cfg) for r in recs]
     files.write_text(
         out / "table1.md",
         f"# Largest π(y+) decrease and tokens gaining most (Table 1 shape)\n\n{t1}\n"
@@ -353,5 +369,8 @@ def write_outputs(cfg, meta: dict, recs: list[dict], tokenizer) -> dict:
         "plots": plots,
         "runs": runs,
     }
+    results["verdict"] = verdict.verdict(results)
+    files.write_text(out / "verdict.md", results["verdict"] + "\n")
+    report.write_json(out / "summary.json", verdict.setting_records(results))
     report.write_json(out / "results.json", results)
-    return {**results, "table1_md": t1}
+    return {**results, "table1_md": t1, "verdict_md": results["verdict"]}

@@ -27,19 +27,15 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from ld_jax import files, host_memory, models
-from ld_jax.data.formatting import TokenizedPair
-from ld_jax.digest import fingerprint, params_digest
+from ld_jax import host_memory, models
+from ld_jax.digest import fingerprint
 from ld_jax.errors import LdJaxError
 from ld_jax.experiments import protocol
 from ld_jax.experiments.persona import report as persona_report
+from ld_jax.experiments.persona import sft as persona_sft
 from ld_jax.experiments.persona import step as persona_step
 from ld_jax.experiments.persona.config import PersonaConfig
 from ld_jax.experiments.persona.report import loss_rose
-from ld_jax.losses import LossConfig
-from ld_jax.models.loading import load_param_tree, save_param_tree
-from ld_jax.train import loop, reference
-from ld_jax.train.optim import OptimizerConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,68 +139,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LD_JAX_CACHE") or "~/.cache/ld_jax").expanduser()
 
 
-def sft_phase(
-    cfg: PersonaConfig, lm, prompts: list[list[int]], labels: np.ndarray, log
-) -> tuple[dict, dict, str]:
-    """`cfg.sft.epochs` of SFT (paper J.1) through the training loop with the `sft` loss: each
-    prompt's response is its one label token, RMSProp, batches of `cfg.sft.batch_size` in the
-    loop's seeded order. Cached under `$LD_JAX_CACHE/persona_sft/<key>`. -> (params, info, key)."""
-    pairs = [
-        TokenizedPair(i, list(p), [int(y)], [int(y)])
-        for i, (p, y) in enumerate(zip(prompts, labels))
-    ]
-    s = cfg.sft
-    tc = loop.TrainConfig(
-        model=cfg.model,
-        batch_size=s.batch_size,
-        num_epochs=s.epochs,
-        seed=s.seed,
-        final_eval=False,
-        loss=LossConfig("sft"),
-        optimizer=OptimizerConfig(name="rmsprop", lr=s.lr),
-        data=loop.DataConfig(pad_to_multiple=8),
-        keep_checkpoints=1,
-    )
-    key = fingerprint(loop.run_identity(tc, lm, pairs), params_digest(lm.params, sample=64))
-    path = cache_dir() / "persona_sft" / f"{key}.json"
-
-    def mean_label_prob(params) -> float:
-        logps = reference.reference_logps(
-            dataclasses.replace(lm, params=params), pairs, rows=s.batch_size
-        )
-        return float(np.exp(logps[:, 0]).mean())
-
-    def compute():
-        before, t0 = mean_label_prob(lm.params), time.time()
-        result = loop.train(
-            dataclasses.replace(tc, output_dir=str(path.with_suffix(""))), model=lm, pairs=pairs
-        )
-        params = jax.device_get(result.params)
-        info = {
-            "steps": len(result.metrics),
-            "lr": s.lr,
-            "loss_first_batch": result.metrics[0]["loss"],
-            "loss_last_batch": result.metrics[-1]["loss"],
-            "mean_label_prob_before": before,
-            "mean_label_prob_after": mean_label_prob(params),
-            "seconds": time.time() - t0,
-        }
-        return params, info
-
-    def save(p, value):
-        save_param_tree(
-            p.with_suffix(".safetensors"), value[0]
-        )  # the weights first: the JSON marks done
-        files.write_json(p, value[1])
-
-    def load(p):
-        log(f"SFT phase: cached at {p.with_suffix('.safetensors')}")
-        return load_param_tree(p.with_suffix(".safetensors")), json.loads(p.read_text())
-
-    params, info = files.cached(path, compute, load, save)
-    return params, info, key
-
-
 def _pad(seq: list[int], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One prompt right-padded to a multiple of 8 (few shapes to compile): ids, mask `[s]` and
     the index of its last token `[]`."""
@@ -222,14 +156,39 @@ class Runner:
     [y+, y−, *predicted, *watch_base].
     """
 
-    def __init__(self, lm, params, cfg, prompts, pair_ids, predicted, watch_base, store: Path):
+    def __init__(
+        self, lm, params, cfg, prompts, pair_ids, predicted, watch_base, store: Path, set_ids=None
+    ):
         self.lm, self.params, self.cfg, self.prompts = lm, params, cfg, prompts
         self.pair_ids, self.predicted, self.watch_base = pair_ids, predicted, watch_base
+        self.set_ids = set_ids  # per pair: the token ids of y+'s label set (set mass at step 0)
         self.store = protocol.RunStore(store, arrays=True)
         self.first_rise: dict | None = None  # where the last stop_on_rise run stopped
         self.opt, self.step, self.measure, self.initial = persona_step.make_run_fns(
             lm, cfg.loss, cfg.optimizer, cfg.track_k
         )
+        self.t5 = persona_step.theorem5_fns(lm, cfg.loss)
+        W = lm.unembedding(
+            params
+        )  # [V, d] in the model's dtype (a float64 copy of Gemma's is 1.3 GB)
+        self.t5_score = [  # ⟨W_z, W_{y+} − W_{y−}⟩ `[V]`
+            np.asarray(W.astype(jnp.float32) @ (W[a] - W[b]).astype(jnp.float32), np.float64)
+            for a, b in pair_ids
+        ]
+
+    def theorem5(self, run, batch) -> dict:
+        """Spearman over z ∉ {y+, y−} between ⟨W_z, W_{y+} − W_{y−}⟩ and the change of ln π(z|x):
+        measured after one plain gradient step small enough that no token's ln π moves by more
+        than about 0.01 (`theorem5_spearman`), and its autodiff rate (`theorem5_spearman_rate`)."""
+        rate = np.asarray(self.t5.rate(self.params, batch), np.float64)
+        eta = np.float32(1e-2 / max(np.abs(rate).max(), 1e-30))
+        change = np.asarray(self.t5.change(self.params, batch, eta), np.float64)
+        score, ex = self.t5_score[run.pair], self.pair_ids[run.pair]
+        return {
+            "theorem5_spearman": persona_step.spearman_excluding(score, change, ex),
+            "theorem5_spearman_rate": persona_step.spearman_excluding(score, rate, ex),
+            "theorem5_eta": eta,
+        }
 
     def _batch(self, run) -> dict:
         ids, mask, last = _pad(self.prompts[run.prompt], models.pad_id(self.lm))
@@ -247,6 +206,7 @@ class Runner:
             "p0": jnp.exp(logp0),
             "watch": watch,
             "lr": np.float32(run.lr),
+            "logp0": logp0,
         }
 
     def name(self, run) -> str:
@@ -257,15 +217,27 @@ class Runner:
         """The tracked history of one run: `[steps + 1, ...]` arrays (see persona.report); None
         when `stop_on_rise` and its loss stopped falling (the lr search then stops at once)."""
         batch = self._batch(run)
+        logp0 = np.asarray(batch.pop("logp0"), np.float64)
+        extra = self.theorem5(run, batch)
+        if self.set_ids is not None:
+            extra["set_mass0"] = float(np.exp(logp0[self.set_ids[run.pair]]).sum())
         params = jax.tree.map(jnp.copy, self.params)  # the step donates its input
         opt_state, hist = self.opt.init(params), []
         y_pos, y_neg = self.cfg.pairs[run.pair]
+        y_pos_id, y_neg_id = self.pair_ids[run.pair]
         bar = tqdm(
             range(self.cfg.steps), desc=f"{desc} ({y_pos}, {y_neg}) seed {run.seed}", unit="step"
         )
         for _ in bar:
             params, opt_state, m = self.step(params, opt_state, batch)
             hist.append(jax.device_get(m))
+            if len(hist) == 1:  # the run's own first update, against Theorem 5's ranking
+                logp1, _ = self.initial(params, batch["ids"], batch["mask"], batch["last"])
+                extra["theorem5_spearman_update"] = persona_step.spearman_excluding(
+                    self.t5_score[run.pair],
+                    np.asarray(logp1, np.float64) - logp0,
+                    (y_pos_id, y_neg_id),
+                )
             bar.set_postfix(
                 loss=f"{hist[-1]['loss']:.4g}",
                 p_pos=f"{np.exp(hist[-1]['logp_pos']):.3f}",
@@ -286,7 +258,11 @@ class Runner:
                 return None
         hist.append(jax.device_get(self.measure(params, batch)))
         host_memory.release_freed_memory()  # the run's params and optimizer state (3 model copies) are garbage now
-        return {**{k: np.stack([h[k] for h in hist]) for k in hist[0]}, "watch_ids": batch["watch"]}
+        return {
+            **{k: np.stack([h[k] for h in hist]) for k in hist[0]},
+            "watch_ids": batch["watch"],
+            **{k: np.asarray(v) for k, v in extra.items()},
+        }
 
     def many(self, runs: list, desc: str, stop_on_rise: bool = False) -> list[dict] | None:
         """Records of `runs` (stored ones read back), each with its `run`; None as soon as one
@@ -330,15 +306,14 @@ def run_persona(cfg: PersonaConfig) -> dict:
 
     params, sft_info, sft_key = lm.params, None, None
     if cfg.sft.enabled:
-        rng = np.random.default_rng(cfg.sft.seed)
-        labels = np.array(
-            [
-                tokens[rng.choice(cfg.no_set if r["accords"] else cfg.yes_set)]["id"]
-                for r in records
-            ],
-            np.int32,
+        params, sft_info, sft_key = persona_sft.phase(
+            cfg, lm, prompts, records, tokens, cache_dir(), log
         )
-        params, sft_info, sft_key = sft_phase(cfg, lm, prompts, labels, log)
+    set_tokens = resolve_tokens(tok, cfg.no_set + cfg.yes_set, cfg.substitutes)
+    set_ids = [
+        [set_tokens[w]["id"] for w in (cfg.no_set if y_pos in cfg.no_set else cfg.yes_set)]
+        for y_pos, _ in cfg.pairs
+    ]
 
     W = lm.unembedding(params)
     predicted = []  # Theorem 5: the tokens gaining most have the largest ⟨W_z, W_{y+} − W_{y−}⟩
@@ -360,9 +335,11 @@ def run_persona(cfg: PersonaConfig) -> dict:
             cfg.track_k,
             cfg.prompt_seed,
             watch,
+            "theorem5+set_mass",  # what a stored run holds besides the tracked steps
+            set_ids,
         )
     )
-    runner = Runner(lm, params, cfg, prompts, pair_ids, predicted, watch, store)
+    runner = Runner(lm, params, cfg, prompts, pair_ids, predicted, watch, store, set_ids)
 
     n_search, first_rise = min(cfg.lr_search_seeds, cfg.seeds), {}
 

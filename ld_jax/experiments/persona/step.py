@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ld_jax.losses import LossConfig, preference_loss
@@ -39,7 +40,8 @@ def last_position_logprobs(lm, params, ids: Array, mask: Array, last: Array) -> 
     hidden = lm.hidden_states(params, ids[None], mask[None])[0]  # [s, d]
     h = hidden[last]
     logits = lm.logits_from_hidden(params, h[None, None])[0, 0]  # [V]
-    return jax.nn.log_softmax(logits.astype(jnp.float32)), h
+    # fp32 at least (bf16 logits), float64 kept (the float64 tests)
+    return jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32))), h
 
 
 def track(
@@ -129,3 +131,69 @@ def make_run_fns(lm, loss_cfg: LossConfig, opt_cfg: OptimizerConfig, track_k: in
         opt, jax.jit(one_step, donate_argnums=(0, 1)), jax.jit(one_measure), initial
     )
     return _RUN_FNS[key]
+
+
+class Theorem5Fns(NamedTuple):
+    rate: Callable
+    change: Callable
+
+
+_T5_FNS: dict = {}
+
+
+def theorem5_fns(lm, loss_cfg: LossConfig) -> Theorem5Fns:
+    """`theorem5_measures` for one prompt of a Persona run batch (memoized per architecture)."""
+    key = (lm.config, loss_cfg)
+    if key not in _T5_FNS:
+        _T5_FNS[key] = theorem5_measures(
+            lambda p, b: last_position_logprobs(lm, p, b["ids"], b["mask"], b["last"])[0], loss_cfg
+        )
+    return _T5_FNS[key]
+
+
+def theorem5_measures(logp_of: Callable, loss_cfg: LossConfig) -> Theorem5Fns:
+    """The measured quantities of the Theorem 5 check (SPEC §5) for a next-token model
+    `logp_of(params, batch) -> [V]` log-probs, the batch holding y_pos, y_neg, ref_pos, ref_neg.
+
+    rate(params, batch) -> `[V]`: d/dη ln π(·|x; θ − η∇L(θ)) at η = 0, by a JVP along −∇L: the
+        gradient-flow rate of every token's log-prob (autodiff, no step size).
+    change(params, batch, eta) -> `[V]`: ln π(·|x) after one plain gradient step of size `eta`
+        minus before, measured by two forward passes (at small eta, eta · rate).
+    Theorem 5 (single tokens, unconstrained features) says the rate of z ∉ {y+, y−} is
+    −ℓ′(⟨W_z, W_{y+} − W_{y−}⟩ + c) with c the same for every z; a real network moves h_x through
+    its Jacobian, so the check on real models is a rank correlation (`spearman_excluding`).
+    """
+
+    def loss_of(params, batch):
+        logp = logp_of(params, batch)
+        losses, _ = preference_loss(
+            loss_cfg,
+            logp[batch["y_pos"]][None],
+            logp[batch["y_neg"]][None],
+            batch["ref_pos"][None],
+            batch["ref_neg"][None],
+        )
+        return losses[0]
+
+    def rate(params, batch):
+        down = jax.tree.map(jnp.negative, jax.grad(loss_of)(params, batch))
+        return jax.jvp(lambda p: logp_of(p, batch), (params,), (down,))[1]
+
+    def change(params, batch, eta):
+        g = jax.grad(loss_of)(params, batch)
+        moved = jax.tree.map(lambda p, d: p - (eta * d).astype(p.dtype), params, g)
+        return logp_of(moved, batch) - logp_of(params, batch)
+
+    return Theorem5Fns(jax.jit(rate), jax.jit(change))
+
+
+def spearman_excluding(score, change, exclude) -> float:
+    """Spearman rank correlation of `score` and `change` (both `[V]`) over the tokens not in
+    `exclude` (y+ and y−, which Theorem 5 does not cover); average ranks for ties."""
+    from scipy.stats import rankdata
+
+    keep = np.ones(len(score), bool)
+    keep[list(exclude)] = False
+    a, b = rankdata(np.asarray(score)[keep]), rankdata(np.asarray(change)[keep])
+    a, b = a - a.mean(), b - b.mean()
+    return float(np.dot(a, b) / np.sqrt(np.dot(a, a) * np.dot(b, b)))
