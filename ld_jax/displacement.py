@@ -27,13 +27,16 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from ld_jax import ches, logprobs
-from ld_jax.data.batch import CHOSEN, REJECTED
+from ld_jax.data.batch import CHOSEN, DEFAULT_LAYOUT, REJECTED
 from ld_jax.data.formatting import TokenizedPair
 from ld_jax.errors import LdJaxError
 from ld_jax.losses import LossConfig, preference_loss
+from ld_jax.train import feed, sharding
 from ld_jax.train.optim import OptimizerConfig, make_optimizer
 
 RATE_KEYS = ("pos_sq", "cross", "neg_sq", "rate")
@@ -43,15 +46,29 @@ def pair_gram(model, params, batch, vectorize: int = 1):
     """A PairBatch's sequences (`batch.sequences()`, either layout) -> `[B, 2, 2]` float32 Gram
     matrices ⟨g_a, g_b⟩ of g± = ∇θ ln π(y±|x), a, b ∈ (chosen, rejected). `vectorize` pairs
     are differentiated together (more memory: 2·vectorize parameter-sized gradients live; B
-    must be a multiple of it)."""
+    must be a multiple of it).
+
+    Packed rows (shared_prefix): one reverse-mode Jacobian of the row's two log-probs (one
+    forward, two backward passes over the whole row). Paired rows: g+ from row 0 alone and g−
+    from row 1 alone (a forward and a backward pass each over its own row, what per-sample
+    autograd does), so no backward pass runs over the other response's positions."""
 
     def logps(p, one):  # one pair's fields [R, ...] -> [2]
         single = jax.tree.map(lambda x: x[None], one)
         return logprobs.pair_logprobs(model, p, single)[0][0]
 
+    def row(one, r):  # the pair restricted to its row r (a paired PairBatch's fields [2, ...])
+        return jax.tree.map(lambda x: x[r : r + 1], one)
+
+    def grads(one):  # -> pytree with leaves [2, *leaf]
+        if one.input_ids.shape[0] == 1:
+            return jax.jacrev(logps)(params, one)
+        gp = jax.grad(lambda p: logps(p, row(one, 0))[0])(params)
+        gm = jax.grad(lambda p: logps(p, row(one, 1))[1])(params)
+        return jax.tree.map(lambda a, b: jnp.stack([a, b]), gp, gm)
+
     def gram(one):
-        jac = jax.jacrev(logps)(params, one)  # leaves [2, *leaf]
-        leaves = [g.astype(jnp.float32).reshape(2, -1) for g in jax.tree.leaves(jac)]
+        leaves = [g.astype(jnp.float32).reshape(2, -1) for g in jax.tree.leaves(grads(one))]
         return sum(g @ g.T for g in leaves)
 
     return jax.lax.map(gram, batch, batch_size=vectorize if vectorize > 1 else None)
@@ -76,6 +93,19 @@ def _batches(lm, pairs, batch_size: int, pad_to_multiple: int):
         yield rows, jax.tree.map(jnp.asarray, batch.sequences())
 
 
+def gram_kernel(lm, mesh: Mesh, vectorize: int = 1):
+    """jit of `pair_gram` data-parallel over `mesh`: each device differentiates its share of
+    the batch's pairs (split over the batch axes) with a replicated copy of the params; no
+    collective runs, each device's Grams stay its own. (params, sequences) -> `[B, 2, 2]`."""
+    spec = sharding.BATCH
+
+    def local(params, batch):
+        return pair_gram(lm, params, batch, vectorize=vectorize)
+
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=(P(), spec), out_specs=spec)
+    return jax.jit(mapped)
+
+
 def rate_batches(
     lm,
     pairs: Sequence[TokenizedPair],
@@ -83,18 +113,31 @@ def rate_batches(
     vectorize: int = 1,
     pad_to_multiple: int = 32,
     progress: bool = False,
+    mesh: Mesh | None = None,
+    layout: str = DEFAULT_LAYOUT,
 ):
     """Rates batch by batch, longest pairs first; yields dicts of `[k]` NumPy arrays: `index`,
     RATE_KEYS, len_chosen and len_rejected for the k real pairs of each batch (the shape
-    `scoring.score_file` streams). One device; the params stay where they are."""
+    `scoring.score_file` streams). Data-parallel over `mesh` (default: every local device on
+    the batch axes), as `ches.score_batches`: batch_size is rounded up to a multiple of the
+    devices × vectorize, and the params are replicated."""
     if batch_size % vectorize:
         raise LdJaxError(f"batch_size {batch_size} is not a multiple of vectorize {vectorize}")
-    kernel = jax.jit(lambda params, batch: pair_gram(lm, params, batch, vectorize=vectorize))
+    if not pairs:
+        return
+    mesh = mesh or sharding.make_mesh(devices=jax.local_devices())
+    devices = sharding.batch_divisor(mesh)
+    rows = feed.batch_layout(batch_size, batch_size, mesh).rows
+    rows = -(-rows // (devices * vectorize)) * devices * vectorize
+    kernel = gram_kernel(lm, mesh, vectorize)
+    data = NamedSharding(mesh, sharding.BATCH)
+    params = jax.device_put(lm.params, NamedSharding(mesh, P()))
     bar = tqdm(total=len(pairs), unit="pair", desc="rates", disable=not progress)
-    for batch in ches.length_batches(lm, pairs, batch_size, pad_to_multiple):
+    for batch in ches.length_batches(lm, pairs, rows, pad_to_multiple, layout):
         real = batch.valid > 0
-        seqs = jax.tree.map(jnp.asarray, batch.sequences())
-        out = rates_from_gram(np.asarray(kernel(lm.params, seqs))[real])
+        out = rates_from_gram(
+            np.asarray(kernel(params, jax.device_put(batch.sequences(), data)))[real]
+        )
         lengths = [(batch.target_segments[real] == s).sum((1, 2)) for s in (CHOSEN, REJECTED)]
         out.update(index=batch.index[real], len_chosen=lengths[0], len_rejected=lengths[1])
         bar.update(int(real.sum()))
@@ -102,9 +145,19 @@ def rate_batches(
     bar.close()
 
 
-def pair_rates(lm, pairs: Sequence[TokenizedPair], batch_size=4, vectorize=1, progress=False):
+def pair_rates(
+    lm,
+    pairs: Sequence[TokenizedPair],
+    batch_size=4,
+    vectorize=1,
+    progress=False,
+    mesh: Mesh | None = None,
+    layout: str = DEFAULT_LAYOUT,
+):
     """RATE_KEYS of every pair, in `pairs` order: dict of `[len(pairs)]` float64 arrays."""
-    batches = rate_batches(lm, pairs, batch_size, vectorize, progress=progress)
+    batches = rate_batches(
+        lm, pairs, batch_size, vectorize, progress=progress, mesh=mesh, layout=layout
+    )
     return ches.collect(batches, pairs, RATE_KEYS)
 
 
