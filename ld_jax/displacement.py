@@ -36,6 +36,7 @@ from ld_jax.data.batch import CHOSEN, DEFAULT_LAYOUT, REJECTED
 from ld_jax.data.formatting import TokenizedPair
 from ld_jax.errors import LdJaxError
 from ld_jax.losses import LossConfig, preference_loss
+from ld_jax.models.core import TokenLayout
 from ld_jax.train import feed, sharding
 from ld_jax.train.optim import OptimizerConfig, make_optimizer
 
@@ -249,3 +250,109 @@ def update_rates(
     after = pair_logps(lm, pairs, moved, batch_size=batch_size)[:, 0]
     linear = directional_change(lm, pairs, update, batch_size)[:, 0]
     return {"linear": linear, "measured": after - before}
+
+
+# ---------------------------------------------------------------------------------------------
+# The rate restricted to the unconstrained-features model's parameters (Theorem 4's check)
+
+
+def head_gram(model, params, batch):
+    """Packed PairBatch sequences (shared_prefix) -> `[B, 2, 2]` Gram matrices of g± restricted
+    to the parameters of the unconstrained-features model (SPEC §5): the unembedding W as the
+    LM head only (a tied input embedding is held fixed) and the final hidden states, one free
+    vector added to each state of the packed row (after the final norm, the LM head's input).
+    Every weight below the final norm is held fixed. In the packed row y+ and y− read the
+    prompt's last state h_x, one variable, as the model's shared h_x."""
+    head_key = "embed" if model.config.tie_embeddings else "lm_head"
+
+    def flat(x):
+        return x.reshape(-1, x.shape[-1])
+
+    def gram(one):  # one pair's fields [1, ...]
+        single = jax.tree.map(lambda x: x[None], one)
+        layout = TokenLayout(flat(single.positions), flat(single.segments))
+        hidden = model.hidden_states(params, flat(single.input_ids), layout=layout)  # [1, S, d]
+        hidden = jax.lax.stop_gradient(hidden.astype(jnp.float32))
+
+        def logps(theta):  # (W [V, d], delta [1, S, d]) -> [2]
+            w, delta = theta
+            states = jnp.take_along_axis(
+                hidden + delta, flat(single.predict_from)[..., None], axis=1
+            )
+            head = {**params, head_key: w}
+            lp = logprobs.response_logprobs(model, head, states, flat(single.target_ids))
+            weights = logprobs.segment_weights(single.target_segments)  # [1, 1, T, 2]
+            return jnp.einsum("brt,brtj->bj", lp.reshape(single.target_ids.shape), weights)[0]
+
+        theta = (model.unembedding(params).astype(jnp.float32), jnp.zeros_like(hidden))
+        leaves = [g.reshape(2, -1) for g in jax.tree.leaves(jax.jacrev(logps)(theta))]
+        return sum(g @ g.T for g in leaves)
+
+    return jax.lax.map(gram, batch)
+
+
+def head_rates(lm, pairs: Sequence[TokenizedPair], batch_size: int = 4) -> dict[str, np.ndarray]:
+    """RATE_KEYS of every pair with the gradients restricted to the unconstrained-features
+    model's parameters (`head_gram`), in `pairs` order: dict of `[len(pairs)]` float64."""
+    kernel = jax.jit(lambda params, batch: head_gram(lm, params, batch))
+
+    def batches():
+        for batch in ches.length_batches(lm, pairs, batch_size, 32, "shared_prefix"):
+            real = batch.valid > 0
+            gram = np.asarray(kernel(lm.params, jax.tree.map(jnp.asarray, batch.sequences())))
+            yield {"index": batch.index[real], **rates_from_gram(gram[real])}
+
+    return ches.collect(batches(), pairs, RATE_KEYS)
+
+
+def theorem4_inner(lm, pairs: Sequence[TokenizedPair]) -> dict[str, np.ndarray]:
+    """Theorem 4's closed form (`flow.theorems.theorem4`, float64) at the real model's prompt
+    state h_x (the final hidden state that predicts the response token) and unembedding W, for
+    single-token pairs -> dict of `[n]` float64: its terms `m`, `unembedding_alignment`,
+    `other_token_alignment` and `inner`, their sum: ⟨g+, g+ − g−⟩ over (W, h_x), which is
+    Theorem 4's rate divided by −ℓ′ (ℓ′ drops out: the rate here is per unit −ℓ′)."""
+    from ld_jax.flow import state, theorems
+
+    if any(len(p.chosen_ids) != 1 or len(p.rejected_ids) != 1 for p in pairs):
+        raise LdJaxError("theorem4_inner: every response must be one token")
+
+    def states(params, batch):
+        hidden, _ = logprobs.pair_hidden_states(lm, params, batch)  # [B, T, d]
+        return hidden[:, 0]  # the state predicting y+'s token: the prompt's last, h_x
+
+    run = jax.jit(states)
+    h_x = np.zeros((len(pairs), lm.config.d_model))
+    for rows, batch in _batches(lm, pairs, 8, 32):
+        h_x[rows] = np.asarray(run(lm.params, batch))[: len(rows)]
+    w = np.asarray(lm.unembedding(lm.params), np.float64)
+    keys = ("m", "unembedding_alignment", "other_token_alignment")
+    out = {k: np.zeros(len(pairs)) for k in keys}
+    with jax.enable_x64(True):
+
+        @jax.jit
+        def terms(w, h, y_plus, y_minus):
+            zero, none = jnp.zeros(1), jnp.zeros(0, jnp.int32)
+            one = jnp.zeros((1, 1), jnp.int32)  # the one state, row 0 of h, predicts both
+            problem = state.Problem(
+                y_plus[None, None],
+                one,
+                y_minus[None, None],
+                one,
+                zero,
+                zero,
+                zero,
+                zero,
+                none,
+                none,
+                jnp.int32(0),
+            )
+            got = theorems.theorem4({"W": w, "h": h[None]}, problem, LossConfig("dpo"))
+            return [got[k] for k in keys]
+
+        w64 = jnp.asarray(w)
+        for i, p in enumerate(pairs):
+            got = terms(w64, jnp.asarray(h_x[i]), p.chosen_ids[0], p.rejected_ids[0])
+            for k, v in zip(keys, got):
+                out[k][i] = float(v)
+    out["inner"] = sum(out[k] for k in keys)
+    return out

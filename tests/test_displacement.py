@@ -187,3 +187,23 @@ def test_rate_cli_streams_every_sample_and_filter_selects_by_rate(tmp_path, caps
         scoring.filter_file(
             scoring.FilterConfig(str(data), str(out), str(tmp_path / "x.jsonl"), keep_lowest=0.5)
         )
+
+
+def test_single_token_rate_on_the_head_equals_theorem4_closed_form(tiny):
+    """Theorem 4 (flow.theorems.theorem4, float64) at the tiny model's h_x and W equals the rate
+    with the gradient restricted to (W as LM head, the final hidden states), by autodiff
+    through the model's own code; the full-network rate has more terms and differs."""
+    lm, _ = tiny
+    rng = np.random.default_rng(8)
+    pairs = [
+        TokenizedPair(i, [int(t) for t in rng.integers(3, 128, 1 + i % 5)], [a], [b])
+        for i, (a, b) in enumerate(rng.integers(3, 128, (6, 2)).tolist())
+    ]
+    head = displacement.head_rates(lm, pairs, batch_size=4)
+    closed = displacement.theorem4_inner(lm, pairs)
+    np.testing.assert_allclose(head["rate"], closed["inner"], rtol=1e-4, atol=1e-6)
+    assert np.all(closed["m"] > 0)  # Theorem 4's m is non-negative
+    full = displacement.pair_rates(lm, pairs, batch_size=4)
+    assert np.all(full["pos_sq"] > head["pos_sq"])  # the body's parameters add to ‖g+‖²
+    with pytest.raises(LdJaxError, match="one token"):
+        displacement.theorem4_inner(lm, random_pairs(2))
