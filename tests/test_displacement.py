@@ -207,3 +207,51 @@ def test_single_token_rate_on_the_head_equals_theorem4_closed_form(tiny):
     assert np.all(full["pos_sq"] > head["pos_sq"])  # the body's parameters add to ‖g+‖²
     with pytest.raises(LdJaxError, match="one token"):
         displacement.theorem4_inner(lm, random_pairs(2))
+
+
+# ------------------------------------------------------------------ SmolLM2-135M-Instruct (slow)
+
+SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from transformers import AutoModelForCausalLM
+
+    from ld_jax.models import loading
+
+    lm = models.from_pretrained("smollm2-135m-instruct")
+    path = str(loading.resolve("smollm2-135m-instruct"))
+    return lm, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.mark.slow
+def test_smollm2_rates_match_per_sample_pytorch_autograd(smollm2):
+    from ld_jax import scoring
+    from ld_jax.data import preference
+
+    lm, torch_model = smollm2
+    cfg = scoring.ScoringConfig("", str(SHARED / "ultrafeedback" / "train.jsonl"), "", 96)
+    records = preference.load_preferences(cfg.data, limit=4)
+    pairs, _, _ = scoring.prepare_pairs(records, lm.tokenizer, cfg)
+    want = torch_rates(torch_model, pairs)
+    for layout in ("paired", "shared_prefix"):
+        got = displacement.pair_rates(lm, pairs, batch_size=2, layout=layout)
+        for key in displacement.RATE_KEYS:
+            assert_close(got[key], want[key])
+
+
+@pytest.mark.slow
+def test_smollm2_persona_head_rate_equals_theorem4(smollm2):
+    from ld_jax.experiments.persona import run
+
+    lm, _ = smollm2
+    records = run.load_records(SHARED / "persona" / "ends-justify-means.jsonl")[:4]
+    prompts, _ = run.encode_prompts(lm.tokenizer, [r["question"] for r in records], "auto")
+    ids = run.resolve_tokens(lm.tokenizer, ["Yes", "No"], {})
+    pairs = [
+        TokenizedPair(i, p, [ids["Yes"]["id"]], [ids["No"]["id"]]) for i, p in enumerate(prompts)
+    ]
+    head = displacement.head_rates(lm, pairs, batch_size=2)
+    closed = displacement.theorem4_inner(lm, pairs)
+    np.testing.assert_allclose(head["rate"], closed["inner"], rtol=1e-4)
