@@ -101,6 +101,9 @@ def gram_kernel(lm, mesh: Mesh, vectorize: int = 1):
     spec = sharding.BATCH
 
     def local(params, batch):
+        # params enter replicated; marking them varying over the batch axes keeps each
+        # device's gradient its own (the transpose of a replicated input would psum them)
+        params = jax.lax.pcast(params, tuple(spec[0]), to="varying")
         return pair_gram(lm, params, batch, vectorize=vectorize)
 
     mapped = jax.shard_map(local, mesh=mesh, in_specs=(P(), spec), out_specs=spec)

@@ -84,6 +84,55 @@ def test_vectorized_and_batched_equal_one_at_a_time(tiny):
         np.testing.assert_allclose(many[key], one[key], rtol=2e-5, atol=1e-6)
 
 
+MULTI_DEVICE = """
+import json, sys, jax
+from conftest import random_pairs
+from ld_jax import displacement, models
+assert jax.device_count() == 8
+lm = models.from_pretrained(sys.argv[1])
+out = {}
+for layout in ("paired", "shared_prefix"):  # batch 3 is rounded up to 8, one pair a device
+    got = displacement.pair_rates(lm, random_pairs(11, seed=9), batch_size=3, layout=layout)
+    out[layout] = {k: v.tolist() for k, v in got.items()}
+print("RESULT", json.dumps(out))
+"""
+
+
+def test_data_parallel_over_eight_devices_equals_one(tiny, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    lm, _ = tiny
+    tests = Path(__file__).parent
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=f"{tests.parent}{os.pathsep}{tests}",
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", MULTI_DEVICE, lm.source],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=tests.parent,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    eight = json.loads(next(x for x in run.stdout.splitlines() if x.startswith("RESULT"))[7:])
+    from ld_jax.train import sharding
+
+    one_device = sharding.make_mesh(devices=jax.devices()[:1])
+    for layout in ("paired", "shared_prefix"):
+        one = displacement.pair_rates(
+            lm, random_pairs(11, seed=9), batch_size=3, mesh=one_device, layout=layout
+        )
+        for key in displacement.RATE_KEYS:
+            np.testing.assert_allclose(eight[layout][key], one[key], rtol=1e-5, atol=1e-6)
+
+
 def test_dataset_rates_match_a_finite_difference_of_a_small_gradient_step(tiny):
     lm, _ = tiny
     pairs = random_pairs(6, seed=6)
