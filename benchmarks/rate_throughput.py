@@ -128,7 +128,7 @@ def peak_rss(n_pairs: int, args, out_dir: str) -> dict:
         "--limit",
         str(n_pairs),
         "--max-length",
-        str(args.max_length),
+        str(args.rss_max_length),
         "--batch-size",
         str(args.batch_size),
     ]
@@ -183,6 +183,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--vectorize", type=int, default=1)
     ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--rss-max-length", type=int, default=256, help="the RSS runs' --max-length")
     ap.add_argument("--layout", choices=["shared_prefix", "paired"], default="paired")
     ap.add_argument("--out-dir", default=tempfile.gettempdir(), help="the RSS runs' rate files")
     args = ap.parse_args()
@@ -224,6 +225,7 @@ def main() -> None:
             vectorize=args.vectorize,
             layout=args.layout,
             max_length=args.max_length,
+            rss_max_length=args.rss_max_length,
             overflow="truncate",
             template="chat",
             torch_threads=torch_threads,

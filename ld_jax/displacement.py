@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from ld_jax import ches, logprobs
-from ld_jax.data.batch import CHOSEN, DEFAULT_LAYOUT, REJECTED
+from ld_jax.data.batch import CHOSEN, REJECTED
 from ld_jax.data.formatting import TokenizedPair
 from ld_jax.errors import LdJaxError
 from ld_jax.losses import LossConfig, preference_loss
@@ -41,6 +41,9 @@ from ld_jax.train import feed, sharding
 from ld_jax.train.optim import OptimizerConfig, make_optimizer
 
 RATE_KEYS = ("pos_sq", "cross", "neg_sq", "rate")
+# Pair mode's default layout: per-row gradients do fewer FLOPs than the packed row's two
+# backward passes over the whole row unless prompts are long (benchmarks/rate_throughput.py)
+RATE_LAYOUT = "paired"
 
 
 def pair_gram(model, params, batch, vectorize: int = 1):
@@ -97,7 +100,19 @@ def _batches(lm, pairs, batch_size: int, pad_to_multiple: int):
 def gram_kernel(lm, mesh: Mesh, vectorize: int = 1):
     """jit of `pair_gram` data-parallel over `mesh`: each device differentiates its share of
     the batch's pairs (split over the batch axes) with a replicated copy of the params; no
-    collective runs, each device's Grams stay its own. (params, sequences) -> `[B, 2, 2]`."""
+    collective runs, each device's Grams stay its own. (params, sequences) -> `[B, 2, 2]`.
+    One jitted function per (model config, mesh, vectorize), so that later calls reuse its
+    compiled shapes (the kernel reads the model only through its config's functions)."""
+    key = (lm.config, mesh, vectorize)
+    if key not in _KERNELS:
+        _KERNELS[key] = _gram_kernel(lm, mesh, vectorize)
+    return _KERNELS[key]
+
+
+_KERNELS: dict = {}
+
+
+def _gram_kernel(lm, mesh: Mesh, vectorize: int):
     spec = sharding.BATCH
 
     def local(params, batch):
@@ -118,7 +133,7 @@ def rate_batches(
     pad_to_multiple: int = 32,
     progress: bool = False,
     mesh: Mesh | None = None,
-    layout: str = DEFAULT_LAYOUT,
+    layout: str = RATE_LAYOUT,
 ):
     """Rates batch by batch, longest pairs first; yields dicts of `[k]` NumPy arrays: `index`,
     RATE_KEYS, len_chosen and len_rejected for the k real pairs of each batch (the shape
@@ -156,7 +171,7 @@ def pair_rates(
     vectorize=1,
     progress=False,
     mesh: Mesh | None = None,
-    layout: str = DEFAULT_LAYOUT,
+    layout: str = RATE_LAYOUT,
 ):
     """RATE_KEYS of every pair, in `pairs` order: dict of `[len(pairs)]` float64 arrays."""
     batches = rate_batches(
