@@ -183,6 +183,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--vectorize", type=int, default=1)
     ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--rss-from", type=int, default=0, help="the smaller RSS run (default --pairs)")
     ap.add_argument("--rss-max-length", type=int, default=256, help="the RSS runs' --max-length")
     ap.add_argument("--layout", choices=["shared_prefix", "paired"], default="paired")
     ap.add_argument("--out-dir", default=tempfile.gettempdir(), help="the RSS runs' rate files")
@@ -196,7 +197,8 @@ def main() -> None:
         lm, pairs, args.batch_size, args.vectorize, args.layout
     )
     ours_s, ref_s = (sum(r[k] for r in chunks) for k in ("ld_jax_s", "reference_s"))
-    rss = [peak_rss(n, args, args.out_dir) for n in (args.pairs, args.rss_pairs) if args.rss_pairs]
+    sizes = (args.rss_from or args.pairs, args.rss_pairs)
+    rss = [peak_rss(n, args, args.out_dir) for n in sizes if args.rss_pairs]
 
     def rate(seconds):
         return dict(seconds=seconds, pairs_per_s=len(pairs) / seconds)
