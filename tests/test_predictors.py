@@ -64,7 +64,7 @@ def test_predictors_end_to_end_on_a_tiny_model(tmp_path):
     config.write_text(
         f"model: {model}\n"
         "datasets:\n"
-        f"  - {{name: prefs, source: {prefs}, size: 6, max_length: 32}}\n"
+        f"  - {{name: prefs, source: {prefs}, size: 6, max_length: 96, max_prompt_length: 64}}\n"
         f"  - {{name: persona, source: {persona}, kind: persona, persona_pairs: [[Y, N], [N, Y]]}}\n"
         "batch_size: 2\nbootstrap: 50\nprogress: false\n"
         "optimizer: {name: rmsprop, lr: 1.0e-3}\n"

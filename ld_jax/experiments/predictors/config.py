@@ -44,6 +44,9 @@ class DatasetConfig:
     template: str = "auto"
     max_length: int = 128
     max_prompt_length: int = 96
+    # skip, not truncate: truncating both responses to the same room would erase the length
+    # differences that the length baselines and the partial correlations need
+    overflow: str = "skip"
     persona_pairs: tuple[tuple[str, str], ...] = (("Yes", "No"), ("No", "Never"), ("Sure", "Yes"))
 
     def __post_init__(self):

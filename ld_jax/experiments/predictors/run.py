@@ -58,7 +58,7 @@ def dataset_pairs(d: DatasetConfig, tokenizer) -> tuple[list[TokenizedPair], dic
     else:
         records = preference.load_preferences(d.source, limit=d.limit)
         cfg = scoring.ScoringConfig(
-            "", d.source, "", d.max_length, d.max_prompt_length, template=d.template
+            "", d.source, "", d.max_length, d.max_prompt_length, d.overflow, d.template
         )
         scored, filters, truncated = scoring.prepare_pairs(records, tokenizer, cfg)
         pairs = [p for p in scored if p.chosen_ids != p.rejected_ids]
