@@ -197,8 +197,7 @@ def main() -> None:
         lm, pairs, args.batch_size, args.vectorize, args.layout
     )
     ours_s, ref_s = (sum(r[k] for r in chunks) for k in ("ld_jax_s", "reference_s"))
-    sizes = (args.rss_from or args.pairs, args.rss_pairs)
-    rss = [peak_rss(n, args, args.out_dir) for n in sizes if args.rss_pairs]
+    rss = []  # measured after the timings are written (a failed RSS run keeps them)
 
     def rate(seconds):
         return dict(seconds=seconds, pairs_per_s=len(pairs) / seconds)
@@ -218,7 +217,7 @@ def main() -> None:
         ),
         chunks=chunks,
         peak_rss=rss,
-        rss_growth=rss[1]["peak_rss_mb"] / rss[0]["peak_rss_mb"] - 1 if rss else None,
+        rss_growth=None,
         config=dict(
             model=MODEL,
             data=DATA,
@@ -235,6 +234,11 @@ def main() -> None:
         machine=machine(load_average_before=load_before),
     )
     write_result(result, RESULTS)
+    if args.rss_pairs:
+        for n in (args.rss_from or args.pairs, args.rss_pairs):
+            rss.append(peak_rss(n, args, args.out_dir))
+        result["rss_growth"] = rss[1]["peak_rss_mb"] / rss[0]["peak_rss_mb"] - 1
+        write_result(result, RESULTS)
     print(json.dumps({k: result[k] for k in ("ld_jax", "reference_torch_autograd_batch1")}))
     print(json.dumps(result["max_rel_diff_vs_reference"]))
     print(f"a/b (ld_jax over per-sample PyTorch autograd) = {result['ratio']:.2f}x   target >= 2")

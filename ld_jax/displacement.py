@@ -72,10 +72,18 @@ def pair_gram(model, params, batch, vectorize: int = 1):
         return jax.tree.map(lambda a, b: jnp.stack([a, b]), gp, gm)
 
     def gram(one):
-        leaves = [g.astype(jnp.float32).reshape(2, -1) for g in jax.tree.leaves(grads(one))]
-        return sum(g @ g.T for g in leaves)
+        return sum(leaf_gram(g) for g in jax.tree.leaves(grads(one)))
 
     return jax.lax.map(gram, batch, batch_size=vectorize if vectorize > 1 else None)
+
+
+def leaf_gram(g, chunk: int = 4096):
+    """g `[2, *leaf]` -> its `[2, 2]` float32 Gram, summed in two levels (`chunk` entries, then
+    the chunks): one float32 sum over a 28M-entry embedding drifts by ~2e-4 relative, the
+    two-level sum by ~(√chunk + √chunks)·eps."""
+    g = g.astype(jnp.float32).reshape(2, -1)
+    g = jnp.pad(g, ((0, 0), (0, -g.shape[1] % chunk))).reshape(2, -1, chunk)
+    return jnp.einsum("akc,bkc->kab", g, g).sum(0)
 
 
 def rates_from_gram(gram: np.ndarray) -> dict[str, np.ndarray]:
@@ -303,8 +311,7 @@ def head_gram(model, params, batch):
             return jnp.einsum("brt,brtj->bj", lp.reshape(single.target_ids.shape), weights)[0]
 
         theta = (model.unembedding(params).astype(jnp.float32), jnp.zeros_like(hidden))
-        leaves = [g.reshape(2, -1) for g in jax.tree.leaves(jax.jacrev(logps)(theta))]
-        return sum(g @ g.T for g in leaves)
+        return sum(leaf_gram(g) for g in jax.tree.leaves(jax.jacrev(logps)(theta)))
 
     return jax.lax.map(gram, batch)
 
