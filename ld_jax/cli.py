@@ -291,6 +291,15 @@ def _percentiles(args) -> int:
     return _print_experiment(percentiles.run_percentiles(cfg), ("table_md",), outputs, cfg.out_dir)
 
 
+def _predictors(args) -> int:
+    from ld_jax.config import load_config
+    from ld_jax.experiments import predictors
+
+    cfg = load_config(predictors.PredictorsConfig, args.config, args.overrides)
+    outputs = "results.json, table.md and scatter_<dataset>.png"
+    return _print_experiment(predictors.run_predictors(cfg), ("table_md",), outputs, cfg.out_dir)
+
+
 def _unalign(args) -> int:
     from ld_jax.config import load_config
     from ld_jax.experiments import unalign
@@ -321,6 +330,17 @@ def _add_percentiles(sub) -> None:
         "YAML file of PercentilesConfig, e.g. configs/percentiles_smollm2_ultrafeedback.yaml",
         "window=8 seeds=1 loss.name=ipo out_dir=results/x",
         _percentiles,
+    )
+
+
+def _add_predictors(sub) -> None:
+    _config_command(
+        sub,
+        "predictors",
+        "displacement predictors (CHES, lengths, gradient cosine...) against the exact rates",
+        "YAML file of PredictorsConfig, e.g. configs/predictors_smollm2.yaml",
+        "only=[persona] bootstrap=200 out_dir=results/x",
+        _predictors,
     )
 
 
@@ -405,6 +425,7 @@ _REGISTRY = [
     _add_plan,
     _add_persona,
     _add_percentiles,
+    _add_predictors,
     _add_unalign,
     _add_flow,
 ]

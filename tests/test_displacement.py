@@ -84,6 +84,55 @@ def test_vectorized_and_batched_equal_one_at_a_time(tiny):
         np.testing.assert_allclose(many[key], one[key], rtol=2e-5, atol=1e-6)
 
 
+MULTI_DEVICE = """
+import json, sys, jax
+from conftest import random_pairs
+from ld_jax import displacement, models
+assert jax.device_count() == 8
+lm = models.from_pretrained(sys.argv[1])
+out = {}
+for layout in ("paired", "shared_prefix"):  # batch 3 is rounded up to 8, one pair a device
+    got = displacement.pair_rates(lm, random_pairs(11, seed=9), batch_size=3, layout=layout)
+    out[layout] = {k: v.tolist() for k, v in got.items()}
+print("RESULT", json.dumps(out))
+"""
+
+
+def test_data_parallel_over_eight_devices_equals_one(tiny, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    lm, _ = tiny
+    tests = Path(__file__).parent
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=f"{tests.parent}{os.pathsep}{tests}",
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", MULTI_DEVICE, lm.source],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=tests.parent,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    eight = json.loads(next(x for x in run.stdout.splitlines() if x.startswith("RESULT"))[7:])
+    from ld_jax.train import sharding
+
+    one_device = sharding.make_mesh(devices=jax.devices()[:1])
+    for layout in ("paired", "shared_prefix"):
+        one = displacement.pair_rates(
+            lm, random_pairs(11, seed=9), batch_size=3, mesh=one_device, layout=layout
+        )
+        for key in displacement.RATE_KEYS:
+            np.testing.assert_allclose(eight[layout][key], one[key], rtol=1e-5, atol=1e-6)
+
+
 def test_dataset_rates_match_a_finite_difference_of_a_small_gradient_step(tiny):
     lm, _ = tiny
     pairs = random_pairs(6, seed=6)
@@ -187,3 +236,71 @@ def test_rate_cli_streams_every_sample_and_filter_selects_by_rate(tmp_path, caps
         scoring.filter_file(
             scoring.FilterConfig(str(data), str(out), str(tmp_path / "x.jsonl"), keep_lowest=0.5)
         )
+
+
+def test_single_token_rate_on_the_head_equals_theorem4_closed_form(tiny):
+    """Theorem 4 (flow.theorems.theorem4, float64) at the tiny model's h_x and W equals the rate
+    with the gradient restricted to (W as LM head, the final hidden states), by autodiff
+    through the model's own code; the full-network rate has more terms and differs."""
+    lm, _ = tiny
+    rng = np.random.default_rng(8)
+    pairs = [
+        TokenizedPair(i, [int(t) for t in rng.integers(3, 128, 1 + i % 5)], [a], [b])
+        for i, (a, b) in enumerate(rng.integers(3, 128, (6, 2)).tolist())
+    ]
+    head = displacement.head_rates(lm, pairs, batch_size=4)
+    closed = displacement.theorem4_inner(lm, pairs)
+    np.testing.assert_allclose(head["rate"], closed["inner"], rtol=1e-4, atol=1e-6)
+    assert np.all(closed["m"] > 0)  # Theorem 4's m is non-negative
+    full = displacement.pair_rates(lm, pairs, batch_size=4)
+    assert np.all(full["pos_sq"] > head["pos_sq"])  # the body's parameters add to ‖g+‖²
+    with pytest.raises(LdJaxError, match="one token"):
+        displacement.theorem4_inner(lm, random_pairs(2))
+
+
+# ------------------------------------------------------------------ SmolLM2-135M-Instruct (slow)
+
+SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from transformers import AutoModelForCausalLM
+
+    from ld_jax.models import loading
+
+    lm = models.from_pretrained("smollm2-135m-instruct")
+    path = str(loading.resolve("smollm2-135m-instruct"))
+    return lm, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.mark.slow
+def test_smollm2_rates_match_per_sample_pytorch_autograd(smollm2):
+    from ld_jax import scoring
+    from ld_jax.data import preference
+
+    lm, torch_model = smollm2
+    cfg = scoring.ScoringConfig("", str(SHARED / "ultrafeedback" / "train.jsonl"), "", 96)
+    records = preference.load_preferences(cfg.data, limit=4)
+    pairs, _, _ = scoring.prepare_pairs(records, lm.tokenizer, cfg)
+    want = torch_rates(torch_model, pairs)
+    for layout in ("paired", "shared_prefix"):
+        got = displacement.pair_rates(lm, pairs, batch_size=2, layout=layout)
+        for key in displacement.RATE_KEYS:
+            assert_close(got[key], want[key])
+
+
+@pytest.mark.slow
+def test_smollm2_persona_head_rate_equals_theorem4(smollm2):
+    from ld_jax.experiments.persona import run
+
+    lm, _ = smollm2
+    records = run.load_records(SHARED / "persona" / "ends-justify-means.jsonl")[:4]
+    prompts, _ = run.encode_prompts(lm.tokenizer, [r["question"] for r in records], "auto")
+    ids = run.resolve_tokens(lm.tokenizer, ["Yes", "No"], {})
+    pairs = [
+        TokenizedPair(i, p, [ids["Yes"]["id"]], [ids["No"]["id"]]) for i, p in enumerate(prompts)
+    ]
+    head = displacement.head_rates(lm, pairs, batch_size=2)
+    closed = displacement.theorem4_inner(lm, pairs)
+    np.testing.assert_allclose(head["rate"], closed["inner"], rtol=1e-4)
