@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -62,8 +63,12 @@ def test_tensorboard_event_file_holds_the_metrics_jsonl_scalars(tiny, tmp_path):
         np.testing.assert_allclose([v for _, v in points], [r[name] for r in lines], rtol=1e-6)
 
 
-def test_a_resumed_run_purges_the_events_after_its_checkpoint(tiny, tmp_path):
+def test_a_resumed_run_purges_the_events_after_its_checkpoint(tiny, tmp_path, monkeypatch):
     pytest.importorskip("tensorboardX")
+    from tensorboardX import event_file_writer
+
+    # a fast machine resumes within the second that names the first run's event file
+    monkeypatch.setattr(event_file_writer, "time", types.SimpleNamespace(time=lambda: 1.7e9))
     _, lm = tiny
     cfg = _cfg(tmp_path, logging=("tensorboard",), checkpoint_every=1, num_epochs=2)
     loop.train(dataclasses.replace(cfg, max_steps=4), model=lm, pairs=PAIRS)

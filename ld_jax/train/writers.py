@@ -77,8 +77,14 @@ class TensorBoardWriter:
             raise LdJaxError(
                 "logging 'tensorboard' needs tensorboardX: pip install 'ld-jax[tensorboard]'"
             ) from None
-        # purge_step: TensorBoard hides the interrupted run's events from that step on
-        self._writer = SummaryWriter(str(directory), purge_step=start + 1 if start else None)
+        # purge_step: TensorBoard hides the interrupted run's events from that step on.
+        # tensorboardX names event files by the second; a resume within the same second would
+        # reopen, and truncate, the first run's file, so each run's file names its start step.
+        self._writer = SummaryWriter(
+            str(directory),
+            purge_step=start + 1 if start else None,
+            filename_suffix=f".from{start}.{secrets.token_hex(3)}",
+        )
 
     def write(self, step: int, record: dict) -> None:
         for name, value in scalars(record).items():
