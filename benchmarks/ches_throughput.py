@@ -27,16 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import jax
-import numpy as np
 import torch
-from common import machine, write_result
+from common import cli_peak_rss, machine, max_rel_diff, write_result
 from tqdm.auto import tqdm
 
 from ld_jax import ches, models, scoring
@@ -176,10 +173,6 @@ def interleaved_timings(lm, pairs, batch_size, chunk_batches=4):
 def peak_rss_mb(n_pairs: int, max_length: int, batch_size: int, scores_dir: str) -> dict:
     """Peak RSS, wall time and summary of `ld-jax ches --limit n_pairs` in a fresh process."""
     out = Path(scores_dir) / f"ultrafeedback_scores_{n_pairs}.jsonl"
-    code = (
-        "import resource, sys; from ld_jax import cli; rc = cli.main(sys.argv[1:]); "
-        "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)"
-    )
     argv = [
         "ches",
         "--model",
@@ -195,26 +188,7 @@ def peak_rss_mb(n_pairs: int, max_length: int, batch_size: int, scores_dir: str)
         "--batch-size",
         str(batch_size),
     ]
-    start = time.perf_counter()
-    run = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
-    if run.returncode != 0:
-        raise SystemExit(run.stderr[-2000:])
-    printed = run.stdout.splitlines()
-    kb = int(next(line for line in printed if line.startswith("PEAK_RSS_KB")).split()[1])
-    return dict(
-        pairs=n_pairs,
-        command="ld-jax " + " ".join(argv),
-        lines=sum(1 for _ in open(out)),
-        peak_rss_mb=kb / 1024,
-        wall_s=time.perf_counter() - start,
-        summary=[line for line in printed if not line.startswith("PEAK_RSS_KB")],
-    )
-
-
-def max_rel_diff(ours: dict, ref: dict, key: str) -> float:
-    a = np.array([ours[i][key] for i in ref])
-    b = np.array([ref[i][key] for i in ref])
-    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-3)))
+    return cli_peak_rss(argv, out, n_pairs)
 
 
 def main() -> None:

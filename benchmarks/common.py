@@ -7,7 +7,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -90,3 +92,35 @@ def interleaved_times(
             fn()
             times[name].append(time.perf_counter() - start)
     return compile_s, times
+
+
+def cli_peak_rss(argv: list[str], out: Path, n_pairs: int) -> dict:
+    """Peak RSS (MB), wall time and printed summary of `ld-jax ARGV` run in a fresh process that
+    writes `out` (one JSON line per pair)."""
+    code = (
+        "import resource, sys; from ld_jax import cli; rc = cli.main(sys.argv[1:]); "
+        "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)"
+    )
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise SystemExit(run.stderr[-2000:])
+    printed = run.stdout.splitlines()
+    kb = int(next(line for line in printed if line.startswith("PEAK_RSS_KB")).split()[1])
+    return dict(
+        pairs=n_pairs,
+        command="ld-jax " + " ".join(argv),
+        lines=sum(1 for _ in open(out)),
+        peak_rss_mb=kb / 1024,
+        wall_s=time.perf_counter() - start,
+        summary=[line for line in printed if not line.startswith("PEAK_RSS_KB")],
+    )
+
+
+def max_rel_diff(ours: dict, ref: dict, key: str) -> float:
+    """max over ref's keys of |ours − ref| / max(|ref|, 1e-3) of field `key`."""
+    import numpy as np
+
+    a = np.array([ours[i][key] for i in ref])
+    b = np.array([ref[i][key] for i in ref])
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-3)))

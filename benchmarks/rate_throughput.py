@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from ches_throughput import DATA, MODEL, load_pairs
-from common import machine, write_result
+from common import cli_peak_rss, machine, max_rel_diff, write_result
 from tqdm.auto import tqdm
 
 from ld_jax import ches, displacement, models
@@ -113,10 +111,6 @@ def interleaved_timings(lm, pairs, batch_size, vectorize, layout, chunk_pairs=8)
 def peak_rss(n_pairs: int, args, out_dir: str) -> dict:
     """Peak RSS, wall time and summary of `ld-jax rate --limit n_pairs` in a fresh process."""
     out = Path(out_dir) / f"ultrafeedback_rates_{n_pairs}.jsonl"
-    code = (
-        "import resource, sys; from ld_jax import cli; rc = cli.main(sys.argv[1:]); "
-        "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)"
-    )
     argv = [
         "rate",
         "--model",
@@ -132,26 +126,7 @@ def peak_rss(n_pairs: int, args, out_dir: str) -> dict:
         "--batch-size",
         str(args.batch_size),
     ]
-    start = time.perf_counter()
-    run = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
-    if run.returncode != 0:
-        raise SystemExit(run.stderr[-2000:])
-    printed = run.stdout.splitlines()
-    kb = int(next(line for line in printed if line.startswith("PEAK_RSS_KB")).split()[1])
-    return dict(
-        pairs=n_pairs,
-        command="ld-jax " + " ".join(argv),
-        lines=sum(1 for _ in open(out)),
-        peak_rss_mb=kb / 1024,
-        wall_s=time.perf_counter() - start,
-        summary=[line for line in printed if not line.startswith("PEAK_RSS_KB")],
-    )
-
-
-def max_rel_diff(ours: dict, ref: dict, key: str) -> float:
-    a = np.array([ours[i][key] for i in ref])
-    b = np.array([ref[i][key] for i in ref])
-    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-3)))
+    return cli_peak_rss(argv, out, n_pairs)
 
 
 def flops(lm, pairs, layout: str, batch_size: int) -> dict:

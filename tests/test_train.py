@@ -194,7 +194,10 @@ def test_loop_writes_metrics_summary_and_reuses_the_reference_cache(tiny, tmp_pa
     ):
         assert all(np.isfinite(r[key]) for r in lines), key
     assert abs(lines[0]["loss"] - math.log(2)) < 1e-6  # policy == reference at step 1
-    assert lines[0]["chosen_logp_change"] == 0.0
+    # the step's grad program and the forward-only reference pass are fused differently by XLA,
+    # so on a multi-device mesh they agree to float32 rounding (1 ulp of a pair's ln π was seen
+    # on 8 CPU devices), not bit for bit
+    assert abs(lines[0]["chosen_logp_change"]) <= 1e-6 * abs(lines[0]["chosen_logp"])
     summary = json.loads((tmp_path / "summary.json").read_text())
     change = result.final_logps - result.init_logps
     assert summary["mean_chosen_logp_change"] == pytest.approx(change[:, 0].mean(), abs=1e-6)

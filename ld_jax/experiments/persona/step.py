@@ -85,6 +85,19 @@ class RunFns(NamedTuple):
 _RUN_FNS: dict = {}
 
 
+def single_token_loss(loss_cfg, logp, batch):
+    """The preference loss of one prompt's single-token pair: logp `[V]` ln π(·|x), batch with
+    token ids `y_pos`, `y_neg` and reference log-probs `ref_pos`, `ref_neg`."""
+    losses, _ = preference_loss(
+        loss_cfg,
+        logp[batch["y_pos"]][None],
+        logp[batch["y_neg"]][None],
+        batch["ref_pos"][None],
+        batch["ref_neg"][None],
+    )
+    return losses[0]
+
+
 def make_run_fns(lm, loss_cfg: LossConfig, opt_cfg: OptimizerConfig, track_k: int) -> RunFns:
     """The optimizer and the jitted functions of one run.
 
@@ -106,14 +119,7 @@ def make_run_fns(lm, loss_cfg: LossConfig, opt_cfg: OptimizerConfig, track_k: in
 
     def loss_fn(params, batch):
         logp, h = last_position_logprobs(lm, params, batch["ids"], batch["mask"], batch["last"])
-        losses, _ = preference_loss(
-            loss_cfg,
-            logp[batch["y_pos"]][None],
-            logp[batch["y_neg"]][None],
-            batch["ref_pos"][None],
-            batch["ref_neg"][None],
-        )
-        return losses[0], (logp, h)
+        return single_token_loss(loss_cfg, logp, batch), (logp, h)
 
     def one_step(params, opt_state, batch):
         (loss, (logp, h)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
@@ -166,14 +172,7 @@ def theorem5_measures(logp_of: Callable, loss_cfg: LossConfig) -> Theorem5Fns:
 
     def loss_of(params, batch):
         logp = logp_of(params, batch)
-        losses, _ = preference_loss(
-            loss_cfg,
-            logp[batch["y_pos"]][None],
-            logp[batch["y_neg"]][None],
-            batch["ref_pos"][None],
-            batch["ref_neg"][None],
-        )
-        return losses[0]
+        return single_token_loss(loss_cfg, logp, batch)
 
     def rate(params, batch):
         down = jax.tree.map(jnp.negative, jax.grad(loss_of)(params, batch))
