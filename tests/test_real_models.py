@@ -6,6 +6,7 @@ Run with `pytest -m slow tests/test_real_models.py`.
 
 import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -107,3 +108,24 @@ def test_gemma3_270m_matches_transformers_past_its_sliding_window():
     logits = jax.jit(lm.forward)(lm.params, ids, jnp.ones_like(ids)).logits[0, -1]
     with torch.no_grad():
         assert int(jnp.argmax(logits)) == int(ref(torch.tensor([prompt])).logits[0, -1].argmax())
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for p in (Path(__file__).parent.parent / "configs").glob("persona_*.yaml")),
+    ids=lambda p: p.name,
+)
+def test_every_persona_config_resolves_its_tokens_in_its_models_vocabulary(path):
+    # run() resolves the pairs and, for the set masses it reports, both sets (README's demo
+    # once failed here: "Absolutely" is two tokens in SmolLM2's vocabulary)
+    from transformers import AutoTokenizer
+
+    from ld_jax.config import load_config
+    from ld_jax.experiments.persona.config import PersonaConfig
+    from ld_jax.experiments.persona.run import resolve_tokens
+
+    cfg = load_config(PersonaConfig, path)
+    tok = AutoTokenizer.from_pretrained(str(loading.resolve(cfg.model)))
+    words = [w for pair in cfg.pairs for w in pair] + list(cfg.no_set + cfg.yes_set)
+    tokens = resolve_tokens(tok, words, cfg.substitutes)
+    assert set(tokens) == set(words)
