@@ -16,12 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from ld_jax.data.batch import CHOSEN, REJECTED
-from ld_jax.models.constraints import (
-    constrain_batch,
-    constrain_head_input,
-    constrain_vocab,
-    vocab_split,
-)
+from ld_jax.models.constraints import constrain_batch
 from ld_jax.models.core import TokenLayout
 
 
@@ -99,15 +94,6 @@ def dense_pair_logprobs(model, params, batch, seq_chunk: int | None = None):
 
 def _target_logprobs(model, params, hidden, targets):
     """hidden `[b, n, d]`, targets `[b, n]` -> ln softmax(logits)[target] `[b, n]` float32."""
-    config = getattr(model, "config", None)
-    if config is not None and not config.tie_embeddings and vocab_split(config.vocab_size):
-        # the head is split over the vocabulary (models/constraints): each device scores the
-        # gathered chunk against its slice; a masked sum picks the target without a gather
-        logits = model.logits_from_hidden(params, constrain_head_input(hidden))
-        logits = constrain_vocab(logits.astype(jnp.float32))
-        vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-        picked = jnp.sum(jnp.where(vocab == targets[..., None], logits, 0.0), axis=-1)
-        return picked - jax.nn.logsumexp(logits, axis=-1)
     logits = model.logits_from_hidden(params, constrain_batch(hidden)).astype(jnp.float32)
     logits = constrain_batch(logits)  # [b, n, V], b split over the batch axes under jit
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]

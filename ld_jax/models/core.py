@@ -216,11 +216,7 @@ def invert_weights(table: dict[str, tuple[str, tuple[str, ...]]]) -> dict[str, s
 MATRIX_RULES = (
     (r"(^|/)layers/(wq|wk|wv|w_gate|w_up)$", P(None, "fsdp", "tensor")),  # [L, d_model, out]
     (r"(^|/)layers/(wo|w_down)$", P(None, "tensor", "fsdp")),  # [L, in, d_model]
-    (r"(^|/)embed$", P("tensor", "fsdp")),  # [vocab, d_model]
-    # an untied head is split over the vocabulary, so each device makes its slice of the logits
-    # and of the head's gradient (models/constraints.constrain_vocab: the d_model split made
-    # every device all-gather the head and sum its whole float32 gradient, docs/scaling.md)
-    (r"(^|/)lm_head$", P(("fsdp", "tensor"), None)),  # [vocab, d_model]
+    (r"(^|/)(embed|lm_head)$", P("tensor", "fsdp")),  # [vocab, d_model]
     (r".*", P()),  # norms, scalars: small, replicated
 )
 
