@@ -117,14 +117,17 @@ class PersonaConfig:
     title: str = ""  # model label in the tables; defaults to `model`
     reuse_freed_memory: bool = True
 
+    def token_words(self) -> list[str]:
+        """The words a run resolves to single tokens: the pairs' and both sets' (whose masses
+        every run reports)."""
+        return list(
+            dict.fromkeys([w for pair in self.pairs for w in pair] + [*self.no_set, *self.yes_set])
+        )
+
     def __post_init__(self):
         # YAML 1.1 reads 1e-7 as a string; lists of lrs do not pass through the loader's float cast.
         object.__setattr__(self, "lr_grid", tuple(float(x) for x in self.lr_grid))
-        words = [w for pair in self.pairs for w in pair] + [
-            *self.no_set,
-            *self.yes_set,
-            *self.substitutes,
-        ]
+        words = [*self.token_words(), *self.substitutes]
         words += [w for ws in self.meanings.values() for w in ws]
         if bad := [w for w in words if not isinstance(w, str)]:
             raise ValueError(

@@ -291,16 +291,16 @@ def run_persona(cfg: PersonaConfig) -> dict:
     lm = models.from_pretrained(cfg.model, dtype="float32")
     tok = lm.tokenizer
     prompts, fmt = encode_prompts(tok, [r["question"] for r in records], cfg.prompt_format)
-    words = [w for pair in cfg.pairs for w in pair] + list(
+    tokens = resolve_tokens(tok, cfg.token_words(), cfg.substitutes)
+    pair_ids = [(tokens[a]["id"], tokens[b]["id"]) for a, b in cfg.pairs]
+    logged = [w for pair in cfg.pairs for w in pair] + list(
         cfg.no_set + cfg.yes_set if cfg.sft.enabled else ()
     )
-    tokens = resolve_tokens(tok, words, cfg.substitutes)
-    pair_ids = [(tokens[a]["id"], tokens[b]["id"]) for a, b in cfg.pairs]
     log(
         f"{cfg.model}: prompt format {fmt!r}; tokens "
         + ", ".join(
             f"{w}={t['id']} {t['token']!r}" + (" (substitute)" if t["substitute"] else "")
-            for w, t in tokens.items()
+            for w, t in ((w, tokens[w]) for w in dict.fromkeys(logged))
         )
     )
 
@@ -309,9 +309,8 @@ def run_persona(cfg: PersonaConfig) -> dict:
         params, sft_info, sft_key = persona_sft.phase(
             cfg, lm, prompts, records, tokens, cache_dir(), log
         )
-    set_tokens = resolve_tokens(tok, cfg.no_set + cfg.yes_set, cfg.substitutes)
     set_ids = [
-        [set_tokens[w]["id"] for w in (cfg.no_set if y_pos in cfg.no_set else cfg.yes_set)]
+        [tokens[w]["id"] for w in (cfg.no_set if y_pos in cfg.no_set else cfg.yes_set)]
         for y_pos, _ in cfg.pairs
     ]
 
