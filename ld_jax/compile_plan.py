@@ -85,6 +85,10 @@ def memory(compiled) -> dict[str, int]:
         "output_bytes": int(m.output_size_in_bytes),
         "alias_bytes": int(m.alias_size_in_bytes),
         "temp_bytes": int(m.temp_size_in_bytes),
+        # host memory (offloaded optimizer state): not in the device peak
+        "host_argument_bytes": int(getattr(m, "host_argument_size_in_bytes", 0)),
+        "host_output_bytes": int(getattr(m, "host_output_size_in_bytes", 0)),
+        "host_temp_bytes": int(getattr(m, "host_temp_size_in_bytes", 0)),
     }
     out["peak_bytes"] = (
         out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
@@ -111,10 +115,24 @@ def batch_shape(cfg: TrainConfig, prompt_len: int = 1) -> tuple[int, int, int]:
     return (2 if cfg.data.layout == "paired" else 1), seq, targets
 
 
+class DoesNotFit(Exception):
+    """The TPU compiler refused the program: it needs more HBM than the chip has."""
+
+
 def _timed_compile(fn, *args) -> tuple[object, float]:
     t0 = time.perf_counter()
-    compiled = fn.lower(*args).compile()
+    try:
+        compiled = fn.lower(*args).compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise DoesNotFit(str(e).strip().splitlines()[0]) from None
     return compiled, time.perf_counter() - t0
+
+
+def _refused(error: DoesNotFit) -> dict:
+    """The record of a pass the compiler refused (it gives no memory analysis then)."""
+    return {"fits": False, "compiler_error": str(error)}
 
 
 def compile_plan(
@@ -146,6 +164,8 @@ def compile_plan(
     params = abstract_params(config, cfg.param_dtype)
     state = abstract_state(params, optimizer)
     state_shardings = sharding.tree_shardings(state, mesh, rules)
+    if cfg.offload_optimizer_state:
+        state_shardings = sharding.offload_optimizer_state(state_shardings)
     param_shardings = sharding.tree_shardings(params, mesh, rules)
     report = {
         "config": cfg.model,
@@ -173,6 +193,7 @@ def compile_plan(
             "seq_chunk": cfg.seq_chunk,
             "compute_dtype": cfg.compute_dtype,
             "param_dtype": cfg.param_dtype,
+            "offload_optimizer_state": cfg.offload_optimizer_state,
         },
     }
     if "train" in passes:
@@ -188,26 +209,34 @@ def compile_plan(
             layout.micro_batches,
         )
         batch = _abstract(batch, sharding.batch_shardings(batch, mesh))
-        compiled, seconds = _timed_compile(step, _abstract(state, state_shardings), batch)
-        report["compiled"] = memory(compiled)
-        report["compile_s"] = round(seconds, 1)
-        flops = compiled.cost_analysis().get("flops")
-        # a while-loop body is costed once (plan.step_flops), so this undercounts the layers
-        report["compiled_flops_per_device_loop_bodies_once"] = flops
-        # the whole step's FLOPs on this batch shape and layout (layers unrolled, XLA's count)
-        report["step_flops"] = step_flops(
-            cfg, config, layout.rows, seq_len, cfg.remat, rows_per_pair, target_len
-        )
-        report["fits"] = report["compiled"]["peak_bytes"] <= hbm
-        report["headroom_ok"] = report["compiled"]["peak_bytes"] <= 0.9 * hbm
+        try:
+            compiled, seconds = _timed_compile(step, _abstract(state, state_shardings), batch)
+        except DoesNotFit as e:
+            report.update(_refused(e), headroom_ok=False)
+        else:
+            report["compiled"] = memory(compiled)
+            report["compile_s"] = round(seconds, 1)
+            # a while-loop body is costed once (plan.step_flops), so this undercounts the layers
+            flops = compiled.cost_analysis().get("flops")
+            report["compiled_flops_per_device_loop_bodies_once"] = flops
+            # the whole step's FLOPs on this batch shape and layout (layers unrolled, XLA's)
+            report["step_flops"] = step_flops(
+                cfg, config, layout.rows, seq_len, cfg.remat, rows_per_pair, target_len
+            )
+            report["fits"] = report["compiled"]["peak_bytes"] <= hbm
+            report["headroom_ok"] = report["compiled"]["peak_bytes"] <= 0.9 * hbm
     if "reference" in passes:  # the loop's reference / final-eval pass: eval_rows per batch
         fn = compile_logprobs(lm, mesh, param_shardings, cfg.seq_chunk)
         seqs = PairBatch.abstract(layout.eval_rows, seq_len, rows_per_pair, target_len)
         seqs = seqs.sequences()
         seqs = _abstract(seqs, sharding.batch_shardings(seqs, mesh))
-        compiled, seconds = _timed_compile(fn, _abstract(params, param_shardings), seqs)
-        report["reference"] = {**memory(compiled), "compile_s": round(seconds, 1)}
-        report["reference"]["fits"] = report["reference"]["peak_bytes"] <= hbm
+        try:
+            compiled, seconds = _timed_compile(fn, _abstract(params, param_shardings), seqs)
+        except DoesNotFit as e:
+            report["reference"] = _refused(e)
+        else:
+            report["reference"] = {**memory(compiled), "compile_s": round(seconds, 1)}
+            report["reference"]["fits"] = report["reference"]["peak_bytes"] <= hbm
     if "ches" in passes:
         shape = (rows_per_pair, seq_len, target_len)
         report["ches"] = _compile_ches(cfg, lm, mesh, params, param_shardings, shape, hbm)
@@ -265,10 +294,15 @@ def render(report: dict) -> str:
         ),
     ]
     hbm = report["hbm_bytes"]
+    if "compiler_error" in report:  # the train step, refused
+        lines.append(("train step", f"does NOT fit: {report['compiler_error']}"))
     for key, label in (("compiled", "train step"), ("reference", "reference"), ("ches", "ches")):
         if key not in report:
             continue
         m = report[key]
+        if "compiler_error" in m:
+            lines.append((label, f"does NOT fit: {m['compiler_error']}"))
+            continue
         lines.append(
             (
                 label,

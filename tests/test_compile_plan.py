@@ -114,3 +114,66 @@ def test_compiled_arguments_match_partition_rules_and_temps_grow_with_batch(tiny
     grown = expected_argument_bytes(big_cfg, False) - expected_argument_bytes(tiny_cfg, False)
     assert big["compiled"]["argument_bytes"] - c["argument_bytes"] >= grown
     assert big["compiled"]["temp_bytes"] > c["temp_bytes"]
+
+
+def test_a_program_the_compiler_refuses_is_reported_as_not_fitting():
+    """libtpu refuses a program over HBM with RESOURCE_EXHAUSTED instead of a memory analysis
+    (seen on Llama-3-8B with 2 micro-batches); `plan` reports that as `fits: false` with the
+    compiler's line, where it used to crash with a traceback."""
+    import jax
+
+    from ld_jax import compile_plan as cp
+
+    message = "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required (16.15G)"
+
+    class Refused:
+        def lower(self, *args):
+            return self
+
+        def compile(self):
+            raise jax.errors.JaxRuntimeError(message + "\nmore detail")
+
+    with pytest.raises(cp.DoesNotFit, match="16.15G") as refused:
+        cp._timed_compile(Refused())
+    report = {
+        "model": "m",
+        "topology": "v5e:2x4",
+        "devices": 8,
+        "mesh": {"data": 1, "fsdp": 8, "tensor": 1},
+        "hbm_bytes": 16 * 2**30,
+        "batch": dict(
+            pairs=32,
+            rows=32,
+            rows_per_pair=2,
+            seq_len=512,
+            positions_per_step=1,
+            layout="paired",
+            lm_head_positions_per_step=1,
+            micro_batches=2,
+        ),
+        **cp._refused(refused.value),
+    }
+    assert report["fits"] is False and report["compiler_error"] == message
+    assert "train step  does NOT fit: RESOURCE_EXHAUSTED" in cp.render(report)
+
+    class Broken(Refused):
+        def compile(self):
+            raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        cp._timed_compile(Broken())
+
+
+@pytest.mark.slow
+def test_offloaded_optimizer_state_leaves_the_devices_hbm(tiny_cfg):
+    """`offload_optimizer_state`: the compiler counts RMSProp's state as host arguments, and the
+    device arguments shrink by it."""
+    pytest.importorskip("libtpu")
+    from ld_jax.compile_plan import compile_plan
+
+    plain = compile_plan(tiny_cfg, "v5e:2x2", passes=("train",))["compiled"]
+    off_cfg = dataclasses.replace(tiny_cfg, offload_optimizer_state=True)
+    off = compile_plan(off_cfg, "v5e:2x2", passes=("train",))["compiled"]
+    assert plain["host_argument_bytes"] == 0 and off["host_argument_bytes"] > 0
+    assert off["argument_bytes"] + off["host_argument_bytes"] >= plain["argument_bytes"]
+    assert off["argument_bytes"] < plain["argument_bytes"]

@@ -358,6 +358,38 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny, tmp_path):
     assert [json.loads(x)["step"] for x in lines] == list(range(1, 7))
 
 
+def test_offloaded_optimizer_state_lives_on_the_host_and_resumes_to_the_same_run(tiny, tmp_path):
+    """`offload_optimizer_state`: RMSProp's state in pinned host memory between steps (the TPU
+    fit of docs/scaling.md), killed and resumed, against the plain uninterrupted run."""
+    _, lm = tiny
+    full = loop.train(_cfg(tmp_path / "full", final_eval=False), model=lm, pairs=PAIRS)
+    seen = []
+
+    def kill_after_step_3(step, params, record):
+        if step == 3:
+            raise Killed
+
+    real_compile = loop.compile_step
+
+    def spy(*args, **kwargs):
+        seen.append(args[4].opt_state)  # the state shardings the step is compiled with
+        return real_compile(*args, **kwargs)
+
+    cfg = _cfg(tmp_path / "off", checkpoint_every=2, final_eval=False, offload_optimizer_state=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop, "compile_step", spy)
+        with pytest.raises(Killed):
+            loop.train(cfg, model=lm, pairs=PAIRS, callback=kill_after_step_3)
+        resumed = loop.train(cfg, model=lm, pairs=PAIRS)
+    kinds = {s.memory_kind for s in jax.tree.leaves(seen)}
+    assert kinds == {"pinned_host"}
+    for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(full.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+    assert [r["loss"] for r in resumed.metrics] == pytest.approx(
+        [r["loss"] for r in full.metrics], abs=1e-6
+    )
+
+
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
     _, lm = tiny
     cfg = _cfg(tmp_path, checkpoint_every=2, final_eval=False, batch_size=2, num_epochs=1)

@@ -75,6 +75,8 @@ class TrainConfig:
     remat: bool = False  # recompute each layer's activations in the backward pass
     unroll_layers: bool = False  # unrolled layer scan: faster steps on CPU, longer compile
     seq_chunk: int | None = None  # LM-head positions per chunk (bounds the logits' memory)
+    # optimizer state in pinned host memory between steps, on the device only for the update
+    offload_optimizer_state: bool = False
     reference: str = "cached"  # cached | on_the_fly
     # TR-DPO (Gorbatovski et al. 2024): every ref_sync_every steps the reference becomes
     # α·π_θ + (1 − α)·π_ref (soft update; α = 1 copies the policy). Needs reference=on_the_fly.
@@ -251,11 +253,21 @@ def _train(cfg: TrainConfig, model, pairs, callback, ref_logps, filter_summary) 
     optimizer = make_optimizer(cfg.optimizer)
     state = init_state(params, optimizer)
     state_shardings = sharding.tree_shardings(state, mesh, rules)
+    if cfg.offload_optimizer_state:
+        state_shardings = sharding.offload_optimizer_state(state_shardings)
     state = jax.device_put(state, state_shardings)
     example = ds[0].with_ref(np.zeros((rows.stop - rows.start, 2), np.float32))
     bare = dataclasses.replace(model, params=None, tokenizer=None)
     step_fn = reference.reuse(
-        ("step", model.config, mesh, cfg.seq_chunk, cfg.loss, cfg.optimizer),
+        (
+            "step",
+            model.config,
+            mesh,
+            cfg.seq_chunk,
+            cfg.loss,
+            cfg.optimizer,
+            cfg.offload_optimizer_state,
+        ),
         lambda: compile_step(
             bare,
             cfg.loss,

@@ -84,6 +84,13 @@ def tree_shardings(tree, mesh: Mesh, rules: Rules):
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
+def offload_optimizer_state(state_shardings):
+    """The same shardings with every optimizer-state leaf in pinned host memory: the step
+    (`train.step.compile_step`) brings it to the device only for the update."""
+    host = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), state_shardings.opt_state)
+    return state_shardings._replace(opt_state=host)
+
+
 def batch_shardings(batch, mesh: Mesh):
     return jax.tree.map(lambda _: NamedSharding(mesh, BATCH), batch)
 

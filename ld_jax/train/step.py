@@ -110,12 +110,26 @@ def train_step(
 
 
 def compile_step(
-    model, loss_cfg, optimizer, mesh, state_shardings, batch, seq_chunk=None, micro_batches=1
+    model,
+    loss_cfg,
+    optimizer,
+    mesh,
+    state_shardings,
+    batch,
+    seq_chunk=None,
+    micro_batches=1,
 ):
     """`train_step` under jit with explicit shardings; the input state's buffers are donated.
 
     batch: an example batch (host arrays or ShapeDtypeStructs), for the batch shardings.
+    state_shardings: where the state lives between steps. Optimizer-state leaves in host memory
+    (`sharding.offload_optimizer_state`) are moved to the device for the update and back, so
+    that they take no HBM while the forward and backward passes run.
     """
+    host = state_shardings.opt_state
+    device = jax.tree.map(lambda s: s.with_memory_kind("device"), host)
+    if device != host:
+        optimizer = _updating_on_device(optimizer, device, host)
 
     def step(state, batch):
         with batch_sharded(NamedSharding(mesh, BATCH)):  # activations too (models/constraints)
@@ -136,6 +150,16 @@ def compile_step(
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
     )
+
+
+def _updating_on_device(optimizer, device, host) -> optax.GradientTransformation:
+    """`optimizer` whose state lives in host memory: moved in just for the update, and out."""
+
+    def update(grads, opt_state, params=None):
+        updates, opt_state = optimizer.update(grads, jax.device_put(opt_state, device), params)
+        return updates, jax.device_put(opt_state, host)
+
+    return optax.GradientTransformation(optimizer.init, update)
 
 
 def compile_logprobs(model, mesh, param_shardings, seq_chunk=None):
