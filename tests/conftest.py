@@ -4,12 +4,23 @@ character-level tokenizer, random tokenized pairs. Test files import the builder
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The suite compiles the same tiny programs many times over (a fresh jit per test, per child
+# process): XLA's persistent cache, fresh for each run and shared with the child processes,
+# compiles each once. Measured on tests/test_train.py: 142 s -> 107 s.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="ld_jax_test_xla_cache_")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 from ld_jax.data.formatting import ASSISTANT_TOKEN, PROMPT_TOKEN, TokenizedPair  # noqa: E402
 
