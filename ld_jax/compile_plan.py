@@ -115,24 +115,20 @@ def batch_shape(cfg: TrainConfig, prompt_len: int = 1) -> tuple[int, int, int]:
     return (2 if cfg.data.layout == "paired" else 1), seq, targets
 
 
-class DoesNotFit(Exception):
-    """The TPU compiler refused the program: it needs more HBM than the chip has."""
-
-
-def _timed_compile(fn, *args) -> tuple[object, float]:
+def _compile_pass(fn, *args, hbm: int) -> tuple[object | None, dict]:
+    """Lower and compile `fn(*args)`: the executable and its record (the `memory` keys,
+    `compile_s`, `fits`), or None and `{fits: False, compiler_error}` when the TPU compiler
+    refuses the program for want of HBM (it gives no memory analysis then)."""
     t0 = time.perf_counter()
     try:
         compiled = fn.lower(*args).compile()
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        raise DoesNotFit(str(e).strip().splitlines()[0]) from None
-    return compiled, time.perf_counter() - t0
-
-
-def _refused(error: DoesNotFit) -> dict:
-    """The record of a pass the compiler refused (it gives no memory analysis then)."""
-    return {"fits": False, "compiler_error": str(error)}
+        return None, {"fits": False, "compiler_error": str(e).strip().splitlines()[0]}
+    record = {**memory(compiled), "compile_s": round(time.perf_counter() - t0, 1)}
+    record["fits"] = record["peak_bytes"] <= hbm
+    return compiled, record
 
 
 def compile_plan(
@@ -209,13 +205,13 @@ def compile_plan(
             layout.micro_batches,
         )
         batch = _abstract(batch, sharding.batch_shardings(batch, mesh))
-        try:
-            compiled, seconds = _timed_compile(step, _abstract(state, state_shardings), batch)
-        except DoesNotFit as e:
-            report.update(_refused(e), headroom_ok=False)
+        compiled, record = _compile_pass(step, _abstract(state, state_shardings), batch, hbm=hbm)
+        report["fits"] = record.pop("fits")
+        if compiled is None:
+            report.update(record, headroom_ok=False)
         else:
-            report["compiled"] = memory(compiled)
-            report["compile_s"] = round(seconds, 1)
+            report["compile_s"] = record.pop("compile_s")
+            report["compiled"] = record
             # a while-loop body is costed once (plan.step_flops), so this undercounts the layers
             flops = compiled.cost_analysis().get("flops")
             report["compiled_flops_per_device_loop_bodies_once"] = flops
@@ -223,20 +219,14 @@ def compile_plan(
             report["step_flops"] = step_flops(
                 cfg, config, layout.rows, seq_len, cfg.remat, rows_per_pair, target_len
             )
-            report["fits"] = report["compiled"]["peak_bytes"] <= hbm
-            report["headroom_ok"] = report["compiled"]["peak_bytes"] <= 0.9 * hbm
+            report["headroom_ok"] = record["peak_bytes"] <= 0.9 * hbm
     if "reference" in passes:  # the loop's reference / final-eval pass: eval_rows per batch
         fn = compile_logprobs(lm, mesh, param_shardings, cfg.seq_chunk)
         seqs = PairBatch.abstract(layout.eval_rows, seq_len, rows_per_pair, target_len)
         seqs = seqs.sequences()
         seqs = _abstract(seqs, sharding.batch_shardings(seqs, mesh))
-        try:
-            compiled, seconds = _timed_compile(fn, _abstract(params, param_shardings), seqs)
-        except DoesNotFit as e:
-            report["reference"] = _refused(e)
-        else:
-            report["reference"] = {**memory(compiled), "compile_s": round(seconds, 1)}
-            report["reference"]["fits"] = report["reference"]["peak_bytes"] <= hbm
+        args = (_abstract(params, param_shardings), seqs)
+        report["reference"] = _compile_pass(fn, *args, hbm=hbm)[1]
     if "ches" in passes:
         shape = (rows_per_pair, seq_len, target_len)
         report["ches"] = _compile_ches(cfg, lm, mesh, params, param_shardings, shape, hbm)
@@ -253,13 +243,10 @@ def _compile_ches(cfg, lm, mesh, params, param_shardings, shape, hbm) -> dict:
     data = NamedSharding(mesh, sharding.BATCH)
     seqs = PairBatch.abstract(rows, *shape).sequences()
     seqs = _abstract(seqs, sharding.batch_shardings(seqs, mesh))
-    t0 = time.perf_counter()
     with batch_sharded(data):
-        lowered = ches.ches_kernel.lower(lm.hidden_states, _abstract(params, param_shardings), seqs)
-    compiled = lowered.compile()
-    out = {**memory(compiled), "compile_s": round(time.perf_counter() - t0, 1), "rows": rows}
-    out["fits"] = out["peak_bytes"] <= hbm
-    return out
+        args = (lm.hidden_states, _abstract(params, param_shardings), seqs)
+        out = _compile_pass(ches.ches_kernel, *args, hbm=hbm)[1]
+    return {**out, "rows": rows}
 
 
 def with_estimate(report: dict, cfg: TrainConfig) -> dict:

@@ -133,8 +133,8 @@ def test_a_program_the_compiler_refuses_is_reported_as_not_fitting():
         def compile(self):
             raise jax.errors.JaxRuntimeError(message + "\nmore detail")
 
-    with pytest.raises(cp.DoesNotFit, match="16.15G") as refused:
-        cp._timed_compile(Refused())
+    compiled, refused = cp._compile_pass(Refused(), hbm=16 * 2**30)
+    assert compiled is None and "16.15G" in refused["compiler_error"]
     report = {
         "model": "m",
         "topology": "v5e:2x4",
@@ -151,7 +151,7 @@ def test_a_program_the_compiler_refuses_is_reported_as_not_fitting():
             lm_head_positions_per_step=1,
             micro_batches=2,
         ),
-        **cp._refused(refused.value),
+        **refused,
     }
     assert report["fits"] is False and report["compiler_error"] == message
     assert "train step  does NOT fit: RESOURCE_EXHAUSTED" in cp.render(report)
@@ -161,7 +161,7 @@ def test_a_program_the_compiler_refuses_is_reported_as_not_fitting():
             raise jax.errors.JaxRuntimeError("INTERNAL: something else")
 
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
-        cp._timed_compile(Broken())
+        cp._compile_pass(Broken(), hbm=16 * 2**30)
 
 
 @pytest.mark.slow

@@ -110,14 +110,7 @@ def train_step(
 
 
 def compile_step(
-    model,
-    loss_cfg,
-    optimizer,
-    mesh,
-    state_shardings,
-    batch,
-    seq_chunk=None,
-    micro_batches=1,
+    model, loss_cfg, optimizer, mesh, state_shardings, batch, seq_chunk=None, micro_batches=1
 ):
     """`train_step` under jit with explicit shardings; the input state's buffers are donated.
 
