@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ld_jax import models
 from ld_jax.errors import LdJaxError
 from ld_jax.models import core
+from ld_jax.models.config import ModelConfig, Params
 
 # End-of-turn markers of chat templates; those the tokenizer knows are stop tokens too.
 END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>")
@@ -93,8 +94,8 @@ def nucleus(logits: jax.Array, top_p) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "stop_ids", "pad_id"))
 def sample(
-    config: core.ModelConfig,
-    params: core.Params,
+    config: ModelConfig,
+    params: Params,
     input_ids: jax.Array,
     attention_mask: jax.Array,
     key: jax.Array,

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 from ld_jax import cli, models
 from ld_jax.errors import LdJaxError
 from ld_jax.losses import LossConfig
-from ld_jax.models import core, export, loading, registry
+from ld_jax.models import export, family, loading, registry
 from ld_jax.train import loop
 from ld_jax.train.optim import OptimizerConfig
 
@@ -48,7 +48,7 @@ def test_every_family_has_the_inverse_of_its_weight_table():
             k: v[0] for k, v in entry.weight_table.items()
         }
     with pytest.raises(ValueError, match="both map"):
-        core.invert_weights({"a": ("x.weight", ()), "b": ("x.weight", ())})
+        family.invert_weights({"a": ("x.weight", ()), "b": ("x.weight", ())})
 
 
 @pytest.mark.parametrize("model_type", sorted(CASES))

@@ -20,7 +20,8 @@ import jax
 
 from ld_jax.errors import LdJaxError
 from ld_jax.models import core, loading, registry
-from ld_jax.models.core import KVCache, ModelConfig, Output, Params, RopeConfig
+from ld_jax.models.config import ModelConfig, Params, RopeConfig
+from ld_jax.models.core import KVCache, Output
 from ld_jax.models.loading import from_hf_config
 
 __all__ = [

@@ -1,5 +1,6 @@
-"""Shared pure building blocks of the decoder-only families: config record, norms, RoPE,
-masked attention, gated MLP, and the layer scan that every family runs.
+"""Shared pure building blocks of the decoder-only families: norms, RoPE, masked attention,
+gated MLP, and the layer scan that every family runs. The architecture record is
+`models/config.py`; what a family is, `models/family.py`.
 
 Parameters are plain nested dicts. Per-layer parameters are stacked on a leading `[n_layers]`
 axis so that one `jax.lax.scan` runs all layers (compile time does not grow with depth).
@@ -8,99 +9,16 @@ Linear weights are stored `[in, out]` (the transpose of torch's `nn.Linear.weigh
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
-from ld_jax.errors import LdJaxError
+from ld_jax.models.config import ModelConfig, Params, RopeConfig
 from ld_jax.models.constraints import constrain_batch
-
-Params = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class RopeConfig:
-    """Rotary embedding of one layer type. `kind` is transformers' `rope_type`."""
-
-    theta: float
-    kind: str = "default"  # default | linear | llama3
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position: int = 8192
-
-
-# ModelConfig fields that trade speed, memory or compile time but give the same results: caches
-# keyed by a model's config leave them out (`result_fields`).
-SPEED_OPTIONS = ("remat", "unroll_layers")
-
-
-def result_fields(config: ModelConfig) -> dict:
-    """The config's fields that can change a result (all but SPEED_OPTIONS), for cache keys."""
-    return {
-        f.name: getattr(config, f.name)
-        for f in dataclasses.fields(config)
-        if f.name not in SPEED_OPTIONS
-    }
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Architecture of one checkpoint, read from its config.json (see `loading.from_hf_config`).
-
-    `layer_types[i]` is "full" or "sliding". Sliding layers see keys with
-    `q_index - k_index < sliding_window` and use `rope_local`; full layers use `rope`.
-    `remat`, `unroll_layers` and `dtype` are run options, not architecture: change them with
-    `dataclasses.replace`. `unroll_layers` unrolls the layer scan: the same arithmetic, faster
-    on XLA:CPU (see docs/performance.md), at a longer compile. `dtype` is the compute dtype of
-    activations and matmuls; norms, softmax and logits are computed in float32 whatever it is.
-    """
-
-    family: str  # llama | gemma | gemma2 | gemma3 | olmo | olmo2
-    model_type: str  # as in config.json
-    vocab_size: int
-    d_model: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    d_ff: int
-    norm_eps: float
-    activation: str  # silu | gelu_tanh
-    tie_embeddings: bool
-    rope: RopeConfig
-    layer_types: tuple[str, ...]
-    attn_scale: float  # multiplies q.k
-    rope_local: RopeConfig | None = None
-    sliding_window: int | None = None
-    attn_softcap: float | None = None
-    final_softcap: float | None = None
-    clip_qkv: float | None = None
-    bos_token_id: int | None = None
-    eos_token_ids: tuple[int, ...] = ()
-    pad_token_id: int | None = None
-    remat: bool = False
-    unroll_layers: bool = False
-    dtype: str = "float32"
-    attention: str = "auto"  # auto | plain | xla | cudnn (see core.attention)
-
-    @property
-    def q_dim(self) -> int:
-        return self.n_heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.n_kv_heads * self.head_dim
-
-    def replace(self, **changes) -> ModelConfig:
-        return dataclasses.replace(self, **changes)
 
 
 class Output(NamedTuple):
@@ -131,150 +49,6 @@ class KVCache(NamedTuple):
     v: jax.Array  # [n_layers, batch, max_len, n_kv_heads, head_dim]
     mask: jax.Array  # [batch, max_len] int32: 1 where a real (non-pad) token has been written
     index: jax.Array  # [] int32: the next slot to write
-
-
-# ---------------------------------------------------------------- what a family is
-
-
-@dataclass(frozen=True)
-class Family:
-    """Everything ld_jax knows about one model family, in one place (`models/registry.py`
-    collects the entries; each family file defines its own).
-
-    weight_table: our parameter path -> (HF tensor name, HF shape as ModelConfig fields). "{i}"
-        is the layer index; paths under "layers/" are stacked on a leading [n_layers] axis, and
-        their 2-D tensors are torch Linear weights [out, in], stored transposed as [in, out].
-    hidden_states(config, params, ids, layout: TokenLayout, cache=None) -> (final hidden
-        states, cache).
-    partition_rules: (regex on a leaf's path, PartitionSpec) pairs, first match wins
-        (`train/sharding.py` applies them).
-    renames: prefixes of stored tensor names to rewrite before the table is read.
-    export_table: the inverse of weight_table (`invert_weights`), HF tensor name -> our path:
-        what `models.save_pretrained` writes, each family's next to its weight table.
-    """
-
-    name: str  # ModelConfig.family
-    model_types: tuple[str, ...]  # config.json model_type values read as this family
-    config_from_hf: Callable[[Any], ModelConfig]
-    weight_table: dict[str, tuple[str, tuple[str, ...]]]
-    hidden_states: Callable
-    partition_rules: tuple
-    renames: dict = dataclasses.field(default_factory=dict)
-    export_table: dict = dataclasses.field(default_factory=dict)
-
-    def __post_init__(self):
-        if self.export_table != invert_weights(self.weight_table):
-            raise ValueError(f"family {self.name}: export_table is not the weight table's inverse")
-
-    def weights(self, config: ModelConfig) -> dict:
-        """The weight table of this checkpoint (no LM head when the embeddings are tied)."""
-        return {
-            k: v
-            for k, v in self.weight_table.items()
-            if k != "lm_head" or not config.tie_embeddings
-        }
-
-    def param_shapes(self, config: ModelConfig) -> dict[str, tuple[int, ...]]:
-        """Our layout of each parameter path: layers stacked `[L, ...]`, linears `[in, out]`."""
-        shapes = {}
-        for leaf, (_, fields) in self.weights(config).items():
-            shape = tuple(getattr(config, f) for f in fields)
-            if leaf.startswith("layers/"):
-                shape = (config.n_layers, *(shape[::-1] if len(shape) == 2 else shape))
-            shapes[leaf] = shape
-        return shapes
-
-    def abstract_params(self, config: ModelConfig, dtype="float32") -> Params:
-        """The parameter pytree as ShapeDtypeStructs: nothing is allocated."""
-        params = {"layers": {}}
-        for leaf, shape in self.param_shapes(config).items():
-            node, name = (
-                (params["layers"], leaf[len("layers/") :])
-                if leaf.startswith("layers/")
-                else (params, leaf)
-            )
-            node[name] = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
-        return params
-
-
-def invert_weights(table: dict[str, tuple[str, tuple[str, ...]]]) -> dict[str, str]:
-    """A weight table (our path -> (HF name template, HF shape fields)) -> HF name template ->
-    our path. The layouts invert by the table's own convention (layers stacked on a leading
-    axis, their 2-D tensors transposed), so the names are all the inverse needs; two paths
-    written to one HF name would make export ambiguous, so that is refused."""
-    inverse = {}
-    for path, (hf_name, _) in table.items():
-        if hf_name in inverse:
-            raise ValueError(f"{inverse[hf_name]} and {path} both map to {hf_name}")
-        inverse[hf_name] = path
-    return inverse
-
-
-# Megatron-style over "tensor" (column-parallel in, row-parallel out), ZeRO-3-style over "fsdp"
-# on the other matrix axis; the leading [n_layers] axis is never sharded. The optimizer state
-# follows the same rules, because its leaves end in the parameter paths.
-MATRIX_RULES = (
-    (r"(^|/)layers/(wq|wk|wv|w_gate|w_up)$", P(None, "fsdp", "tensor")),  # [L, d_model, out]
-    (r"(^|/)layers/(wo|w_down)$", P(None, "tensor", "fsdp")),  # [L, in, d_model]
-    (r"(^|/)(embed|lm_head)$", P("tensor", "fsdp")),  # [vocab, d_model]
-    (r".*", P()),  # norms, scalars: small, replicated
-)
-
-
-# ---------------------------------------------------------------- config helpers
-
-
-def rope_config(params: dict, what: str) -> RopeConfig:
-    """transformers v5 `rope_parameters` (one layer type) -> RopeConfig."""
-    kind = params.get("rope_type", "default")
-    if kind not in ("default", "linear", "llama3"):
-        raise LdJaxError(f"{what}: rope_type {kind!r} is not supported (default, linear, llama3)")
-    return RopeConfig(
-        theta=float(params["rope_theta"]),
-        kind=kind,
-        factor=float(params.get("factor", 1.0)),
-        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position=int(params.get("original_max_position_embeddings", 8192)),
-    )
-
-
-def activation_name(hf_name: str) -> str:
-    names = {
-        "silu": "silu",
-        "swish": "silu",
-        "gelu_pytorch_tanh": "gelu_tanh",
-        "gelu_new": "gelu_tanh",
-    }
-    if hf_name not in names:
-        raise LdJaxError(f"hidden activation {hf_name!r} is not supported ({', '.join(names)})")
-    return names[hf_name]
-
-
-def common_fields(hf, family: str) -> dict:
-    """ModelConfig fields that every family reads the same way from a transformers config."""
-    if getattr(hf, "attention_bias", False) or getattr(hf, "mlp_bias", False):
-        raise LdJaxError(f"{hf.model_type}: attention/MLP biases are not supported")
-    eos = hf.eos_token_id
-    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-    return dict(
-        family=family,
-        model_type=hf.model_type,
-        vocab_size=hf.vocab_size,
-        d_model=hf.hidden_size,
-        n_layers=hf.num_hidden_layers,
-        n_heads=hf.num_attention_heads,
-        n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
-        head_dim=head_dim,
-        d_ff=hf.intermediate_size,
-        tie_embeddings=bool(hf.tie_word_embeddings),
-        attn_scale=head_dim**-0.5,
-        bos_token_id=hf.bos_token_id,
-        eos_token_ids=tuple(eos)
-        if isinstance(eos, list | tuple)
-        else (() if eos is None else (eos,)),
-        pad_token_id=hf.pad_token_id,
-    )
 
 
 # ---------------------------------------------------------------- building blocks

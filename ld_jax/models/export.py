@@ -22,7 +22,7 @@ import numpy as np
 from ld_jax import files
 from ld_jax.errors import LdJaxError
 from ld_jax.models import loading
-from ld_jax.models.core import Params
+from ld_jax.models.config import Params
 from ld_jax.models.registry import family
 
 INDEX = "model.safetensors.index.json"

@@ -13,7 +13,9 @@ import jax
 
 from ld_jax.errors import LdJaxError
 from ld_jax.models import core, llama
-from ld_jax.models.core import LayerContext, ModelConfig, Params
+from ld_jax.models.config import ModelConfig, Params, activation_name, common_fields, rope_config
+from ld_jax.models.core import LayerContext
+from ld_jax.models.family import MATRIX_RULES, Family, invert_weights
 
 # Our parameter path -> (HF tensor name, HF shape as ModelConfig fields); conventions as in
 # llama.WEIGHTS, whose projection and MLP names Gemma shares.
@@ -36,9 +38,9 @@ WEIGHTS["gemma3"] = {
     "layers/q_norm": (_LAYER + "self_attn.q_norm.weight", ("head_dim",)),
     "layers/k_norm": (_LAYER + "self_attn.k_norm.weight", ("head_dim",)),
 }
-# The inverses, HF tensor name -> our path: what export writes (core.invert_weights). A
+# The inverses, HF tensor name -> our path: what export writes (invert_weights). A
 # multimodal Gemma 3 is exported as its text model (gemma3_text), so RENAMES are not inverted.
-EXPORT = {name: core.invert_weights(table) for name, table in WEIGHTS.items()}
+EXPORT = {name: invert_weights(table) for name, table in WEIGHTS.items()}
 # Multimodal Gemma 3 checkpoints nest the text model (v5 and older layouts).
 RENAMES = {
     "model.language_model.": "model.",
@@ -51,14 +53,14 @@ _LAYER_TYPES = {"full_attention": "full", "sliding_attention": "sliding"}
 
 def config_from_hf(hf) -> ModelConfig:
     family = _FAMILY[hf.model_type]
-    fields = core.common_fields(hf, family)
+    fields = common_fields(hf, family)
     n = hf.num_hidden_layers
     if family == "gemma":
         return ModelConfig(
             **fields,
             norm_eps=hf.rms_norm_eps,
-            activation=core.activation_name(hf.hidden_act),
-            rope=core.rope_config(hf.rope_parameters, hf.model_type),
+            activation=activation_name(hf.hidden_act),
+            rope=rope_config(hf.rope_parameters, hf.model_type),
             layer_types=("full",) * n,
         )
     if getattr(hf, "use_bidirectional_attention", False):
@@ -69,15 +71,15 @@ def config_from_hf(hf) -> ModelConfig:
     if unknown:
         raise LdJaxError(f"{hf.model_type}: unsupported layer_types {sorted(unknown)}")
     if family == "gemma3":
-        rope = core.rope_config(hf.rope_parameters["full_attention"], hf.model_type)
-        rope_local = core.rope_config(hf.rope_parameters["sliding_attention"], hf.model_type)
+        rope = rope_config(hf.rope_parameters["full_attention"], hf.model_type)
+        rope_local = rope_config(hf.rope_parameters["sliding_attention"], hf.model_type)
     else:
-        rope, rope_local = core.rope_config(hf.rope_parameters, hf.model_type), None
+        rope, rope_local = rope_config(hf.rope_parameters, hf.model_type), None
     fields["attn_scale"] = hf.query_pre_attn_scalar**-0.5
     return ModelConfig(
         **fields,
         norm_eps=hf.rms_norm_eps,
-        activation=core.activation_name(hf.hidden_activation),
+        activation=activation_name(hf.hidden_activation),
         rope=rope,
         rope_local=rope_local,
         layer_types=tuple(_LAYER_TYPES[t] for t in hf.layer_types),
@@ -115,15 +117,15 @@ def hidden_states(config: ModelConfig, params: Params, input_ids, layout, cache=
     return core.rms_norm(x, params["final_norm"], config.norm_eps, plus_one=True), cache
 
 
-def _family(name: str, model_types: tuple[str, ...]) -> core.Family:
-    return core.Family(
+def _family(name: str, model_types: tuple[str, ...]) -> Family:
+    return Family(
         name=name,
         model_types=model_types,
         config_from_hf=config_from_hf,
         weight_table=WEIGHTS[name],
         export_table=EXPORT[name],
         hidden_states=hidden_states,
-        partition_rules=core.MATRIX_RULES,
+        partition_rules=MATRIX_RULES,
         renames=RENAMES,
     )  # q_norm/k_norm of Gemma 3 are per head_dim: replicated by the last rule
 

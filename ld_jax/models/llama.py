@@ -6,7 +6,9 @@ from __future__ import annotations
 import jax
 
 from ld_jax.models import core
-from ld_jax.models.core import LayerContext, ModelConfig, Params
+from ld_jax.models.config import ModelConfig, Params, activation_name, common_fields, rope_config
+from ld_jax.models.core import LayerContext
+from ld_jax.models.family import MATRIX_RULES, Family, invert_weights
 
 # Our parameter path -> (HF tensor name, HF shape as ModelConfig fields). "{i}" is the layer
 # index; paths under "layers/" are stacked on a leading [n_layers] axis, and their 2-D tensors
@@ -25,16 +27,16 @@ WEIGHTS = {
     "layers/w_up": ("model.layers.{i}.mlp.up_proj.weight", ("d_ff", "d_model")),
     "layers/w_down": ("model.layers.{i}.mlp.down_proj.weight", ("d_model", "d_ff")),
 }
-# The inverse, HF tensor name -> our path: what export writes (core.invert_weights).
-EXPORT = core.invert_weights(WEIGHTS)
+# The inverse, HF tensor name -> our path: what export writes (invert_weights).
+EXPORT = invert_weights(WEIGHTS)
 
 
 def config_from_hf(hf) -> ModelConfig:
     return ModelConfig(
-        **core.common_fields(hf, "llama"),
+        **common_fields(hf, "llama"),
         norm_eps=hf.rms_norm_eps,
-        activation=core.activation_name(hf.hidden_act),
-        rope=core.rope_config(hf.rope_parameters, hf.model_type),
+        activation=activation_name(hf.hidden_act),
+        rope=rope_config(hf.rope_parameters, hf.model_type),
         layer_types=("full",) * hf.num_hidden_layers,
     )
 
@@ -57,12 +59,12 @@ def hidden_states(config: ModelConfig, params: Params, input_ids, layout, cache=
     return core.rms_norm(x, params["final_norm"], config.norm_eps), cache
 
 
-FAMILY = core.Family(
+FAMILY = Family(
     name="llama",
     model_types=("llama",),
     config_from_hf=config_from_hf,
     weight_table=WEIGHTS,
     export_table=EXPORT,
     hidden_states=hidden_states,
-    partition_rules=core.MATRIX_RULES,
+    partition_rules=MATRIX_RULES,
 )

@@ -16,7 +16,7 @@ import numpy as np
 from safetensors import safe_open
 
 from ld_jax.errors import LdJaxError
-from ld_jax.models.core import ModelConfig, Params
+from ld_jax.models.config import ModelConfig, Params
 from ld_jax.models.registry import MODEL_TYPES, family
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

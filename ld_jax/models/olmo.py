@@ -13,7 +13,9 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from ld_jax.models import core
-from ld_jax.models.core import LayerContext, ModelConfig, Params
+from ld_jax.models.config import ModelConfig, Params, activation_name, common_fields, rope_config
+from ld_jax.models.core import LayerContext
+from ld_jax.models.family import MATRIX_RULES, Family, invert_weights
 
 _LAYER = "model.layers.{i}."
 # Our parameter path -> (HF tensor name, HF shape as ModelConfig fields); conventions as in
@@ -40,18 +42,18 @@ WEIGHTS = {
         "layers/post_mlp_norm": (_LAYER + "post_feedforward_layernorm.weight", ("d_model",)),
     },
 }
-# The inverses, HF tensor name -> our path: what export writes (core.invert_weights).
-EXPORT = {name: core.invert_weights(table) for name, table in WEIGHTS.items()}
+# The inverses, HF tensor name -> our path: what export writes (invert_weights).
+EXPORT = {name: invert_weights(table) for name, table in WEIGHTS.items()}
 _OLMO_LAYER_NORM_EPS = 1e-5  # hard-coded in OLMo-1B
 
 
 def config_from_hf(hf) -> ModelConfig:
     family = hf.model_type  # "olmo" or "olmo2"
     return ModelConfig(
-        **core.common_fields(hf, family),
+        **common_fields(hf, family),
         norm_eps=_OLMO_LAYER_NORM_EPS if family == "olmo" else hf.rms_norm_eps,
-        activation=core.activation_name(hf.hidden_act),
-        rope=core.rope_config(hf.rope_parameters, hf.model_type),
+        activation=activation_name(hf.hidden_act),
+        rope=rope_config(hf.rope_parameters, hf.model_type),
         layer_types=("full",) * hf.num_hidden_layers,
         clip_qkv=hf.clip_qkv if family == "olmo" else None,
     )
@@ -89,9 +91,9 @@ def hidden_states(config: ModelConfig, params: Params, input_ids, layout, cache=
 
 
 # OLMo 2 normalises q and k over the whole projection, so its norms follow wq/wk's outputs
-_OLMO2_RULES = ((r"(^|/)layers/(q_norm|k_norm)$", P(None, "tensor")),) + core.MATRIX_RULES
+_OLMO2_RULES = ((r"(^|/)layers/(q_norm|k_norm)$", P(None, "tensor")),) + MATRIX_RULES
 OLMO, OLMO2 = (
-    core.Family(
+    Family(
         name=name,
         model_types=(name,),
         config_from_hf=config_from_hf,
@@ -100,5 +102,5 @@ OLMO, OLMO2 = (
         hidden_states=hidden_states,
         partition_rules=rules,
     )
-    for name, rules in (("olmo", core.MATRIX_RULES), ("olmo2", _OLMO2_RULES))
+    for name, rules in (("olmo", MATRIX_RULES), ("olmo2", _OLMO2_RULES))
 )

@@ -1,4 +1,4 @@
-"""The model families ld_jax supports: one `core.Family` entry per family, defined in its own
+"""The model families ld_jax supports: one `family.Family` entry per family, defined in its own
 file (weight table, config reader, forward, partition rules). Loading, `ld-jax plan`'s
 abstract parameters and sharding all read these entries; adding a family is one file plus one
 line here.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ld_jax.errors import LdJaxError
 from ld_jax.models import gemma, llama, olmo
-from ld_jax.models.core import Family
+from ld_jax.models.family import Family
 
 FAMILIES: dict[str, Family] = {
     f.name: f

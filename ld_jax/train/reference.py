@@ -24,7 +24,7 @@ from ld_jax import distributed, files, models
 from ld_jax.data import pipeline
 from ld_jax.data.batch import DEFAULT_LAYOUT
 from ld_jax.digest import fingerprint, pairs_digest, params_digest
-from ld_jax.models.core import result_fields
+from ld_jax.models.config import result_fields
 from ld_jax.train import feed, sharding
 from ld_jax.train.step import compile_logprobs
 

@@ -1,6 +1,6 @@
 """Device mesh with axes ("data", "fsdp", "tensor") and the mechanism that applies a model
 family's partition rules (the rules themselves are data in each family's registry entry,
-`ld_jax.models.core.MATRIX_RULES` for most).
+`ld_jax.models.family.MATRIX_RULES` for most).
 
 Rules are (regex, PartitionSpec) pairs, searched in order against a leaf's path ("layers/wq",
 or "1/0/nu/layers/wq" inside an optimizer state), first match wins. A mesh axis that does not

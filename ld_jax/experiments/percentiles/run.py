@@ -42,7 +42,7 @@ from ld_jax.experiments import protocol
 from ld_jax.experiments.percentiles import report as percentiles_report
 from ld_jax.experiments.percentiles.config import MEASURES, PercentilesConfig
 from ld_jax.files import write_json
-from ld_jax.models.core import result_fields
+from ld_jax.models.config import result_fields
 from ld_jax.train import loop, reference
 
 

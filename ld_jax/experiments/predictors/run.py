@@ -37,7 +37,7 @@ from ld_jax.experiments import protocol
 from ld_jax.experiments.predictors import report
 from ld_jax.experiments.predictors.config import DatasetConfig, PredictorsConfig
 from ld_jax.files import write_json
-from ld_jax.models.core import result_fields
+from ld_jax.models.config import result_fields
 from ld_jax.train import loop
 
 
