@@ -29,7 +29,7 @@ def program_key(config: Path) -> str:
     """What the compiled program depends on: the architecture and every non-data option."""
     from ld_jax.config import load_config, to_dict
     from ld_jax.plan import model_config
-    from ld_jax.train.loop import TrainConfig
+    from ld_jax.train.config import TrainConfig
 
     cfg = load_config(TrainConfig, str(config))
     _, arch = model_config(cfg.model)
@@ -45,7 +45,7 @@ def one(config: str, topology: str, passes: str, out: str) -> None:
     """In a fresh process: compile one config, write its report."""
     from ld_jax import compile_plan, files
     from ld_jax.config import load_config
-    from ld_jax.train.loop import TrainConfig
+    from ld_jax.train.config import TrainConfig
 
     cfg = load_config(TrainConfig, config)
     t0 = time.perf_counter()

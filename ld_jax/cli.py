@@ -179,7 +179,8 @@ def _add_train(sub) -> None:
 def _train(args) -> int:
     from ld_jax import distributed
     from ld_jax.config import load_config
-    from ld_jax.train.loop import TrainConfig, train
+    from ld_jax.train.config import TrainConfig
+    from ld_jax.train.loop import train
 
     distributed.initialize_from_env()
     flags = [f"{name}=true" for name in ("force_resume", "strict_batch") if getattr(args, name)]
@@ -234,7 +235,7 @@ def _add_plan(sub) -> None:
 def _plan(args) -> int:
     from ld_jax.config import load_config
     from ld_jax.plan import make_plan
-    from ld_jax.train.loop import TrainConfig
+    from ld_jax.train.config import TrainConfig
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
     if args.topology is None:

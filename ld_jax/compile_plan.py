@@ -33,7 +33,7 @@ from ld_jax.errors import LdJaxError
 from ld_jax.models.constraints import batch_sharded
 from ld_jax.plan import abstract_params, make_plan, model_config, step_flops
 from ld_jax.train import feed, sharding
-from ld_jax.train.loop import TrainConfig
+from ld_jax.train.config import TrainConfig
 from ld_jax.train.optim import make_optimizer
 from ld_jax.train.state import abstract_state
 from ld_jax.train.step import compile_logprobs, compile_step

@@ -35,7 +35,7 @@ from ld_jax.data.batch import PairBatch
 from ld_jax.errors import LdJaxError
 from ld_jax.models import loading, registry
 from ld_jax.train import sharding
-from ld_jax.train.loop import TrainConfig
+from ld_jax.train.config import TrainConfig
 from ld_jax.train.optim import make_optimizer
 from ld_jax.train.state import abstract_state
 from ld_jax.train.step import train_step

@@ -20,7 +20,7 @@ from ld_jax.data.formatting import TokenizedPair
 from ld_jax.errors import LdJaxError
 from ld_jax.plan import abstract_mesh, abstract_params, bytes_per_device, model_config
 from ld_jax.train import sharding
-from ld_jax.train.loop import DataConfig, TrainConfig
+from ld_jax.train.config import DataConfig, TrainConfig
 from ld_jax.train.optim import OptimizerConfig, make_optimizer
 from ld_jax.train.state import abstract_state
 

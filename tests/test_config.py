@@ -65,7 +65,7 @@ def test_every_shipped_config_loads():
     from ld_jax.experiments.persona import PersonaConfig
     from ld_jax.experiments.unalign import UnalignConfig
     from ld_jax.flow.simulate import SimulateConfig
-    from ld_jax.train.loop import TrainConfig
+    from ld_jax.train.config import TrainConfig
 
     classes = {
         "dpo": TrainConfig,

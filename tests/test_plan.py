@@ -8,7 +8,7 @@ import pytest
 from ld_jax import cli
 from ld_jax.config import load_config
 from ld_jax.plan import CHIPS, make_plan
-from ld_jax.train.loop import TrainConfig
+from ld_jax.train.config import TrainConfig
 
 LLAMA = "configs/paper/dpo_llama3_8b_v5p32.yaml"
 # Llama-3-8B's published config.json sizes, written out again here (independent of ld_jax.architectures)

@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
-import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,104 +30,17 @@ from tqdm.auto import tqdm
 from ld_jax import distributed, files, models
 from ld_jax.config import to_dict
 from ld_jax.data import formatting, pipeline, preference
-from ld_jax.data.batch import DEFAULT_LAYOUT, PairBatch
-from ld_jax.digest import fingerprint, pairs_digest, params_digest
+from ld_jax.data.batch import PairBatch
 from ld_jax.errors import LdJaxError
 from ld_jax.losses import LossConfig
-from ld_jax.train import feed, reference, sharding, writers
+from ld_jax.train import feed, reference, run_dir, sharding, writers
 from ld_jax.train.checkpoint import Checkpoints
-from ld_jax.train.optim import OptimizerConfig, make_optimizer
+from ld_jax.train.config import DataConfig, TrainConfig, run_identity
+from ld_jax.train.optim import make_optimizer
 from ld_jax.train.state import init_state
 from ld_jax.train.step import PER_PAIR, batch_losses, compile_step
 
 Callback = Callable[[int, Any, dict], dict | None]
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    source: str = "../shared/data/ultrafeedback/train.jsonl"
-    columns: preference.ColumnMap = dataclasses.field(default_factory=preference.ColumnMap)
-    split: str = "train"
-    limit: int | None = None
-    template: str = "auto"  # chat | plain | auto
-    max_prompt_length: int | None = 512
-    max_length: int | None = None
-    pad_to_multiple: int = 64
-    padding_side: str = "right"
-    layout: str = DEFAULT_LAYOUT  # paired | shared_prefix (ld_jax.data.batch)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    model: str = "smollm2-135m-instruct"  # a checkpoint directory or a known model name
-    output_dir: str = "runs/dpo"
-    batch_size: int = 32  # pairs per optimizer update (see train.feed.BatchLayout)
-    strict_batch: bool = False  # error, instead of padding rows, when batch_size does not divide
-    drop_last: bool = False  # drop each epoch's last incomplete batch instead of training on it
-    num_epochs: int = 1
-    max_steps: int | None = None
-    seed: int = 0
-    compute_dtype: str = "float32"  # "bfloat16": bf16 compute on float32 master weights
-    param_dtype: str = "float32"  # stored weights and optimizer state ("bfloat16" halves them)
-    remat: bool = False  # recompute each layer's activations in the backward pass
-    unroll_layers: bool = False  # unrolled layer scan: faster steps on CPU, longer compile
-    seq_chunk: int | None = None  # LM-head positions per chunk (bounds the logits' memory)
-    # optimizer state in pinned host memory between steps, on the device only for the update
-    offload_optimizer_state: bool = False
-    reference: str = "cached"  # cached | on_the_fly
-    # TR-DPO (Gorbatovski et al. 2024): every ref_sync_every steps the reference becomes
-    # α·π_θ + (1 − α)·π_ref (soft update; α = 1 copies the policy). Needs reference=on_the_fly.
-    ref_sync_every: int = 0
-    ref_mixup_alpha: float = 0.6
-    checkpoint_every: int = 0  # steps; 0 saves only at the end
-    keep_checkpoints: int = 2
-    resume: bool = True  # continue from the latest checkpoint in output_dir
-    force_resume: bool = False  # resume even from a checkpoint of another config, data or model
-    final_eval: bool = True  # log-probs of the whole dataset after training (summary.json)
-    progress: bool = True
-    # where per-step metrics go besides metrics.jsonl (always written): tensorboard, wandb
-    logging: tuple[str, ...] = ("jsonl",)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
-    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
-    mesh: sharding.MeshConfig = dataclasses.field(default_factory=sharding.MeshConfig)
-
-    def __post_init__(self):
-        if self.reference not in ("cached", "on_the_fly"):
-            raise ValueError(f"reference must be 'cached' or 'on_the_fly', got {self.reference!r}")
-        for name in ("compute_dtype", "param_dtype"):
-            if getattr(self, name) not in ("float32", "bfloat16"):
-                raise ValueError(f"{name} must be float32 or bfloat16, got {getattr(self, name)!r}")
-        if self.ref_sync_every and self.reference != "on_the_fly":
-            raise ValueError("ref_sync_every (TR-DPO) needs reference='on_the_fly'")
-        if not 0.0 < self.ref_mixup_alpha <= 1.0:
-            raise ValueError(f"ref_mixup_alpha must be in (0, 1], got {self.ref_mixup_alpha}")
-        unknown = set(self.logging) - set(writers.WRITERS)
-        if unknown:
-            raise ValueError(
-                f"unknown logging {sorted(unknown)}; choose from {', '.join(writers.WRITERS)}"
-            )
-
-
-# TrainConfig fields that a resumed run may change: where and how long it runs and how it is
-# logged, and options that trade speed or memory for the same numbers. Every other field is
-# part of the run's identity, which every checkpoint stores.
-RESUMABLE_CHANGES = (
-    "output_dir",
-    "num_epochs",
-    "max_steps",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "resume",
-    "force_resume",
-    "final_eval",
-    "progress",
-    "logging",
-    "remat",
-    "unroll_layers",
-    "mesh",
-    "strict_batch",
-)
 
 
 @dataclasses.dataclass
@@ -173,7 +83,7 @@ def train(
         ref_logps = data_reference(pairs)  # TRL's ref_chosen_logps / ref_rejected_logps columns
         if ref_logps is not None:
             _say(main, cfg, "reference: the data's ref_chosen_logps / ref_rejected_logps")
-    with _locked(out) if main else contextlib.nullcontext():
+    with run_dir.locked(out) if main else contextlib.nullcontext():
         return _train(cfg, model, pairs, callback, ref_logps, filter_summary)
 
 
@@ -187,7 +97,7 @@ def _train(cfg: TrainConfig, model, pairs, callback, ref_logps, filter_summary) 
     _say(main, cfg, f"batch: {layout.describe()}")
     ckpt = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
     identity = run_identity(cfg, model, pairs, ref_logps)
-    start = _resume_step(cfg, ckpt, identity)
+    start = run_dir.resume_step(cfg, ckpt, identity)
     if main:
         files.write_json(out / "config.json", to_dict(cfg), indent=2)
 
@@ -295,7 +205,7 @@ def _train(cfg: TrainConfig, model, pairs, callback, ref_logps, filter_summary) 
             if cfg.ref_sync_every:
                 ref_params = ckpt.restore_reference(start, ref_params, param_shardings)
             _say(main, cfg, f"resuming from the checkpoint at step {start}")
-        records = _metrics_log(out / "metrics.jsonl", start, main)
+        records = run_dir.metrics_log(out / "metrics.jsonl", start, main)
         log = writers.open_writers(cfg.logging, out, to_dict(cfg), start, main)
 
         show = main and cfg.progress
@@ -394,73 +304,6 @@ def data_reference(pairs) -> np.ndarray | None:
     return np.array([p.ref_logps for p in pairs], np.float32)
 
 
-def run_identity(cfg: TrainConfig, model, pairs, ref_logps=None) -> dict:
-    """What a checkpoint must have been trained on to be resumed by `cfg`: every config field
-    but RESUMABLE_CHANGES (dotted keys), the token ids, the initial weights and any given
-    reference log-probs."""
-    fields = {
-        k: v for k, v in _flatten(to_dict(cfg)).items() if k.split(".")[0] not in RESUMABLE_CHANGES
-    }
-    fields["data_digest"] = pairs_digest(pairs)
-    fields["weights_digest"] = params_digest(model.params, sample=64)
-    if ref_logps is not None:
-        fields["ref_logps_digest"] = fingerprint(np.asarray(ref_logps, np.float32).tobytes().hex())
-    return json.loads(json.dumps(fields, default=str))  # as the checkpoint's JSON gives it back
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
-@contextlib.contextmanager
-def _locked(out: Path):
-    """An exclusive lock on the run directory for the block: two processes training into one
-    directory would interleave their metrics lines and overwrite each other's checkpoints. The
-    OS drops the lock of a killed process by itself."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise LdJaxError(
-                f"another process (pid {holder}) is training in {out}; wait for it or use another output_dir"
-            ) from None
-        handle.truncate(0)
-        handle.write(str(os.getpid()))
-        handle.flush()
-        yield
-
-
-def _resume_step(cfg: TrainConfig, ckpt: Checkpoints, identity: dict) -> int:
-    """The step to resume from (0: start afresh); refuses a checkpoint of another run."""
-    latest = ckpt.latest_step() if cfg.resume else None
-    if latest is None:
-        return 0
-    saved = ckpt.meta(latest).get("identity")
-    if saved is None:
-        differ = ["(the checkpoint records no config: written by an older ld-jax)"]
-    else:
-        differ = [
-            f"{k} ({saved.get(k)!r}, now {identity.get(k)!r})"
-            for k in sorted(set(saved) | set(identity))
-            if saved.get(k) != identity.get(k)
-        ]
-    if differ and not cfg.force_resume:
-        raise LdJaxError(
-            f"cannot resume in {cfg.output_dir}: its checkpoint at step {latest} differs in "
-            f"{', '.join(differ)}; use another output_dir, or --force-resume to continue it anyway"
-        )
-    return latest
-
-
 def _non_finite(metrics: dict, step: int, ckpt: Checkpoints) -> LdJaxError:
     ckpt.wait()
     last = ckpt.latest_step()
@@ -473,25 +316,6 @@ def _non_finite(metrics: dict, step: int, ckpt: Checkpoints) -> LdJaxError:
         f"non-finite loss ({metrics['loss']}) or gradient norm ({metrics['grad_norm']}) at step "
         f"{step}; training stopped, {kept}"
     )
-
-
-def _metrics_log(path: Path, start: int, main: bool) -> list[dict]:
-    """Records of steps 1..start of an interrupted run, one per step (the last line of each);
-    the file is rewritten to hold exactly those. A line torn by a kill is dropped."""
-    if not path.is_file():
-        return []
-    by_step = {}
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and 1 <= record.get("step", 0) <= start:
-            by_step[record["step"]] = record
-    records = [by_step[s] for s in sorted(by_step)]
-    if main:
-        files.write_text(path, "".join(json.dumps(r) + "\n" for r in records))
-    return records
 
 
 def _summary(cfg, layout, records, init_logps, final_logps, pairs, filter_summary) -> dict:
