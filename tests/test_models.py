@@ -23,6 +23,7 @@ from ld_jax.models import core
 
 SEQ = 12
 VOCAB = 128
+PAD = 3  # also a real token of the batch, as SmolLM2's <|im_end|> is of every chat prompt
 TINY = dict(
     vocab_size=VOCAB,
     hidden_size=32,
@@ -32,6 +33,7 @@ TINY = dict(
     num_key_value_heads=2,
     head_dim=8,
     max_position_embeddings=64,
+    pad_token_id=PAD,  # transformers' embeddings freeze this row (nn.Embedding padding_idx)
 )
 # Per family: the config fields that exercise its peculiarities.
 CASES = {
@@ -120,6 +122,7 @@ def family(request, tmp_path_factory):
 def batch():
     rng = np.random.default_rng(1)
     ids = rng.integers(0, VOCAB, (len(ROWS), SEQ)).astype(np.int32)  # pads hold junk ids too
+    ids[:, [5, 7]] = PAD  # real positions of every row
     mask = np.zeros_like(ids)
     for row, (left, n) in enumerate(ROWS):
         mask[row, left : left + n] = 1

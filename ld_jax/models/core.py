@@ -331,6 +331,13 @@ def embed(config: ModelConfig, params: Params, input_ids: jax.Array, scale: bool
     """input_ids [batch, seq] -> [batch, seq, d_model]; Gemma multiplies by sqrt(d_model),
     rounded to the embedding dtype first as transformers does."""
     x = jnp.take(params["embed"], input_ids, axis=0)
+    if config.pad_token_id is not None:
+        # transformers builds every family's embedding with padding_idx=pad_token_id, so a
+        # lookup of that row passes no gradient to it (a tied LM head still does). SmolLM2's
+        # pad is <|im_end|>, a real token of every chat prompt: without this its row's
+        # gradient differs from transformers' by 5e-4 of the whole embedding's.
+        pad = (input_ids == config.pad_token_id)[..., None]
+        x = jnp.where(pad, jax.lax.stop_gradient(x), x)
     if scale:
         x = x * jnp.asarray(math.sqrt(config.d_model), dtype=x.dtype)
     return x
