@@ -122,7 +122,7 @@ def family(request, tmp_path_factory):
 def batch():
     rng = np.random.default_rng(1)
     ids = rng.integers(0, VOCAB, (len(ROWS), SEQ)).astype(np.int32)  # pads hold junk ids too
-    ids[:, [5, 7]] = PAD  # real positions of every row
+    ids[:, [5, 7]] = PAD  # position 5 is real in every row, 7 in the first two
     mask = np.zeros_like(ids)
     for row, (left, n) in enumerate(ROWS):
         mask[row, left : left + n] = 1
