@@ -33,7 +33,7 @@ from ld_jax.errors import LdJaxError
 from ld_jax.models.constraints import batch_sharded
 from ld_jax.plan import abstract_params, make_plan, model_config, step_flops
 from ld_jax.train import feed, sharding
-from ld_jax.train.config import TrainConfig
+from ld_jax.train.config import TrainConfig, model_options
 from ld_jax.train.optim import make_optimizer
 from ld_jax.train.state import abstract_state
 from ld_jax.train.step import compile_logprobs, compile_step
@@ -146,9 +146,7 @@ def compile_plan(
     hbm = TPU_CHIPS[chip][1]
     mesh = sharding.make_mesh(cfg.mesh, devices)
     name, config = model_config(cfg.model)
-    config = config.replace(
-        dtype=cfg.compute_dtype, remat=cfg.remat, unroll_layers=cfg.unroll_layers
-    )
+    config = config.replace(**model_options(cfg))
     lm = models.LanguageModel.build(config, None)  # the loop's `bare` model: no weights
     rules = sharding.rules_for(config.family)
     # the loop's layout; a paper config's data has more pairs than one batch

@@ -251,7 +251,8 @@ def activation_bytes(
     cfg: TrainConfig, c: models.ModelConfig, mesh: dict[str, int], batch_pairs: int, seq_len: int
 ) -> int:
     """Per-device activation estimate (docs/scaling.md): with remat, the L saved layer inputs plus
-    one layer's live set; without, L live sets; plus the LM head's float32 logits."""
+    one layer's live set (the saved inputs in host memory with `offload_activations`); without,
+    L live sets; plus the LM head's float32 logits."""
     a = DTYPE_BYTES[cfg.compute_dtype]
     t_par = mesh["tensor"]
     seqs = 2 * batch_pairs / (mesh["data"] * mesh["fsdp"])  # sequences per device
@@ -259,7 +260,11 @@ def activation_bytes(
     per_token = 5 * c.d_model + (2 * c.q_dim + 2 * c.kv_dim + 3 * c.d_ff) / t_par  # saved per layer
     scores = seqs * (c.n_heads / t_par) * seq_len * seq_len * 4  # float32 softmax probabilities
     layer = tokens * per_token * a + scores
-    saved = c.n_layers * tokens * c.d_model * a + 2 * layer if cfg.remat else c.n_layers * layer
+    if cfg.remat:
+        inputs = 0 if cfg.offload_activations else c.n_layers * tokens * c.d_model * a
+        saved = inputs + 2 * layer
+    else:
+        saved = c.n_layers * layer
     head_positions = seqs * min(cfg.seq_chunk or seq_len, seq_len)
     logits = 3 * head_positions * c.vocab_size / t_par * 4  # logits, log-softmax, their gradient
     return int(saved + logits)

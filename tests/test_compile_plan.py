@@ -114,6 +114,15 @@ def test_compiled_arguments_match_partition_rules_and_temps_grow_with_batch(tiny
     grown = expected_argument_bytes(big_cfg, False) - expected_argument_bytes(tiny_cfg, False)
     assert big["compiled"]["argument_bytes"] - c["argument_bytes"] >= grown
     assert big["compiled"]["temp_bytes"] > c["temp_bytes"]
+    # offload_activations: the layer inputs that remat saves move to host memory
+    offloaded_cfg = dataclasses.replace(big_cfg, offload_activations=True)
+    offloaded = compile_plan(offloaded_cfg, "v5e:2x2", passes=("train",))
+    _, config = model_config(big_cfg.model)
+    r, seq, _ = batch_shape(big_cfg)
+    rows_per_device = big_cfg.batch_size * r // 4
+    saved = config.n_layers * rows_per_device * seq * config.d_model * 2  # bfloat16
+    assert big["compiled"]["host_temp_bytes"] == 0
+    assert offloaded["compiled"]["host_temp_bytes"] == saved  # measured: 1,048,576 both
 
 
 def test_a_program_the_compiler_refuses_is_reported_as_not_fitting():

@@ -58,6 +58,16 @@ def test_flops_and_mfu_match_hand_calculation(llama_plan):
     assert plan.step_time_at(0.5) == pytest.approx(plan.model_flops / (0.5 * 16 * 459e12))
 
 
+def test_offloaded_layer_inputs_leave_the_device_estimate(llama_plan):
+    import dataclasses
+
+    cfg, plan = llama_plan
+    offloaded = make_plan(dataclasses.replace(cfg, offload_activations=True), chip="v5p")
+    # remat saves L layer inputs [sequences per device, 512, D] in bf16; they go to host memory
+    per_device = 2 * 32 // (cfg.mesh.data * cfg.mesh.fsdp)
+    assert plan.act_bytes - offloaded.act_bytes == L * per_device * 512 * D * 2
+
+
 def test_cli_prints_the_plan(capsys):
     args = [
         "plan",

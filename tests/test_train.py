@@ -101,12 +101,17 @@ def test_step_loss_and_gradient_match_torch_autograd(tiny):
     assert abs(metrics["grad_norm"] - total) < 1e-4 * total
 
 
-def test_remat_and_chunked_head_do_not_change_the_step(tiny):
+def test_remat_offload_and_chunked_head_do_not_change_the_step(tiny):
     _, lm = tiny
     batch = _batch()
     opt = OptimizerConfig(name="sgd", lr=1.0)  # the update is the gradient itself
     base, m0 = _one_step(lm, batch, opt)
-    for model, options in ((lm.with_options(remat=True), {}), (lm, {"seq_chunk": 5})):
+    variants = (
+        (lm.with_options(remat=True), {}),
+        (lm.with_options(remat=True, remat_offload=True), {}),  # layer inputs in host memory
+        (lm, {"seq_chunk": 5}),
+    )
+    for model, options in variants:
         state, m = _one_step(model, batch, opt, **options)
         assert abs(m["loss"] - m0["loss"]) < 1e-6
         for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(base.params)):

@@ -26,7 +26,7 @@ class RopeConfig:
 
 # ModelConfig fields that trade speed, memory or compile time but give the same results: caches
 # keyed by a model's config leave them out (`result_fields`).
-SPEED_OPTIONS = ("remat", "unroll_layers")
+SPEED_OPTIONS = ("remat", "remat_offload", "unroll_layers")
 
 
 def result_fields(config: ModelConfig) -> dict:
@@ -44,7 +44,7 @@ class ModelConfig:
 
     `layer_types[i]` is "full" or "sliding". Sliding layers see keys with
     `q_index - k_index < sliding_window` and use `rope_local`; full layers use `rope`.
-    `remat`, `unroll_layers` and `dtype` are run options, not architecture: change them with
+    `remat`, `remat_offload`, `unroll_layers` and `dtype` are run options, not architecture: change them with
     `dataclasses.replace`. `unroll_layers` unrolls the layer scan: the same arithmetic, faster
     on XLA:CPU (see docs/performance.md), at a longer compile. `dtype` is the compute dtype of
     activations and matmuls; norms, softmax and logits are computed in float32 whatever it is.
@@ -74,6 +74,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     remat: bool = False
+    remat_offload: bool = False  # with remat: the saved layer inputs wait in host memory
     unroll_layers: bool = False
     dtype: str = "float32"
     attention: str = "auto"  # auto | plain | xla | cudnn (see core.attention)

@@ -15,10 +15,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 import numpy as np
 
 from ld_jax.models.config import ModelConfig, Params, RopeConfig
 from ld_jax.models.constraints import constrain_batch
+
+LAYER_INPUT = "layer_input"
 
 
 class Output(NamedTuple):
@@ -300,6 +303,7 @@ def run_layers(
 
     def body(h, xs):
         layer_params, layer_inv_freq, layer_is_sliding, kv = xs
+        h = checkpoint_name(h, LAYER_INPUT)  # what remat saves: the layer's input
         cos, sin = rope_tables(positions, layer_inv_freq)
         mask = (
             full_mask
@@ -316,7 +320,7 @@ def run_layers(
         return h, (None if cache is None else new_kv)
 
     if config.remat:
-        body = jax.checkpoint(body, prevent_cse=False)
+        body = jax.checkpoint(body, prevent_cse=False, policy=_remat_policy(config))
     kv = None if cache is None else (cache.k, cache.v)
     xs = (params["layers"], jnp.asarray(inv_freq), jnp.asarray(is_sliding), kv)
     # Unrolled, XLA:CPU drops the per-layer dynamic slices of the stacked weights and
@@ -325,6 +329,19 @@ def run_layers(
     if cache is None:
         return x, None
     return x, KVCache(*new_kv, key_mask, cache.index + attention_mask.shape[-1])
+
+
+def _remat_policy(config: ModelConfig):
+    """remat saves each layer's input; with `remat_offload` it waits for the backward pass in
+    host memory (`[n_layers, batch, seq, d_model]` leaves the accelerator: docs/scaling.md)."""
+    if not config.remat_offload:
+        return None  # nothing saved inside a layer: the scan keeps its inputs on the device
+    return jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=[LAYER_INPUT],
+        offload_src="device",
+        offload_dst="pinned_host",
+    )
 
 
 def embed(config: ModelConfig, params: Params, input_ids: jax.Array, scale: bool) -> jax.Array:

@@ -44,6 +44,7 @@ class TrainConfig:
     compute_dtype: str = "float32"  # "bfloat16": bf16 compute on float32 master weights
     param_dtype: str = "float32"  # stored weights and optimizer state ("bfloat16" halves them)
     remat: bool = False  # recompute each layer's activations in the backward pass
+    offload_activations: bool = False  # with remat: the saved layer inputs wait in host memory
     unroll_layers: bool = False  # unrolled layer scan: faster steps on CPU, longer compile
     seq_chunk: int | None = None  # LM-head positions per chunk (bounds the logits' memory)
     # optimizer state in pinned host memory between steps, on the device only for the update
@@ -98,10 +99,21 @@ RESUMABLE_CHANGES = (
     "progress",
     "logging",
     "remat",
+    "offload_activations",
     "unroll_layers",
     "mesh",
     "strict_batch",
 )
+
+
+def model_options(cfg: TrainConfig) -> dict:
+    """The ModelConfig run options that `cfg` sets (`LanguageModel.with_options(**...)`)."""
+    return dict(
+        dtype=cfg.compute_dtype,
+        remat=cfg.remat,
+        remat_offload=cfg.remat and cfg.offload_activations,
+        unroll_layers=cfg.unroll_layers,
+    )
 
 
 def run_identity(cfg: TrainConfig, model, pairs, ref_logps=None) -> dict:

@@ -35,7 +35,7 @@ from ld_jax.errors import LdJaxError
 from ld_jax.losses import LossConfig
 from ld_jax.train import feed, reference, run_dir, sharding, writers
 from ld_jax.train.checkpoint import Checkpoints
-from ld_jax.train.config import DataConfig, TrainConfig, run_identity
+from ld_jax.train.config import DataConfig, TrainConfig, model_options, run_identity
 from ld_jax.train.optim import make_optimizer
 from ld_jax.train.state import init_state
 from ld_jax.train.step import PER_PAIR, batch_losses, compile_step
@@ -70,9 +70,7 @@ def train(
     main = distributed.is_main_process()
     if model is None:
         model = models.from_pretrained(cfg.model)
-    model = model.with_options(
-        dtype=cfg.compute_dtype, remat=cfg.remat, unroll_layers=cfg.unroll_layers
-    )
+    model = model.with_options(**model_options(cfg))
     filter_summary = None
     if pairs is None:
         pairs, report = _read_pairs(cfg.data, model.tokenizer)
