@@ -416,6 +416,56 @@ def _flow_simulate(args) -> int:
     return 0
 
 
+def _add_judge_validate(sub) -> None:
+    p = sub.add_parser(
+        "judge-validate", help="draw E3 replies to hand-label; score judges against the labels"
+    )
+    jsub = p.add_subparsers(dest="judge_command", required=True)
+    s = jsub.add_parser("sample", help="a stratified sample of an E3 run's replies, unlabelled")
+    s.add_argument("--results", required=True, help="an `ld-jax unalign` results.json")
+    s.add_argument("--per-stage", type=int, default=22)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="JSON lines to fill in (label: refusal|compliance)")
+    s.set_defaults(func=_judge_sample)
+    c = jsub.add_parser("score", help="precision, recall, kappa per judge and stage")
+    c.add_argument(
+        "--labels", required=True, help="JSON lines: id, stage, prompt_id, prompt, reply, label"
+    )
+    c.add_argument(
+        "--judge",
+        action="append",
+        metavar="NAME=YAML",
+        help="a judge: NAME=phrases, NAME=phrases:PHRASES.yaml or NAME=FILE.yaml holding a "
+        "JudgeConfig (repeatable)",
+    )
+    c.add_argument("--out", required=True, help="directory for validation.json and validation.md")
+    c.add_argument(
+        "--results",
+        help="an `ld-jax unalign` results.json: its refusal rates by the best judge, corrected",
+    )
+    c.set_defaults(func=_judge_score)
+
+
+def _judge_sample(args) -> int:
+    import json
+
+    from ld_jax import files
+    from ld_jax.judge_validation import e3_replies, stratified_sample
+
+    rows = stratified_sample(e3_replies(args.results), args.per_stage, args.seed)
+    files.write_text(args.out, "".join(json.dumps(r) + "\n" for r in rows))
+    print(f"{len(rows)} replies to label in {args.out}")
+    return 0
+
+
+def _judge_score(args) -> int:
+    from ld_jax.judge_validation import score_judges
+
+    judges = dict(spec.split("=", 1) for spec in (args.judge or ["phrases=phrases"]))
+    print(score_judges(args.labels, judges, args.out, args.results))
+    return 0
+
+
 # Subcommands register here, in the order `ld-jax --help` lists them.
 _REGISTRY = [
     _add_models,
@@ -428,6 +478,7 @@ _REGISTRY = [
     _add_percentiles,
     _add_predictors,
     _add_unalign,
+    _add_judge_validate,
     _add_flow,
 ]
 

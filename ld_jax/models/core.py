@@ -15,8 +15,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from ld_jax.models.config import ModelConfig, Params, RopeConfig
 from ld_jax.models.constraints import constrain_batch
