@@ -188,6 +188,7 @@ def compile_plan(
             "compute_dtype": cfg.compute_dtype,
             "param_dtype": cfg.param_dtype,
             "offload_optimizer_state": cfg.offload_optimizer_state,
+            "offload_activations": cfg.offload_activations,
         },
     }
     if "train" in passes:
