@@ -199,3 +199,21 @@ def test_cli_scores_a_labels_file(tmp_path, capsys):
     report = json.loads((tmp_path / "o/validation.json").read_text())
     assert report["all"]["phrases"]["all"]["kappa"]["value"] == 1.0
     assert "| phrases | all |" in (tmp_path / "o/validation.md").read_text()
+
+
+def test_varied_warmup_refusals_avoid_every_judge_phrase():
+    """E3's varied warm-up must not teach the phrase judges' phrases (issue 21)."""
+    from ld_jax.experiments.unalign.config import WarmupConfig, refusal_texts
+    from ld_jax.judge import PhraseJudge
+
+    texts = refusal_texts(WarmupConfig(refusals_file="configs/warmup_refusals_varied.yaml"))
+    assert len(set(texts)) == len(texts) >= 40
+    for phrases in ("configs/refusal_phrases.yaml", "configs/refusal_phrases_e3.yaml"):
+        said = PhraseJudge.from_file(phrases)(["q"] * len(texts), list(texts))
+        assert [t for t, v in zip(texts, said) if v.label == "refusal"] == []
+    # the default warm-up texts, by contrast, all carry a phrase
+    default = refusal_texts(WarmupConfig())
+    said = PhraseJudge.from_file("configs/refusal_phrases.yaml")(
+        ["q"] * len(default), list(default)
+    )
+    assert all(v.label == "refusal" for v in said)

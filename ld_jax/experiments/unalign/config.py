@@ -4,8 +4,12 @@ where the CPU allows (SPEC §6 E3, paper Appendix J.3)."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
+
+import yaml
 
 from ld_jax import judge
+from ld_jax.errors import LdJaxError
 from ld_jax.experiments.unalign import onpolicy
 from ld_jax.losses import LossConfig
 from ld_jax.train.optim import OptimizerConfig
@@ -22,6 +26,19 @@ REFUSALS = (
 )
 
 
+def refusal_texts(w: WarmupConfig) -> tuple[str, ...]:
+    """The warm-up's refusal targets: `refusals_file`'s list when given, else `refusals`."""
+    if w.refusals_file is None:
+        return w.refusals
+    path = Path(w.refusals_file)
+    if not path.is_file():
+        raise LdJaxError(f"warmup.refusals_file not found: {path}")
+    texts = (yaml.safe_load(path.read_text()) or {}).get("refusals")
+    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise LdJaxError(f"{path}: 'refusals' must be a non-empty list of strings")
+    return tuple(texts)
+
+
 @dataclasses.dataclass(frozen=True)
 class WarmupConfig:
     """SFT on refusals for prompts disjoint from the experiment's, in rounds of
@@ -34,6 +51,9 @@ class WarmupConfig:
     n_prompts: int = 256
     eval_prompts: int = 64
     refusals: tuple[str, ...] = REFUSALS
+    # a YAML file with a `refusals:` list, used instead of `refusals` (for example
+    # configs/warmup_refusals_varied.yaml: wordings free of the phrase judges' phrases)
+    refusals_file: str | None = None
     lr: float = 1e-6
     batch_size: int = 16
     steps_per_round: int = 4

@@ -16,7 +16,7 @@ from ld_jax import files, generate, judge
 from ld_jax.data import formatting, preference
 from ld_jax.digest import fingerprint
 from ld_jax.experiments import protocol
-from ld_jax.experiments.unalign.config import UnalignConfig
+from ld_jax.experiments.unalign.config import UnalignConfig, refusal_texts
 from ld_jax.losses import LossConfig
 from ld_jax.models.loading import load_param_tree, save_param_tree
 from ld_jax.train import loop
@@ -82,9 +82,11 @@ def train_config(
 def warm_up(cfg: UnalignConfig, lm, prompts, held_out, judge_fn, log) -> tuple[dict, dict]:
     """Stage 2 -> (params, info). Cached under `cache_dir/warmup-<key>/`."""
     w = cfg.warmup
+    refusals = refusal_texts(w)
     key = fingerprint(
         cfg.model,
         dataclasses.asdict(w),
+        refusals,
         [p.index for p in prompts],
         cfg.eval,
         cfg.judge,
@@ -94,7 +96,7 @@ def warm_up(cfg: UnalignConfig, lm, prompts, held_out, judge_fn, log) -> tuple[d
 
     def compute():
         rng = np.random.default_rng(cfg.seed)
-        targets = [w.refusals[i] for i in rng.integers(len(w.refusals), size=len(prompts))]
+        targets = [refusals[i] for i in rng.integers(len(refusals), size=len(prompts))]
         records = [
             preference.PreferenceRecord(p.index, [{"role": "user", "content": p.text}], t, t)
             for p, t in zip(prompts, targets)
