@@ -116,7 +116,8 @@ def test_outputs_and_bad_prompts_are_counted(run):
     counts = result["prompt_counts"]
     assert (counts["empty"], counts["too_long"], counts["duplicate"]) == (2, 1, 1)
     assert counts["usable"] == 30 and counts["experiment"] == 20 and counts["warm_up"] == 10
-    assert set(result["runs"]) == {"full", "sft_0.1", "sft_1", "ches"}  # gold: jsonl has none
+    # gold: the jsonl has none
+    assert set(result["runs"]) == {"full", "sft_0.1", "sft_1", "ches", "ches_equal_updates"}
     assert result["warmup"]["rounds"][-1]["steps"] == 2
     assert all(len(r["train"]["rates"]) == 2 for r in result["runs"].values())
     by_type = (out / "pair_types.md").read_text().split("by pair type")[1]
@@ -125,6 +126,14 @@ def test_outputs_and_bad_prompts_are_counted(run):
         for line in by_type.splitlines()
         if line.startswith("| ") and "/" in line
     ) == len(result["train_pairs"])
+
+
+def test_ches_subset_repeated_for_as_many_updates_as_the_full_data(run):
+    runs = run[0]["runs"]
+    ches, equal, full = runs["ches"], runs["ches_equal_updates"], runs["full"]
+    assert sorted(equal["pair_indices"]) == sorted(ches["pair_indices"])
+    assert ches["steps"] < full["steps"] <= equal["steps"] < full["steps"] + ches["steps"]
+    assert equal["epochs"] * ches["steps"] == equal["steps"]
 
 
 def test_split_never_leaks_prompts(run):

@@ -180,10 +180,11 @@ def lr_search(
 
 
 def train_config(cfg, output_dir: Path, lr: float, **kw) -> loop.TrainConfig:
-    """The loop's config for one training run of an experiment: one epoch at `lr` with the
+    """The loop's config for one training run of an experiment: one epoch (unless `kw` sets
+    num_epochs) at `lr` with the
     experiment's model, batch size, seq_chunk, optimizer and progress setting, one checkpoint
     kept; `kw` sets the rest (seed, loss, data, ...). `cfg` is the experiment's config."""
-    return loop.TrainConfig(
+    fields = dict(
         model=cfg.model,
         output_dir=str(output_dir),
         batch_size=cfg.batch_size,
@@ -192,5 +193,5 @@ def train_config(cfg, output_dir: Path, lr: float, **kw) -> loop.TrainConfig:
         optimizer=dataclasses.replace(cfg.optimizer, lr=lr),
         keep_checkpoints=1,
         progress=cfg.progress,
-        **kw,
     )
+    return loop.TrainConfig(**{**fields, **kw})

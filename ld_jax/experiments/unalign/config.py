@@ -87,7 +87,8 @@ class UnalignConfig:
     judge: judge.JudgeConfig = dataclasses.field(default_factory=judge.JudgeConfig)
     reward_model: str | None = None  # local HF sequence classifier breaking ties; None: random
     test_fraction: float = 0.15
-    conditions: tuple[str, ...] = ("full", "sft", "gold", "ches")
+    # ches_equal_updates: the CHES subset again, for as many updates as the full data gets
+    conditions: tuple[str, ...] = ("full", "sft", "gold", "ches", "ches_equal_updates")
     sft_lambdas: tuple[float, ...] = (0.01, 0.1, 1.0)
     ches_fraction: float = 0.05
     loss: LossConfig = dataclasses.field(default_factory=lambda: LossConfig("dpo", beta=0.1))
@@ -109,9 +110,10 @@ class UnalignConfig:
             self, "lr_grid", tuple(sorted((float(x) for x in self.lr_grid), reverse=True))
         )
         object.__setattr__(self, "sft_lambdas", tuple(float(x) for x in self.sft_lambdas))
-        if bad := set(self.conditions) - {"full", "sft", "gold", "ches"}:
+        known = {"full", "sft", "gold", "ches", "ches_equal_updates"}
+        if bad := set(self.conditions) - known:
             raise ValueError(
-                f"unknown condition(s) {sorted(bad)}; choose from full, sft, gold, ches"
+                f"unknown condition(s) {sorted(bad)}; choose from {', '.join(sorted(known))}"
             )
         if not 0 < self.test_fraction < 1:
             raise ValueError("test_fraction must be in (0, 1)")

@@ -45,6 +45,9 @@ def conditions(result: dict, lambdas) -> list[tuple[str, dict]]:
         rows.append(
             (f"lowest length-normalised CHES ({runs['ches']['pairs']} pairs)", runs["ches"])
         )
+    if "ches_equal_updates" in runs:
+        r = runs["ches_equal_updates"]
+        rows.append((f"the same CHES pairs, {r['epochs']} epochs ({r['steps']} updates)", r))
     return rows
 
 

@@ -131,14 +131,18 @@ def run_condition(
     judge_fn,
     log,
     ref_logps=None,
+    epochs=1,
 ) -> dict:
-    """Train one epoch on `pairs` from `lm`, then the refusal rates. Kept in `store` as `name`.
-    ref_logps: `[len(pairs), 2]` ln π(y±|x) of `lm`, when already computed."""
+    """Train `epochs` epochs on `pairs` from `lm`, then the refusal rates. Kept in `store` as
+    `name`. ref_logps: `[len(pairs), 2]` ln π(y±|x) of `lm`, when already computed."""
 
     def compute():
         t0, root = time.time(), store.workdir(name)
         result = loop.train(
-            train_config(cfg, root, loss, lr), model=lm, pairs=pairs, ref_logps=ref_logps
+            train_config(cfg, root, loss, lr, num_epochs=epochs),
+            model=lm,
+            pairs=pairs,
+            ref_logps=ref_logps,
         )
         init_loss = _loss(loss, result.init_logps, result.init_logps)
         final_loss = _loss(loss, result.final_logps, result.init_logps)
@@ -149,6 +153,7 @@ def run_condition(
             "pair_indices": [p.index for p in pairs],
             "lr": lr,
             "loss": dataclasses.asdict(loss),
+            "epochs": epochs,
             "steps": len(result.metrics),
             "logp_chosen_change": result.summary["mean_chosen_logp_change"],
             "logp_rejected_change": result.summary["mean_rejected_logp_change"],
@@ -282,7 +287,7 @@ def run_unalign(cfg: UnalignConfig) -> dict:
         store = protocol.RunStore(out / "runs")
         runs = {}
 
-        def run(name, prs, loss, lr_, ref=init):
+        def run(name, prs, loss, lr_, ref=init, epochs=1):
             return run_condition(
                 cfg,
                 lm,
@@ -296,6 +301,7 @@ def run_unalign(cfg: UnalignConfig) -> dict:
                 judge_fn,
                 log,
                 ref,
+                epochs,
             )
 
         lr, trials = protocol.lr_search(
@@ -346,6 +352,18 @@ def run_unalign(cfg: UnalignConfig) -> dict:
                 lr,
                 init[keep],
             )
+            if "ches_equal_updates" in cfg.conditions and "full" in runs:
+                # the same subset, repeated until it gets as many optimizer updates as the full
+                # data's one epoch (issue 21: conditions with equal training)
+                epochs = -(-runs["full"]["steps"] // max(runs["ches"]["steps"], 1))
+                runs["ches_equal_updates"] = run(
+                    f"ches_{cfg.ches_fraction:g}_x{epochs}",
+                    [tokenized[i] for i in keep],
+                    cfg.loss,
+                    lr,
+                    init[keep],
+                    epochs,
+                )
             trained = runs["ches"].get("pair_indices")
             if trained is not None and sorted(trained) != sorted(tokenized[i].index for i in keep):
                 log(
