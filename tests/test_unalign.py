@@ -277,3 +277,29 @@ def test_a_seed_with_only_unparsable_verdicts_gives_nan_not_a_crash(tiny):
         cfg, lm, [data.UnsafePrompt(0, "hi?")], never, (0,), "all unparsable", protocol.Log("t")
     )
     assert np.isnan(out["rates"][0]) and out["unparsable"] == [1]
+
+
+def test_gold_gets_its_own_lr_search(tiny):
+    """HH prompts have gold pairs; with an lr grid, gold is searched by the same rule as the
+    full data, and each search is kept in results.json."""
+    model_dir, root = tiny
+    out = root / "out_gold"
+    args = _overrides(model_dir, root, f"out_dir={out}", f"cache_dir={root / 'cache_gold'}")
+    args = [a for a in args if not a.startswith(("prompts.", "n_prompts"))]
+    args += [
+        f"prompts.source={HH}",
+        "prompts.format=hh",
+        "prompts.max_prompt_tokens=60",
+        "n_prompts=12",
+        "warmup.enabled=false",
+        "conditions=[full,gold]",
+        "lr_grid=[1e-3,1e-4]",
+        "eval.seeds=[0]",
+    ]
+    assert cli.main(["unalign", "--config", "configs/unalign_smollm2.yaml", *args]) == 0
+    result = json.loads((out / "results.json").read_text())
+    gold = result["runs"]["gold"]
+    assert [t["lr"] for t in gold["lr_search"]][0] == 1e-3  # the largest lr is tried first
+    stable = [t["lr"] for t in gold["lr_search"] if t["stable"]]
+    assert gold["lr"] == (stable[0] if stable else result["lr"])
+    assert result["lr_search"] and result["lr"] in (1e-3, 1e-4)

@@ -304,21 +304,26 @@ def run_unalign(cfg: UnalignConfig) -> dict:
                 epochs,
             )
 
-        lr, trials = protocol.lr_search(
-            cfg.lr_grid,
-            lambda lr_: [run(f"full_lr{lr_:g}", tokenized, cfg.loss, lr_)],
-            "falls_overall",
-            curve=lambda r: [r["loss_before"], r["loss_after"]],
-        )
-        search = [
-            {
-                "lr": lr_,
-                "stable": ok,
-                "loss_before": recs[0]["loss_before"],
-                "loss_after": recs[0]["loss_after"],
-            }
-            for lr_, recs, ok in trials
-        ]
+        def search_lr(name, prs, ref=init):
+            """The paper's rule: the largest lr of the grid whose run lowers its loss."""
+            found, trials = protocol.lr_search(
+                cfg.lr_grid,
+                lambda lr_: [run(f"{name}_lr{lr_:g}", prs, cfg.loss, lr_, ref)],
+                "falls_overall",
+                curve=lambda r: [r["loss_before"], r["loss_after"]],
+            )
+            log_ = [
+                {
+                    "lr": lr_,
+                    "stable": ok,
+                    "loss_before": recs[0]["loss_before"],
+                    "loss_after": recs[0]["loss_after"],
+                }
+                for lr_, recs, ok in trials
+            ]
+            return found, trials, log_
+
+        lr, trials, search = search_lr("full", tokenized)
         if cfg.lr_grid and lr is None:
             raise LdJaxError(f"no stable lr in {cfg.lr_grid}: {search}")
         if lr is None:
@@ -335,7 +340,15 @@ def run_unalign(cfg: UnalignConfig) -> dict:
         if "gold" in cfg.conditions:
             if need_gold:
                 gold, gold_report = tokenize(cfg, tok, onpolicy.gold_records(train_prompts))
-                runs["gold"] = run("gold", gold, cfg.loss, lr, None)
+                # gold gets its own search by the same rule (the paper's chose 1e-6 for it)
+                gold_lr, gold_trials, gold_search = (
+                    search_lr("gold", gold, None) if cfg.lr_grid else (None, [], [])
+                )
+                if gold_lr is not None:
+                    runs["gold"] = dict(gold_trials[-1][1][0])
+                else:  # no grid, or no stable lr in it: the full data's lr, and it says so
+                    runs["gold"] = run("gold", gold, cfg.loss, lr, None)
+                runs["gold"]["lr_search"] = gold_search
                 runs["gold"]["filter"] = gold_report.summary()
             else:
                 log("gold: the prompt file has no gold pairs (format jsonl); condition skipped")
