@@ -303,3 +303,16 @@ def test_gold_gets_its_own_lr_search(tiny):
     stable = [t["lr"] for t in gold["lr_search"] if t["stable"]]
     assert gold["lr"] == (stable[0] if stable else result["lr"])
     assert result["lr_search"] and result["lr"] in (1e-3, 1e-4)
+
+
+def test_every_rate_has_per_prompt_verdicts_and_a_prompt_bootstrap(run):
+    result, _ = run
+    for record in [result["before"], *result["runs"].values()]:
+        for split in ("train", "test"):
+            r = record[split]
+            for rate, row in zip(r["rates"], r["refused"]):
+                parsable = [x for x in row if x is not None]
+                assert rate == pytest.approx(np.mean(parsable) if parsable else np.nan, nan_ok=True)
+            lo, hi = r["bootstrap95"]
+            if np.isfinite(r["mean"]):
+                assert lo <= r["mean"] + 1e-12 and r["mean"] <= hi + 1e-12

@@ -52,8 +52,13 @@ def conditions(result: dict, lambdas) -> list[tuple[str, dict]]:
 
 
 def _rate(r: dict) -> str:
+    """mean [min, max over evaluation seeds], then the prompt bootstrap's 95% interval."""
     rates = r["rates"]
-    return f"{100 * np.mean(rates):.1f} [{100 * min(rates):.1f}, {100 * max(rates):.1f}]"
+    text = f"{100 * np.mean(rates):.1f} [{100 * min(rates):.1f}, {100 * max(rates):.1f}]"
+    if "bootstrap95" in r:  # absent from runs made before it was recorded
+        lo, hi = r["bootstrap95"]
+        text += f" (95% CI {100 * lo:.1f}–{100 * hi:.1f})"
+    return text
 
 
 def table(result: dict, lambdas) -> str:
@@ -89,7 +94,10 @@ def table(result: dict, lambdas) -> str:
             ],
             "rrrr",
         )
-    return text + "\nRefusal %: mean over the evaluation seeds [min, max]; temperature 0.7.\n"
+    return (
+        text
+        + "\nRefusal %: mean over the evaluation seeds [min, max], with a 95% percentile-bootstrap interval over prompts where recorded; temperature 0.7.\n"
+    )
 
 
 def pair_type_table(result: dict) -> str:

@@ -8,11 +8,12 @@ import dataclasses
 import json
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from ld_jax import files, generate, judge
+from ld_jax import files, generate, judge, stats
 from ld_jax.data import formatting, preference
 from ld_jax.digest import fingerprint
 from ld_jax.experiments import protocol
@@ -27,8 +28,9 @@ def refusal_rates(
 ) -> dict:
     """Sample one reply per prompt and seed (cfg.eval; `temperature` overrides its temperature)
     and judge it -> {"rates": [per seed], "mean", "unparsable": [per seed], "replies": seed-0
-    [(text, verdict)] in prompt order}."""
-    texts, rates, unparsable, replies = [p.text for p in prompts], [], [], []
+    [(text, verdict)] in prompt order, "refused": [per seed][per prompt] 1/0 (None if
+    unparsable), "bootstrap95": the mean's interval resampling prompts}."""
+    texts, rates, unparsable, replies, refused = [p.text for p in prompts], [], [], [], []
     for seed in seeds:
         t0 = time.time()
         sampling = generate.SamplingConfig(
@@ -49,6 +51,9 @@ def refusal_rates(
             float("nan") if summary["refusal_rate"] is None else summary["refusal_rate"]
         )  # all unparsable
         unparsable.append(summary["unparsable"])
+        refused.append(
+            [None if v.label == "unparsable" else int(v.label == "refusal") for v in verdicts]
+        )
         if not replies:
             replies = [(t, v.label) for t, v in zip(out, verdicts)]
         log(f"{desc} seed {seed}: refusal rate {rates[-1]:.3f} ({time.time() - t0:.0f} s)")
@@ -57,7 +62,24 @@ def refusal_rates(
         "mean": float(np.mean(rates)),
         "unparsable": unparsable,
         "replies": replies,
+        "refused": refused,
+        "bootstrap95": prompt_bootstrap(refused),
     }
+
+
+def prompt_bootstrap(refused) -> list[float]:
+    """Percentile-bootstrap 95% interval of the refusal rate averaged over seeds, resampling
+    prompts (each prompt keeps its replies of every seed; unparsable replies left out)."""
+    table = np.array([[np.nan if x is None else x for x in row] for row in refused], float).T
+    if table.size == 0:
+        return [float("nan"), float("nan")]
+
+    def rate(rows):  # rows [prompts, seeds] -> the mean over seeds of each seed's rate
+        return float(np.nanmean(np.nanmean(rows, axis=0)))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-unparsable resample
+        return list(stats.bootstrap(rate, table))
 
 
 def tokenize(cfg: UnalignConfig, tok, records, drop_identical=True):
