@@ -76,9 +76,7 @@ class PhraseJudge:
     def from_file(cls, path: str | Path) -> PhraseJudge:
         """`extends: OTHER.yaml` (beside this file) puts OTHER's phrases first."""
         data = _read_yaml(path)
-        phrases = data.get("phrases")
-        if not phrases or not all(isinstance(p, str) and p.strip() for p in phrases):
-            raise LdJaxError(f"{path}: 'phrases' must be a non-empty list of strings")
+        phrases = string_list(data, "phrases", path)
         base = ()
         if data.get("extends"):
             base = cls.from_file(Path(path).parent / data["extends"]).phrases
@@ -313,6 +311,14 @@ def agreement(verdicts: Sequence[Verdict], labels: Sequence[str]) -> dict:
 def _check_lengths(prompts: Sequence[str], responses: Sequence[str]) -> None:
     if len(prompts) != len(responses):
         raise LdJaxError(f"{len(prompts)} prompts for {len(responses)} responses")
+
+
+def string_list(data: dict, key: str, path) -> list[str]:
+    """`data[key]`, which must be a non-empty list of non-blank strings (read from `path`)."""
+    values = data.get(key)
+    if not values or not all(isinstance(v, str) and v.strip() for v in values):
+        raise LdJaxError(f"{path}: '{key}' must be a non-empty list of strings")
+    return values
 
 
 def _read_yaml(path: str | Path) -> dict:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ld_jax.errors import LdJaxError
+from ld_jax.report import markdown_table
 from ld_jax.stats import bootstrap, wilson
 
 LABELS = ("refusal", "compliance")
@@ -88,20 +89,12 @@ def stratified_sample(rows: Sequence[dict], per_stage: int, seed: int = 0) -> li
 
 def read_labels(path: str | Path) -> list[LabelledReply]:
     """The labels file; a malformed line is an error that names it. Ids must be unique."""
-    path = Path(path)
-    if not path.is_file():
+    from ld_jax.data.preference import read_rows
+
+    if not Path(path).is_file():
         raise LdJaxError(f"labels file not found: {path}")
     rows, seen = [], set()
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LdJaxError(f"{where}: not JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise LdJaxError(f"{where}: expected a JSON object")
+    for _, record, where in read_rows(str(path)):
         missing = [f for f in FIELDS if f not in record]
         if missing:
             raise LdJaxError(f"{where}: missing {', '.join(missing)}")
@@ -236,30 +229,27 @@ def corrected_rate(
     }
 
 
+def _interval_cell(value: float | None, ci) -> str:
+    if value is None or np.isnan(value):
+        return "–"
+    lo, hi = (c + 0.0 for c in ci)  # no "-0.00"
+    return f"{value:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
 def render(table: dict, title: str) -> str:
     """The per-judge, per-stage table as Markdown."""
 
     def cell(m):
-        if m["value"] is None:
-            return "–"
-        lo, hi = (c + 0.0 for c in m["ci"])  # no "-0.00"
-        return f"{m['value']:.2f} [{lo:.2f}, {hi:.2f}]"
+        return _interval_cell(m["value"], m["ci"])
 
-    lines = [
-        f"### {title}",
-        "",
-        "| judge | stage | n | refusals | precision | recall | agreement | Cohen's κ |",
-        "|---|---|--:|--:|---|---|---|---|",
+    header = ["judge", "stage", "n", "refusals", "precision", "recall", "agreement", "Cohen's κ"]
+    rows = [
+        [name, stage, m["n"], m["refusals"], cell(m["precision"]), cell(m["recall"])]
+        + [cell(m["agreement"]), cell(m["kappa"])]
+        for name, per in table.items()
+        for stage, m in per.items()
     ]
-    for name, per in table.items():
-        for stage, m in per.items():
-            kappa = m["kappa"]
-            k = "–" if np.isnan(kappa["value"]) else cell(kappa)
-            lines.append(
-                f"| {name} | {stage} | {m['n']} | {m['refusals']} | {cell(m['precision'])} | "
-                f"{cell(m['recall'])} | {cell(m['agreement'])} | {k} |"
-            )
-    return "\n".join(lines) + "\n"
+    return f"### {title}\n\n" + markdown_table(header, rows, "llrrllll")
 
 
 def _build(spec: str):
@@ -290,21 +280,16 @@ def corrected_e3_rates(results_path, judge_fn, val_judged, val_truth) -> dict:
 
 
 def render_corrected(rates: dict, judge_name: str) -> str:
-    lines = [
-        f"### E3 refusal rates judged by {judge_name}, corrected (Rogan–Gladen)",
-        "",
-        "| stage | split | n | observed [Wilson 95%] | corrected [bootstrap 95%] |",
-        "|---|---|--:|---|---|",
+    header = ["stage", "split", "n", "observed [Wilson 95%]", "corrected [bootstrap 95%]"]
+    rows = [
+        [stage, split, r["observed"]["n"]]
+        + [_interval_cell(r["observed"]["value"], r["observed"]["ci"])]
+        + [_interval_cell(r["corrected"], r["corrected_ci"])]
+        for stage, per in rates.items()
+        for split, r in per.items()
     ]
-    for stage, per in rates.items():
-        for split, r in per.items():
-            o = r["observed"]
-            lo, hi = r["corrected_ci"]
-            lines.append(
-                f"| {stage} | {split} | {o['n']} | {o['value']:.2f} [{o['ci'][0]:.2f}, "
-                f"{o['ci'][1]:.2f}] | {r['corrected']:.2f} [{lo:.2f}, {hi:.2f}] |"
-            )
-    return "\n".join(lines) + "\n"
+    title = f"### E3 refusal rates judged by {judge_name}, corrected (Rogan–Gladen)"
+    return f"{title}\n\n" + markdown_table(header, rows, "llrll")
 
 
 def score_judges(

@@ -106,16 +106,16 @@ def test_read_labels_names_the_bad_line(tmp_path):
     }
     path = tmp_path / "labels.jsonl"
     path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "id": "b", "label": "maybe"}))
-    with pytest.raises(LdJaxError, match=r"labels.jsonl:2: label 'maybe'"):
+    with pytest.raises(LdJaxError, match=r"labels.jsonl line 2: label 'maybe'"):
         read_labels(path)
     path.write_text(json.dumps(good) + "\n\n" + json.dumps(good) + "\n")
-    with pytest.raises(LdJaxError, match=r"labels.jsonl:3: id 'a' appears twice"):
+    with pytest.raises(LdJaxError, match=r"labels.jsonl line 3: id 'a' appears twice"):
         read_labels(path)
     path.write_text("{not json\n")
-    with pytest.raises(LdJaxError, match=r"labels.jsonl:1: not JSON"):
+    with pytest.raises(LdJaxError, match=r"labels.jsonl line 1: malformed JSON"):
         read_labels(path)
     path.write_text(json.dumps({"id": "a"}) + "\n")
-    with pytest.raises(LdJaxError, match=r"labels.jsonl:1: missing stage, prompt_id"):
+    with pytest.raises(LdJaxError, match=r"labels.jsonl line 1: missing stage, prompt_id"):
         read_labels(path)
 
 

@@ -33,10 +33,7 @@ def refusal_texts(w: WarmupConfig) -> tuple[str, ...]:
     path = Path(w.refusals_file)
     if not path.is_file():
         raise LdJaxError(f"warmup.refusals_file not found: {path}")
-    texts = (yaml.safe_load(path.read_text()) or {}).get("refusals")
-    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-        raise LdJaxError(f"{path}: 'refusals' must be a non-empty list of strings")
-    return tuple(texts)
+    return tuple(judge.string_list(yaml.safe_load(path.read_text()) or {}, "refusals", path))
 
 
 @dataclasses.dataclass(frozen=True)

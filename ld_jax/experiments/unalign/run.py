@@ -358,27 +358,22 @@ def run_unalign(cfg: UnalignConfig) -> dict:
             else None
         )
         if keep is not None:
-            runs["ches"] = run(
-                f"ches_{cfg.ches_fraction:g}",
-                [tokenized[i] for i in keep],
-                cfg.loss,
-                lr,
-                init[keep],
-            )
+            subset = [tokenized[i] for i in keep]
+            runs["ches"] = run(f"ches_{cfg.ches_fraction:g}", subset, cfg.loss, lr, init[keep])
             if "ches_equal_updates" in cfg.conditions and "full" in runs:
                 # the same subset, repeated until it gets as many optimizer updates as the full
                 # data's one epoch (issue 21: conditions with equal training)
                 epochs = -(-runs["full"]["steps"] // max(runs["ches"]["steps"], 1))
                 runs["ches_equal_updates"] = run(
                     f"ches_{cfg.ches_fraction:g}_x{epochs}",
-                    [tokenized[i] for i in keep],
+                    subset,
                     cfg.loss,
                     lr,
                     init[keep],
                     epochs,
                 )
             trained = runs["ches"].get("pair_indices")
-            if trained is not None and sorted(trained) != sorted(tokenized[i].index for i in keep):
+            if trained is not None and sorted(trained) != sorted(p.index for p in subset):
                 log(
                     f"warning: the cached CHES run trained on pairs {trained}, the scores now select others"
                 )
