@@ -316,3 +316,32 @@ def test_every_rate_has_per_prompt_verdicts_and_a_prompt_bootstrap(run):
             lo, hi = r["bootstrap95"]
             if np.isfinite(r["mean"]):
                 assert lo <= r["mean"] + 1e-12 and r["mean"] <= hi + 1e-12
+
+
+def test_every_reported_condition_runs_once_per_training_seed(tiny):
+    """train_seeds=2: full and CHES run again with loop seed 1 on the same pairs and lr; the
+    seed summary averages the two runs and its interval resamples prompts over both."""
+    model_dir, root = tiny
+    out = root / "out_seeds"
+    args = _overrides(model_dir, root, f"out_dir={out}", "conditions=[full,ches]", "train_seeds=2")
+    assert cli.main(["unalign", "--config", "configs/unalign_smollm2.yaml", *args]) == 0
+    result = json.loads((out / "results.json").read_text())
+    seeds = result["training_seeds"]
+    assert set(seeds) == {"full", "ches"}
+    for cond, summary in seeds.items():
+        first = result["runs"][cond]
+        again = json.loads((out / "runs" / f"{first['name']}_seed1.json").read_text())
+        assert (first["seed"], again["seed"]) == (0, 1) and summary["seeds"] == [0, 1]
+        assert sorted(again["pair_indices"]) == sorted(first["pair_indices"])
+        assert (again["lr"], again["steps"]) == (first["lr"], first["steps"])
+        for split in ("train", "test"):
+            assert summary[split]["rates"] == [first[split]["mean"], again[split]["mean"]]
+            assert summary[split]["mean"] == pytest.approx(np.mean(summary[split]["rates"]))
+        assert summary["logp_chosen_change"] == [
+            first["logp_chosen_change"],
+            again["logp_chosen_change"],
+        ]
+    # a different order of the pairs trains a different model
+    full = seeds["full"]["logp_chosen_change"]
+    assert full[0] != full[1]
+    assert "Over training seeds" in (out / "table.md").read_text()

@@ -87,6 +87,9 @@ class UnalignConfig:
     # ches_equal_updates: the CHES subset again, for as many updates as the full data gets
     conditions: tuple[str, ...] = ("full", "sft", "gold", "ches", "ches_equal_updates")
     sft_lambdas: tuple[float, ...] = (0.01, 0.1, 1.0)
+    # training runs per reported condition, with the loop seeds seed, seed + 1, ... (the order
+    # of the pairs); the lr searches and the choice of λ use the first (`seed`'s) runs
+    train_seeds: int = 1
     ches_fraction: float = 0.05
     loss: LossConfig = dataclasses.field(default_factory=lambda: LossConfig("dpo", beta=0.1))
     optimizer: OptimizerConfig = dataclasses.field(
@@ -107,6 +110,8 @@ class UnalignConfig:
             self, "lr_grid", tuple(sorted((float(x) for x in self.lr_grid), reverse=True))
         )
         object.__setattr__(self, "sft_lambdas", tuple(float(x) for x in self.sft_lambdas))
+        if self.train_seeds < 1:
+            raise ValueError(f"train_seeds must be >= 1, got {self.train_seeds}")
         known = {"full", "sft", "gold", "ches", "ches_equal_updates"}
         if bad := set(self.conditions) - known:
             raise ValueError(

@@ -26,29 +26,62 @@ def best_sft(runs: dict, lambdas) -> str | None:
     return max(names, key=lambda n: runs[n]["train"]["mean"]) if names else None
 
 
+def reported(runs: dict, lambdas) -> list[str]:
+    """The keys of `runs` that the table reports, in the paper's order: full, best SFT, gold,
+    CHES, CHES with equal updates."""
+    keys = ["full", best_sft(runs, lambdas), "gold", "ches", "ches_equal_updates"]
+    return [k for k in keys if k is not None and k in runs]
+
+
+def label(key: str, runs: dict, loss: str, lambdas) -> str:
+    r = runs[key]
+    if key == "full":
+        return f"{loss.upper()} on full data"
+    if key.startswith("sft_"):
+        return f"+ SFT term (λ = {r['loss']['sft_lambda']:g}, best of {len(lambdas)})"
+    if key == "gold":
+        return "gold HH-RLHF pairs"
+    if key == "ches":
+        return f"lowest length-normalised CHES ({r['pairs']} pairs)"
+    return f"the same CHES pairs, {r['epochs']} epochs ({r['steps']} updates)"
+
+
 def conditions(result: dict, lambdas) -> list[tuple[str, dict]]:
     """(label, run) in the paper's order: full, best SFT, gold, CHES."""
-    runs, rows = result["runs"], []
-    loss = result["config"]["loss"]["name"].upper()
-    if "full" in runs:
-        rows.append((f"{loss} on full data", runs["full"]))
-    if best := best_sft(runs, lambdas):
-        rows.append(
-            (
-                f"+ SFT term (λ = {runs[best]['loss']['sft_lambda']:g}, best of {len(lambdas)})",
-                runs[best],
-            )
-        )
-    if "gold" in runs:
-        rows.append(("gold HH-RLHF pairs", runs["gold"]))
-    if "ches" in runs:
-        rows.append(
-            (f"lowest length-normalised CHES ({runs['ches']['pairs']} pairs)", runs["ches"])
-        )
-    if "ches_equal_updates" in runs:
-        r = runs["ches_equal_updates"]
-        rows.append((f"the same CHES pairs, {r['epochs']} epochs ({r['steps']} updates)", r))
-    return rows
+    runs, loss = result["runs"], result["config"]["loss"]["name"]
+    return [(label(k, runs, loss, lambdas), runs[k]) for k in reported(runs, lambdas)]
+
+
+def seeds_table(result: dict, lambdas) -> str:
+    """Each reported condition over its training seeds, when there is more than one."""
+    seeds, runs = result.get("training_seeds") or {}, result["runs"]
+    if not any(len(s["seeds"]) > 1 for s in seeds.values()):
+        return ""
+    loss = result["config"]["loss"]["name"]
+
+    def rate(r):
+        lo, hi = r["bootstrap95"]
+        per_seed = ", ".join(f"{100 * x:.1f}" for x in r["rates"])
+        return f"{100 * r['mean']:.1f} (95% CI {100 * lo:.1f}–{100 * hi:.1f}; seeds {per_seed})"
+
+    rows = [
+        [
+            label(k, runs, loss, lambdas),
+            len(s["seeds"]),
+            rate(s["train"]),
+            rate(s["test"]),
+            ", ".join(format_number(x) for x in s["logp_chosen_change"]),
+        ]
+        for k, s in seeds.items()
+    ]
+    head = ["condition", "training seeds", "train refusal %", "test refusal %", "Δ mean ln π(y+)"]
+    return (
+        "\nOver training seeds (the order of the pairs; the same data, loss and lr):\n\n"
+        + markdown_table(head, rows, "lrrrr")
+        + "\nRefusal %: the mean over training seeds of each run's mean over evaluation seeds; "
+        "the interval resamples prompts, each keeping its replies of every training and "
+        "evaluation seed.\n"
+    )
 
 
 def _rate(r: dict) -> str:
@@ -97,6 +130,7 @@ def table(result: dict, lambdas) -> str:
     return (
         text
         + "\nRefusal %: mean over the evaluation seeds [min, max], with a 95% percentile-bootstrap interval over prompts where recorded; temperature 0.7.\n"
+        + seeds_table(result, lambdas)
     )
 
 

@@ -43,6 +43,7 @@ from ld_jax.experiments.unalign import onpolicy
 from ld_jax.experiments.unalign import report as unalign_report
 from ld_jax.experiments.unalign.config import UnalignConfig
 from ld_jax.experiments.unalign.warmup import (
+    across_seeds,
     progress_bar,
     refusal_rates,
     tokenize,
@@ -132,14 +133,17 @@ def run_condition(
     log,
     ref_logps=None,
     epochs=1,
+    seed=None,
 ) -> dict:
-    """Train `epochs` epochs on `pairs` from `lm`, then the refusal rates. Kept in `store` as
-    `name`. ref_logps: `[len(pairs), 2]` ln π(y±|x) of `lm`, when already computed."""
+    """Train `epochs` epochs on `pairs` from `lm` with the loop seed `seed` (default
+    `cfg.seed`), then the refusal rates. Kept in `store` as `name`. ref_logps:
+    `[len(pairs), 2]` ln π(y±|x) of `lm`, when already computed."""
+    seed = cfg.seed if seed is None else seed
 
     def compute():
         t0, root = time.time(), store.workdir(name)
         result = loop.train(
-            train_config(cfg, root, loss, lr, num_epochs=epochs),
+            train_config(cfg, root, loss, lr, num_epochs=epochs, seed=seed),
             model=lm,
             pairs=pairs,
             ref_logps=ref_logps,
@@ -154,6 +158,7 @@ def run_condition(
             "lr": lr,
             "loss": dataclasses.asdict(loss),
             "epochs": epochs,
+            "seed": seed,
             "steps": len(result.metrics),
             "logp_chosen_change": result.summary["mean_chosen_logp_change"],
             "logp_rejected_change": result.summary["mean_rejected_logp_change"],
@@ -285,9 +290,10 @@ def run_unalign(cfg: UnalignConfig) -> dict:
     with stages("training and evaluation"):
         init = initial_logps(cfg, lm, tokenized)  # for every condition on these pairs
         store = protocol.RunStore(out / "runs")
-        runs = {}
+        runs, recipes = {}, {}  # recipes: run name -> its arguments, to repeat it with other seeds
 
-        def run(name, prs, loss, lr_, ref=init, epochs=1):
+        def run(name, prs, loss, lr_, ref=init, epochs=1, seed=None):
+            recipes[name] = (prs, loss, lr_, ref, epochs)
             return run_condition(
                 cfg,
                 lm,
@@ -302,6 +308,7 @@ def run_unalign(cfg: UnalignConfig) -> dict:
                 log,
                 ref,
                 epochs,
+                seed,
             )
 
         def search_lr(name, prs, ref=init):
@@ -377,6 +384,14 @@ def run_unalign(cfg: UnalignConfig) -> dict:
                 log(
                     f"warning: the cached CHES run trained on pairs {trained}, the scores now select others"
                 )
+        # every reported condition again with the other training seeds, same data, loss and lr
+        seed_runs = {}
+        for cond in unalign_report.reported(runs, cfg.sft_lambdas):
+            first = runs[cond]
+            seed_runs[cond] = [first] + [
+                run(f"{first['name']}_seed{cfg.seed + k}", *recipes[first["name"]], cfg.seed + k)
+                for k in range(1, cfg.train_seeds)
+            ]
 
     result = {
         "config": dataclasses.asdict(cfg),
@@ -399,6 +414,7 @@ def run_unalign(cfg: UnalignConfig) -> dict:
         "pair_types_all": onpolicy.type_counts(pairs),
         "before": before,
         "runs": runs,
+        "training_seeds": {c: across_seeds(recs) for c, recs in seed_runs.items()},
         "ches": {
             "ln_ches": scores["ln_ches"].tolist(),
             "pair_type": [p.pair_type for p in train_pairs],

@@ -67,6 +67,25 @@ def refusal_rates(
     }
 
 
+def across_seeds(records: list[dict]) -> dict:
+    """One condition's runs, one per training seed -> {"seeds", "train" / "test": {"rates": the
+    mean over evaluation seeds per training seed, "mean", "bootstrap95": the prompt bootstrap
+    over every (training seed, evaluation seed) reply}, "logp_chosen_change" and
+    "logp_rejected_change": per training seed}."""
+    out = {"seeds": [r.get("seed") for r in records]}
+    for split in ("train", "test"):
+        rates = [r[split]["mean"] for r in records]
+        refused = [row for r in records for row in r[split].get("refused", [])]
+        out[split] = {
+            "rates": rates,
+            "mean": float(np.mean(rates)),
+            "bootstrap95": prompt_bootstrap(refused),
+        }
+    for key in ("logp_chosen_change", "logp_rejected_change"):
+        out[key] = [r[key] for r in records]
+    return out
+
+
 def prompt_bootstrap(refused) -> list[float]:
     """Percentile-bootstrap 95% interval of the refusal rate averaged over seeds, resampling
     prompts (each prompt keeps its replies of every seed; unparsable replies left out)."""
@@ -98,7 +117,8 @@ def train_config(
     cfg: UnalignConfig, out: Path, loss: LossConfig, lr: float, **kw
 ) -> loop.TrainConfig:
     data = loop.DataConfig(pad_to_multiple=32)
-    return protocol.train_config(cfg, out, lr, seed=cfg.seed, loss=loss, data=data, **kw)
+    kw.setdefault("seed", cfg.seed)
+    return protocol.train_config(cfg, out, lr, loss=loss, data=data, **kw)
 
 
 def warm_up(cfg: UnalignConfig, lm, prompts, held_out, judge_fn, log) -> tuple[dict, dict]:
