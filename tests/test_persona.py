@@ -426,6 +426,8 @@ def test_cli_runs_sft_then_dpo_prints_the_table_and_resumes(tiny, tmp_path, caps
         "loss",
         "lr",
         "sft",
+        "sft_steps",
+        "prompt_format",
         "steps",
         "pair",
         "runs",
@@ -439,6 +441,7 @@ def test_cli_runs_sft_then_dpo_prints_the_table_and_resumes(tiny, tmp_path, caps
     }
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["sft"]["steps"] == 5  # 24 prompts in batches of 5
+    assert (summary[0]["sft_steps"], summary[0]["prompt_format"]) == (5, results["prompt_format"])
     assert results["sft"]["mean_label_prob_after"] > results["sft"]["mean_label_prob_before"]
     for name in ("table1.md", "tokens.md", "table13.md", "pair_No_Never.png", "pair_Yes_No.png"):
         assert (tmp_path / "out" / name).is_file()

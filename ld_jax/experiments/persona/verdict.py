@@ -125,8 +125,11 @@ def gained_while_falling(kept: list[dict], tokenizer, top: int = 4) -> list[dict
 
 
 def setting_records(results: dict) -> list[dict]:
-    """One record per pair of a setting, with exactly the keys of issue 19's summary.json."""
+    """One record per pair of a setting: the keys of issue 19's summary.json, and
+    `prompt_format` and `sft_steps` (None without SFT), which tell apart settings that those
+    keys alone do not (chat or plain prompt; SFT phases of different lengths)."""
     cfg, out = results["config"], []
+    sft_steps = results["sft"]["steps"] if cfg["sft"]["enabled"] and results.get("sft") else None
     for s in results["pairs"]:
         st = s["statistics"]
         out.append(
@@ -135,6 +138,8 @@ def setting_records(results: dict) -> list[dict]:
                 "loss": cfg["loss"]["name"],
                 "lr": results["lr"],
                 "sft": bool(cfg["sft"]["enabled"]),
+                "sft_steps": sft_steps,
+                "prompt_format": results["prompt_format"],
                 "steps": cfg["steps"],
                 "pair": [s["y_pos"], s["y_neg"]],
                 "runs": st["runs"],
@@ -156,7 +161,8 @@ def verdict(results: dict) -> str:
     cfg = results["config"]
     head = (
         f"Verdict ({results['title']}, {cfg['loss']['name'].upper()} lr {results['lr']:g}, "
-        f"{'after the SFT phase' if cfg['sft']['enabled'] else 'no SFT phase'}, {cfg['steps']} steps):"
+        f"{'after the SFT phase' if cfg['sft']['enabled'] else 'no SFT phase'}, "
+        f"{results['prompt_format']} prompt, {cfg['steps']} steps):"
     )
     lines = [head]
     for s in results["pairs"]:
@@ -201,7 +207,8 @@ def summary_table(records: list[dict]) -> str:
             r["model"],
             r["loss"].upper(),
             f"{r['lr']:g}",
-            "yes" if r["sft"] else "no",
+            f"{r['sft_steps']} steps" if r["sft"] else "no",
+            r["prompt_format"],
             str(r["steps"]),
             f"({r['pair'][0]}, {r['pair'][1]})",
             f"{r['runs_kept']}/{r['runs']}",
@@ -219,6 +226,7 @@ def summary_table(records: list[dict]) -> str:
         "loss",
         "lr",
         "SFT",
+        "prompt",
         "steps",
         "pair",
         "kept",
@@ -229,12 +237,12 @@ def summary_table(records: list[dict]) -> str:
         "mean largest drop",
         "Theorem 5 Spearman",
     ]
-    return report.markdown_table(header, rows, "lllllllrrrrrr")
+    return report.markdown_table(header, rows, "llllllllrrrrrr")
 
 
 def collect(root: str, out: str) -> list[dict]:
-    """Every setting's summary.json under `root` (one directory per setting) in one file, `out`
-    (docs/results/persona/summary.json):
+    """Every setting's records under `root` (one directory per setting, rebuilt from its
+    results.json) in one file, `out` (docs/results/persona/summary.json):
     python -m ld_jax.experiments.persona.verdict docs/results/persona/e1 docs/results/persona/summary.json
     """
     import json
@@ -244,8 +252,8 @@ def collect(root: str, out: str) -> list[dict]:
 
     records = [
         rec
-        for path in sorted(Path(root).glob("*/summary.json"))
-        for rec in json.loads(path.read_text())
+        for path in sorted(Path(root).glob("*/results.json"))
+        for rec in setting_records(json.loads(path.read_text()))
     ]
     files.write_json(out, records, indent=1)
     return records
