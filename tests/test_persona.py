@@ -447,6 +447,8 @@ def test_cli_runs_sft_then_dpo_prints_the_table_and_resumes(tiny, tmp_path, caps
         assert (tmp_path / "out" / name).is_file()
     assert len(list((tmp_path / "out" / "runs").rglob("*.npz"))) == 4
     assert "## Where π(y+) starts and ends" in (tmp_path / "out" / "table1.md").read_text()
+    verdict_md = (tmp_path / "out" / "verdict.md").read_text()
+    assert verdict_md.startswith("Verdict (") and "| (No, Never) | " in verdict_md
     # A second invocation loads the finished runs and the cached SFT params instead of training.
     assert main(["persona", "--config", str(config)]) == 0
     again = json.loads((tmp_path / "out" / "results.json").read_text())

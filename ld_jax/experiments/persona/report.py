@@ -370,7 +370,9 @@ def write_outputs(cfg, meta: dict, recs: list[dict], tokenizer) -> dict:
         "runs": runs,
     }
     results["verdict"] = verdict.verdict(results)
-    files.write_text(out / "verdict.md", results["verdict"] + "\n")
+    files.write_text(
+        out / "verdict.md", f"{results['verdict']}\n\n{verdict.setting_table(results)}"
+    )
     report.write_json(out / "summary.json", verdict.setting_records(results))
     report.write_json(out / "results.json", results)
     return {**results, "table1_md": t1, "verdict_md": results["verdict"]}

@@ -240,6 +240,59 @@ def summary_table(records: list[dict]) -> str:
     return report.markdown_table(header, rows, "llllllllrrrrrr")
 
 
+def setting_table(results: dict) -> str:
+    """One setting's statistics per pair as a Markdown table (docs/results/persona.md): kept
+    runs, the set mass and π(y±) at the start and the end (means over kept runs), the Definition-1
+    and drop-≥-0.2 counts with Wilson intervals, the mean largest drop with its bootstrap
+    interval, the final loss over the initial one and the Theorem 5 Spearman."""
+    from ld_jax import report
+
+    num = report.format_number
+
+    def count(c):
+        return f"{c['k']}/{c['n']} [{c['wilson95'][0]:.2f}, {c['wilson95'][1]:.2f}]"
+
+    def spread(xs):
+        return f"{num(float(np.mean(xs)))} ({num(float(np.min(xs)))}–{num(float(np.max(xs)))})"
+
+    rows = []
+    for p, s in enumerate(results["pairs"]):
+        st = s["statistics"]
+        kept = [r for r in results["runs"] if r["pair"] == p and not r["excluded"]]
+        if not kept:
+            rows.append([f"({s['y_pos']}, {s['y_neg']})", f"0/{st['runs']}"] + ["–"] * 8)
+            continue
+        neg = np.exp([[r["logp_neg"][0], r["logp_neg"][-1]] for r in kept]).mean(axis=0)
+        drop = st["mean_largest_drop"]
+        rows.append(
+            [
+                f"({s['y_pos']}, {s['y_neg']})",
+                f"{st['runs_kept']}/{st['runs']}",
+                num(st["set_mass0"]["mean"]),
+                f"{num(st['pi_pos_start_mean'])} → {num(st['pi_pos_end_mean'])}",
+                f"{num(neg[0])} → {num(neg[1])}",
+                count(st["definition1_runs"]),
+                count(st["drop_ge_0.2_runs"]),
+                f"{num(drop['mean'])} [{num(drop['bootstrap95'][0])}, {num(drop['bootstrap95'][1])}]",
+                spread([r["loss"][-1] / r["loss"][0] for r in kept]),
+                spread([r["theorem5_spearman"] for r in kept]),
+            ]
+        )
+    head = [
+        "pair",
+        "kept",
+        "set mass at start",
+        "π(y+) start → end",
+        "π(y−) start → end",
+        "Definition 1 [Wilson 95%]",
+        "drop ≥ 0.2 [Wilson 95%]",
+        "mean largest drop [bootstrap 95%]",
+        "loss end / start, mean (min–max)",
+        "Theorem 5 Spearman, mean (min–max)",
+    ]
+    return report.markdown_table(head, rows, "llrrrrrrrr")
+
+
 def collect(root: str, out: str) -> list[dict]:
     """Every setting's records under `root` (one directory per setting, rebuilt from its
     results.json) in one file, `out` (docs/results/persona/summary.json):
