@@ -18,10 +18,10 @@ runs, `lm_head_positions_per_step` the positions whose logits are computed.
 
 Both report step-1 loss (ln 2 = policy equals reference) and their reference log-probs, which
 must agree: that checks they train on the same tokens. tokens/s = 2048 / median step time.
-Writes benchmarks/results/dpo_step.json; `ratio` is a/b (higher is better).
+Writes benchmarks/results/dpo_step.json (or --out); `ratio` is a/b (higher is better).
 
-    python benchmarks/dpo_step.py [--steps 8] [--seq-chunk 128] [--no-unroll-layers]
-                                  [--malloc-reuse] [--hugepages]
+    python benchmarks/dpo_step.py [--steps 8] [--seq-chunk 128] [--micro-batches 4] [--out F]
+                                  [--no-unroll-layers] [--malloc-reuse] [--hugepages]
 
 ld_jax runs with `unroll_layers=True` (the model's run option; docs/performance.md) unless
 --no-unroll-layers is given.
@@ -92,7 +92,12 @@ def peak_rss_mb() -> float:
 
 
 def worker_ld_jax(
-    batch_file: Path, steps: int, seq_chunk: int | None, unroll_layers: bool, layout: str
+    batch_file: Path,
+    steps: int,
+    seq_chunk: int | None,
+    unroll_layers: bool,
+    layout: str,
+    micro_batches: int = 1,
 ) -> dict:
     import jax
 
@@ -123,7 +128,14 @@ def worker_ld_jax(
     state = init_state(params, optimizer)
     state_sh = sharding.tree_shardings(state, mesh, rules)
     step = compile_step(
-        lm, LossConfig("dpo", beta=0.1), optimizer, mesh, state_sh, batch, seq_chunk
+        lm,
+        LossConfig("dpo", beta=0.1),
+        optimizer,
+        mesh,
+        state_sh,
+        batch,
+        seq_chunk,
+        micro_batches=micro_batches,
     )
     device_batch = sharding.put(batch, sharding.batch_shardings(batch, mesh))
     times, losses = [], []
@@ -143,6 +155,7 @@ def worker_ld_jax(
         "lm_head_positions_per_step": int(batch.target_ids.size),
         "peak_rss_mb": peak_rss_mb(),
         "seq_chunk": seq_chunk,
+        "micro_batches": micro_batches,
         "unroll_layers": unroll_layers,
     }
 
@@ -222,7 +235,7 @@ def run_worker(name: str, batch_file: Path, args) -> dict:
     if args.seq_chunk:
         cmd += ["--seq-chunk", str(args.seq_chunk)]
     cmd.append("--unroll-layers" if args.unroll_layers else "--no-unroll-layers")
-    cmd += ["--layout", args.layout]
+    cmd += ["--layout", args.layout, "--micro-batches", str(args.micro_batches)]
     load_before = os.getloadavg()[0]
     env = {
         **os.environ,
@@ -268,6 +281,16 @@ def main() -> None:
         default="shared_prefix",
         help="ld_jax's batch layout (ld_jax.data.batch; default shared_prefix)",
     )
+    ap.add_argument(
+        "--micro-batches",
+        type=int,
+        default=1,
+        help="ld_jax's gradient accumulation (grad_accum_steps): the 4 pairs in this many "
+        "micro-batches, the same update with a smaller activation peak (default 1)",
+    )
+    ap.add_argument(
+        "--out", type=Path, default=RESULTS, help=f"result JSON (default {RESULTS.name})"
+    )
     ap.add_argument("--worker", choices=["ld_jax", "trl"])
     ap.add_argument("--batch-file", type=Path)
     args = ap.parse_args()
@@ -275,7 +298,12 @@ def main() -> None:
         print(
             json.dumps(
                 worker_ld_jax(
-                    args.batch_file, args.steps, args.seq_chunk, args.unroll_layers, args.layout
+                    args.batch_file,
+                    args.steps,
+                    args.seq_chunk,
+                    args.unroll_layers,
+                    args.layout,
+                    args.micro_batches,
                 )
             )
         )
@@ -309,7 +337,7 @@ def main() -> None:
         },
         "machine": machine(),
     }
-    write_result(result, RESULTS)
+    write_result(result, args.out)
     print(
         f"ld_jax {ours['tokens_per_s']:.0f} tok/s (peak RSS {ours['peak_rss_mb']:.0f} MB), "
         f"TRL {theirs['tokens_per_s']:.0f} tok/s (peak RSS {theirs['peak_rss_mb']:.0f} MB), "
