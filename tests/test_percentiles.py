@@ -169,6 +169,7 @@ def test_windows_and_initial_params_and_cache(setup, monkeypatch):
     # the outputs
     for name in ("results.json", "table.md", "figure2.png", "samples.md"):
         assert (out / name).is_file(), name
+    assert "Weights: " in (out / "table.md").read_text()  # where the weights came from
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["spearman"]) == set(cfg.measures)
     assert set(saved["meta"]["stage_seconds"]) >= {

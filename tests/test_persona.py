@@ -449,6 +449,9 @@ def test_cli_runs_sft_then_dpo_prints_the_table_and_resumes(tiny, tmp_path, caps
     assert "## Where π(y+) starts and ends" in (tmp_path / "out" / "table1.md").read_text()
     verdict_md = (tmp_path / "out" / "verdict.md").read_text()
     assert verdict_md.startswith("Verdict (") and "| (No, Never) | " in verdict_md
+    for name in ("table1.md", "tokens.md", "table13.md", "verdict.md"):
+        text = (tmp_path / "out" / name).read_text()
+        assert f"Weights: {tiny['model']} (as given" in text, name
     # A second invocation loads the finished runs and the cached SFT params instead of training.
     assert main(["persona", "--config", str(config)]) == 0
     again = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -765,3 +768,17 @@ def test_a_stopped_sft_rule_resumes_to_the_uninterrupted_result(tiny, lm, tmp_pa
     assert info2["trials"] == info["trials"] and info2["after"] == info["after"]
     for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(again)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    ("name", "gguf"),
+    [
+        ("smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+        ("gemma3-270m", "gemma-3-270m-q4_k_m.gguf"),
+    ],
+)
+def test_reports_on_pulled_models_say_they_are_dequantized_4bit_gguf(name, gguf):
+    from ld_jax.models.pull import weights_note
+
+    note = weights_note(name)
+    assert f"4-bit GGUF file {gguf}" in note and "dequantized to fp32" in note

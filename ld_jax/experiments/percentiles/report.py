@@ -9,6 +9,7 @@ import numpy as np
 import scipy.stats
 
 from ld_jax import files, report
+from ld_jax.models.pull import weights_note
 from ld_jax.report import format_number, markdown_table
 
 LABELS = {
@@ -197,7 +198,7 @@ def write_outputs(cfg, meta, pool, scores, wins, recs, records) -> dict:
     agg = aggregate(cfg, recs)
     rho = spearman(cfg, agg, recs)
     md = table(cfg, meta, scores, wins, agg, rho)
-    files.write_text(out / "table.md", md)
+    files.write_text(out / "table.md", f"{md.rstrip()}\n\n{weights_note(cfg.model)}\n")
     figure2(out / "figure2.png", cfg, meta, agg)
     files.write_text(out / "samples.md", samples_md(cfg, meta, pool, scores, records))
     window_info = {

@@ -17,6 +17,7 @@ import numpy as np
 from ld_jax import files, report
 from ld_jax.config import to_dict
 from ld_jax.experiments.protocol import STABILITY_RULES
+from ld_jax.models.pull import weights_note
 
 
 def loss_rose(loss: np.ndarray) -> bool:
@@ -340,9 +341,10 @@ def write_outputs(cfg, meta: dict, recs: list[dict], tokenizer) -> dict:
         )
     title = f"{meta['title']} ({cfg.loss.name.upper()}, {'SFT' if cfg.sft.enabled else 'no SFT'}, lr {meta['lr']:g})"
     t1 = table1(title, pairs)
+    note = weights_note(cfg.model)
     files.write_text(
         out / "table1.md",
-        f"# Largest π(y+) decrease and tokens gaining most (Table 1 shape)\n\n{t1}\n"
+        f"# Largest π(y+) decrease and tokens gaining most (Table 1 shape)\n\n{note}\n\n{t1}\n"
         "Decrease: the largest π_t(y+) − π_t′(y+) over steps t < t′, mean over kept runs (a run is kept "
         "when its loss fell at every step). Gainers: top-"
         f"{cfg.top_k} probability increases since init at steps {', '.join(map(str, cfg.report_steps))}, "
@@ -351,11 +353,11 @@ def write_outputs(cfg, meta: dict, recs: list[dict], tokenizer) -> dict:
     )
     files.write_text(
         out / "tokens.md",
-        f"# Tokens increasing most in probability (Tables 4–12 shape)\n\n{title}\n\n{token_tables(cfg, pairs)}",
+        f"# Tokens increasing most in probability (Tables 4–12 shape)\n\n{title}\n\n{note}\n\n{token_tables(cfg, pairs)}",
     )
     files.write_text(
         out / "table13.md",
-        f"# Unembedding geometry at initialisation (Table 13 shape)\n\n{table13(title, pairs)}",
+        f"# Unembedding geometry at initialisation (Table 13 shape)\n\n{note}\n\n{table13(title, pairs)}",
     )
     plots = [
         str(plot_pair(out / f"pair_{s['y_pos']}_{s['y_neg']}.png", cfg, p, s, recs, tokenizer))
@@ -371,7 +373,7 @@ def write_outputs(cfg, meta: dict, recs: list[dict], tokenizer) -> dict:
     }
     results["verdict"] = verdict.verdict(results)
     files.write_text(
-        out / "verdict.md", f"{results['verdict']}\n\n{verdict.setting_table(results)}"
+        out / "verdict.md", f"{results['verdict']}\n\n{verdict.setting_table(results)}\n{note}\n"
     )
     report.write_json(out / "summary.json", verdict.setting_records(results))
     report.write_json(out / "results.json", results)

@@ -13,6 +13,7 @@ import scipy.stats
 
 from ld_jax import files, stats
 from ld_jax.experiments.predictors.config import PREDICTORS, TARGETS
+from ld_jax.models.pull import weights_note
 from ld_jax.report import format_number, markdown_table
 
 LABELS = {
@@ -198,6 +199,6 @@ def write_outputs(cfg, done: dict, out: Path) -> dict:
             "values": {k: v.tolist() for k, v in values.items()},
         }
         scatter(out / f"scatter_{name}.png", name, values)
-    result["table_md"] = tables(result)
+    result["table_md"] = f"{tables(result).rstrip()}\n\n{weights_note(cfg.model)}\n"
     files.write_text(out / "table.md", result["table_md"])
     return result

@@ -11,6 +11,7 @@ import numpy as np
 
 from ld_jax import files
 from ld_jax.experiments.unalign.onpolicy import PAIR_TYPES
+from ld_jax.models.pull import weights_note
 from ld_jax.report import format_number, markdown_table, plt, write_json
 
 COLORS = {
@@ -270,7 +271,7 @@ def examples(result: dict, shown: int) -> str:
 
 def write_all(out: Path, result: dict, lambdas, shown: int) -> dict:
     texts = {
-        "table_md": table(result, lambdas),
+        "table_md": f"{table(result, lambdas).rstrip()}\n\n{weights_note(result['config']['model'])}\n",
         "pair_types_md": pair_type_table(result) + displacement_by_type(out, result),
         "examples_md": examples(result, shown),
     }
