@@ -106,7 +106,7 @@ def time_ceiling(forward, lm, batches):
 
 
 @torch.no_grad()
-def time_reference(model, pairs):
+def time_reference(model, pairs, device="cpu"):
     """(b) the paper's per-sample loop (batch 1, output_hidden_states=True) -> (seconds, scores)."""
     scores = {}
     start = time.perf_counter()
@@ -114,7 +114,8 @@ def time_reference(model, pairs):
         query_len = len(p.prompt_ids)
         states = [
             model(
-                input_ids=torch.tensor([p.prompt_ids + reply]), output_hidden_states=True
+                input_ids=torch.tensor([p.prompt_ids + reply], device=device),
+                output_hidden_states=True,
             ).hidden_states[-1][0]
             for reply in (p.chosen_ids, p.rejected_ids)
         ]

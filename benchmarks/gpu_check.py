@@ -38,6 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # common, ches_throughput
 PAIRS = ROOT / ".gpu" / "pairs.json"
 SMOLLM2 = ROOT / ".gpu" / "smollm2"  # its config.json (the architecture only)
 GEMMA = ROOT / "configs" / "paper" / "dpo_gemma2b_h100x8.yaml"
@@ -215,9 +216,11 @@ def part_ches() -> dict:
     import torch
 
     jax.config.update("jax_default_matmul_precision", "highest")
+    from ches_throughput import time_ld_jax, time_reference
+    from common import max_rel_diff
     from transformers import LlamaForCausalLM
 
-    from ld_jax import ches, models
+    from ld_jax import models
 
     lm = smollm2()
     pairs = load_pairs(16 if SMOKE else None)
@@ -226,39 +229,14 @@ def part_ches() -> dict:
     models.save_pretrained(lm, lm.params, tmp)
     model = LlamaForCausalLM.from_pretrained(tmp, dtype=torch.float32).to(device).eval()
 
-    def run_ours(batch_size):
-        t0 = time.perf_counter()
-        scores = {}
-        for out in ches.score_batches(lm, pairs, batch_size, progress=False):
-            for k, i in enumerate(out["index"]):
-                scores[int(i)] = float(out["ches"][k])
-        return time.perf_counter() - t0, scores
-
-    @torch.no_grad()
-    def run_reference(subset):
-        t0 = time.perf_counter()
-        scores = {}
-        for p in subset:
-            q = len(p.prompt_ids)
-            h = [
-                model(
-                    input_ids=torch.tensor([p.prompt_ids + r], device=device),
-                    output_hidden_states=True,
-                ).hidden_states[-1][0][q - 1 : -1]
-                for r in (p.chosen_ids, p.rejected_ids)
-            ]
-            sp, sm = h[0].sum(0), h[1].sum(0)
-            scores[p.index] = float(sp @ sm - sp @ sp)  # .item() per pair, as the paper's loop
-        return time.perf_counter() - t0, scores
-
-    run_reference(pairs[:4])
-    ref_s, ref = run_reference(pairs)
+    time_reference(model, pairs[:4], device)
+    ref_s, ref = time_reference(model, pairs, device)
     tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
     out = {"pairs": len(pairs), "tokens_as_two_sequences": tokens, "reference_s": ref_s}
     for bs in (8, 64):
-        warm_s, _ = run_ours(bs)  # compiles every batch shape
-        s, ours = run_ours(bs)
-        rel = max(abs(ours[i] - ref[i]) / max(abs(ref[i]), 1e-30) for i in ref)
+        warm_s, _ = time_ld_jax(lm, pairs, bs)  # compiles every batch shape
+        s, ours = time_ld_jax(lm, pairs, bs)
+        rel = max_rel_diff(ours, ref, "ches")
         out[f"batch{bs}"] = {
             "warmup_s": warm_s,
             "ld_jax_s": s,
@@ -267,7 +245,8 @@ def part_ches() -> dict:
             "max_rel_diff_ches": rel,
         }
     out["reference_pairs_per_s"] = len(pairs) / ref_s
-    out["ches_range"] = [float(np.min(list(ref.values()))), float(np.max(list(ref.values())))]
+    values = [r["ches"] for r in ref.values()]
+    out["ches_range"] = [float(np.min(values)), float(np.max(values))]
     return out
 
 
@@ -285,16 +264,8 @@ PARTS = {
 }
 
 
-def machine() -> dict:
-    import jax
-
-    d = jax.devices()[0]
-    return {"jax": jax.__version__, "backend": jax.default_backend(), "device": d.device_kind}
-
-
 def make_pairs() -> None:
     """Tokenize the CHES benchmark's pairs here (SmolLM2's tokenizer) into .gpu/pairs.json."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import ches_throughput
 
     from ld_jax import models
@@ -313,6 +284,8 @@ def main() -> None:
     ap.add_argument("--part", help=argparse.SUPPRESS)  # the child process's part
     ap.add_argument("--make-pairs", action="store_true")
     args = ap.parse_args()
+    from common import machine, write_result
+
     if args.make_pairs:
         return make_pairs()
     if args.part:
@@ -343,9 +316,9 @@ def main() -> None:
         rec["wall_s"] = round(time.perf_counter() - t0, 1)
         result["parts"][name] = rec
         print(f"== {name}: {json.dumps(rec)[:600]}", flush=True)
-        (out_dir / "gpu_check.json").write_text(json.dumps(result, indent=1))
+        write_result(result, out_dir / "gpu_check.json")
     result["machine"] = machine()
-    (out_dir / "gpu_check.json").write_text(json.dumps(result, indent=1))
+    write_result(result, out_dir / "gpu_check.json")
     summarize(result)
 
 
